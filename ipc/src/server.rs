@@ -1,0 +1,410 @@
+//! The HTTP/1.1 server over a unix-socket listener, and the request pipeline shared by every
+//! service (spec common-http §5–7): caller identity at accept, per-uid connection throttling,
+//! api-version checks, JSON bodies with a size cap and a read deadline, and the
+//! `{"message": ...}` error body.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Upstream has no body cap; we answer 413 above this (spec common-http §4.3 Recommendation).
+pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024 * 1024;
+/// The whole body must arrive within this time of the handler starting to read it.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Per-uid simultaneous connection limit (`max_requests`, default 10).
+    pub max_requests: usize,
+    pub body_limit: usize,
+    pub body_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { max_requests: 10, body_limit: DEFAULT_BODY_LIMIT, body_timeout: BODY_TIMEOUT }
+    }
+}
+
+/// A service: its api-versions and a handler. The pipeline has already checked the
+/// api-version when `handle` runs; routing and method dispatch are the service's.
+pub trait Service: Send + Sync + 'static {
+    /// Accepted `api-version` values, exact strings.
+    fn api_versions(&self) -> &'static [&'static str];
+    fn handle(self: Arc<Self>, req: Request) -> impl Future<Output = Response> + Send;
+}
+
+/// An error answered as `status` + `{"message": message}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn not_found() -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not found")
+    }
+    /// Upstream answers an unsupported method with 400, never 405.
+    pub fn method_not_allowed() -> Self {
+        ApiError::bad_request("method not allowed")
+    }
+    pub fn missing_body() -> Self {
+        ApiError::bad_request("missing request body")
+    }
+    /// 500 with the fixed message; the cause belongs in the log only.
+    pub fn internal() -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status.as_u16(), self.message)
+    }
+}
+
+/// A response ready to send.
+#[derive(Debug)]
+pub struct Response(hyper::Response<Full<Bytes>>);
+
+impl Response {
+    /// `status` with a JSON body, `Content-Type: application/json` and `Content-Length`.
+    pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Self {
+        match serde_json::to_vec(body) {
+            Ok(bytes) => Response::raw_json(status, bytes),
+            Err(e) => {
+                tracing::error!("!!! could not serialize response: {e}");
+                ApiError::internal().into()
+            }
+        }
+    }
+
+    fn raw_json(status: StatusCode, bytes: Vec<u8>) -> Self {
+        let len = bytes.len();
+        let mut res = hyper::Response::new(Full::new(Bytes::from(bytes)));
+        *res.status_mut() = status;
+        res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        res.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(len));
+        Response(res)
+    }
+
+    /// 204 with an empty body.
+    pub fn no_content() -> Self {
+        let mut res = hyper::Response::new(Full::new(Bytes::new()));
+        *res.status_mut() = StatusCode::NO_CONTENT;
+        Response(res)
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.0.status()
+    }
+}
+
+impl From<ApiError> for Response {
+    fn from(e: ApiError) -> Self {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            message: &'a str,
+        }
+        Response::json(e.status, &Body { message: &e.message })
+    }
+}
+
+/// One request, after the api-version checks.
+#[derive(Debug)]
+pub struct Request {
+    pub method: Method,
+    /// The raw (still percent-encoded) path.
+    pub path: String,
+    pub api_version: &'static str,
+    /// Caller identity, read with `SO_PEERCRED` at accept.
+    pub uid: u32,
+    pub pid: i32,
+    content_type: Option<String>,
+    content_length: Option<u64>,
+    body: Option<Incoming>,
+    body_limit: usize,
+    body_timeout: Duration,
+}
+
+impl Request {
+    /// Reads the whole body within the deadline and the size cap.
+    pub async fn read_body(&mut self) -> Result<Bytes, ApiError> {
+        let Some(body) = self.body.take() else { return Ok(Bytes::new()) };
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body too large (the limit is {} bytes)", self.body_limit),
+            )
+        };
+        if self.content_length.is_some_and(|n| n > self.body_limit as u64) {
+            return Err(too_large());
+        }
+        let collect = Limited::new(body, self.body_limit).collect();
+        match tokio::time::timeout(self.body_timeout, collect).await {
+            Err(_) => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "deadline has elapsed")),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Ok(Err(e)) => Err(ApiError::bad_request(e.to_string())),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+
+    fn content_type_is_json(&self) -> bool {
+        match &self.content_type {
+            None => true,
+            Some(ct) => ct.split(';').next().unwrap_or("").trim() == "application/json",
+        }
+    }
+
+    /// The body of a POST or DELETE: `None` when empty or not JSON-typed (spec §5 step 5),
+    /// 422 with the parser's message when it does not decode.
+    pub async fn json<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ApiError> {
+        let bytes = self.read_body().await?;
+        if bytes.is_empty() || !self.content_type_is_json() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+    }
+
+    /// Like [`Request::json`], answering 400 `missing request body` when there is none.
+    pub async fn required_json<T: DeserializeOwned>(&mut self) -> Result<T, ApiError> {
+        self.json().await?.ok_or_else(ApiError::missing_body)
+    }
+
+    /// The body of a PUT: 415 unless JSON-typed; an empty body is a decode error (422).
+    pub async fn put_json<T: DeserializeOwned>(&mut self) -> Result<T, ApiError> {
+        if !self.content_type_is_json() {
+            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "request body must be application/json"));
+        }
+        let bytes = self.read_body().await?;
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+    }
+}
+
+/// Extracts `api-version` from a query string (`application/x-www-form-urlencoded`; the last
+/// occurrence wins).
+pub fn api_version_of(query: Option<&str>) -> Option<String> {
+    let mut found = None;
+    for pair in query?.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if form_decode(k).as_deref() == Some("api-version") {
+            found = form_decode(v);
+        }
+    }
+    found
+}
+
+fn form_decode(s: &str) -> Option<String> {
+    crate::endpoint::percent_decode(&s.replace('+', " "))
+}
+
+/// Matches a raw path against a route pattern of literal segments and `{}` captures
+/// (`[^/]+`); captures are percent-decoded as UTF-8, and a capture that does not decode makes
+/// the route not match (spec common-http §5 step 4).
+pub fn match_route(pattern: &str, path: &str) -> Option<Vec<String>> {
+    let mut captures = Vec::new();
+    let mut p = pattern.split('/');
+    let mut s = path.split('/');
+    loop {
+        match (p.next(), s.next()) {
+            (None, None) => return Some(captures),
+            (Some("{}"), Some(seg)) if !seg.is_empty() => captures.push(crate::endpoint::percent_decode(seg)?),
+            (Some(lit), Some(seg)) if lit == seg => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Per-uid simultaneous-connection counters (spec common-http §7.3).
+#[derive(Debug)]
+struct Throttle {
+    max: usize,
+    in_use: Mutex<HashMap<u32, usize>>,
+}
+
+impl Throttle {
+    fn acquire(self: &Arc<Self>, uid: u32) -> Option<ThrottleGuard> {
+        let mut map = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(uid).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(ThrottleGuard { throttle: Arc::clone(self), uid })
+    }
+}
+
+struct ThrottleGuard {
+    throttle: Arc<Throttle>,
+    uid: u32,
+}
+
+impl Drop for ThrottleGuard {
+    fn drop(&mut self) {
+        let mut map = self.throttle.in_use.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Serves `service` on `listener` forever. Accept errors are logged and the loop goes on
+/// (upstream dies on them).
+pub async fn serve<S: Service>(
+    listener: std::os::unix::net::UnixListener,
+    service: Arc<S>,
+    config: ServerConfig,
+) -> std::io::Error {
+    if let Err(e) = listener.set_nonblocking(true) {
+        return e;
+    }
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => return e,
+    };
+    let throttle = Arc::new(Throttle { max: config.max_requests, in_use: Mutex::new(HashMap::new()) });
+    let config = Arc::new(config);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("could not accept a connection: {e}");
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                continue;
+            }
+        };
+        let cred = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("could not read the credentials of a connection: {e}");
+                continue;
+            }
+        };
+        let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
+        let Some(guard) = throttle.acquire(uid) else {
+            tracing::info!("Max simultaneous connections reached for user {uid}");
+            drop(stream);
+            continue;
+        };
+        let service = Arc::clone(&service);
+        let config = Arc::clone(&config);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let svc = hyper::service::service_fn(move |req| {
+                let service = Arc::clone(&service);
+                let config = Arc::clone(&config);
+                async move { Ok::<_, Infallible>(dispatch(service, req, uid, pid, &config).await.0) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!("connection from uid {uid} ended: {e}");
+            }
+        });
+    }
+}
+
+async fn dispatch<S: Service>(
+    service: Arc<S>,
+    req: hyper::Request<Incoming>,
+    uid: u32,
+    pid: i32,
+    config: &ServerConfig,
+) -> Response {
+    tracing::debug!("<-- {} {:?} from uid {uid}", req.method(), req.uri());
+    let response = pipeline(service, req, uid, pid, config).await;
+    tracing::debug!("--> {}", response.status());
+    response
+}
+
+async fn pipeline<S: Service>(
+    service: Arc<S>,
+    req: hyper::Request<Incoming>,
+    uid: u32,
+    pid: i32,
+    config: &ServerConfig,
+) -> Response {
+    let Some(version) = api_version_of(req.uri().query()) else {
+        return ApiError::bad_request("api-version not specified").into();
+    };
+    let Some(api_version) = service.api_versions().iter().copied().find(|v| *v == version) else {
+        return ApiError::bad_request(format!("invalid api-version {version:?}")).into();
+    };
+    let (parts, body) = req.into_parts();
+    let header_str = |name| parts.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let request = Request {
+        path: parts.uri.path().to_owned(),
+        api_version,
+        uid,
+        pid,
+        content_type: header_str(CONTENT_TYPE).map(str::to_owned),
+        content_length: header_str(CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+        method: parts.method,
+        body: Some(body),
+        body_limit: config.body_limit,
+        body_timeout: config.body_timeout,
+    };
+    service.handle(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_version_parsing() {
+        assert_eq!(api_version_of(Some("api-version=2020-09-01")).as_deref(), Some("2020-09-01"));
+        assert_eq!(api_version_of(Some("a=b&api-version=1&api-version=2")).as_deref(), Some("2"));
+        assert_eq!(api_version_of(Some("api%2Dversion=x+y")).as_deref(), Some("x y"));
+        assert_eq!(api_version_of(Some("x=1")), None);
+        assert_eq!(api_version_of(None), None);
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(match_route("/key", "/key"), Some(vec![]));
+        assert_eq!(match_route("/key/{}", "/key/a%2Fb"), Some(vec!["a/b".to_owned()]));
+        assert_eq!(match_route("/key/{}", "/key/"), None);
+        assert_eq!(match_route("/key", "/key/"), None);
+        assert_eq!(match_route("/key/{}", "/key/a/b"), None);
+        assert_eq!(match_route("/key/{}", "/key/%ff"), None);
+        assert_eq!(match_route("/derivedkey/export", "/derivedkey/export"), Some(vec![]));
+    }
+
+    #[test]
+    fn throttle_counts_per_uid() {
+        let t = Arc::new(Throttle { max: 2, in_use: Mutex::new(HashMap::new()) });
+        let a = t.acquire(5).unwrap();
+        let _b = t.acquire(5).unwrap();
+        assert!(t.acquire(5).is_none());
+        assert!(t.acquire(6).is_some());
+        drop(a);
+        assert!(t.acquire(5).is_some());
+        let zero = Arc::new(Throttle { max: 0, in_use: Mutex::new(HashMap::new()) });
+        assert!(zero.acquire(0).is_none());
+    }
+}

@@ -1,0 +1,557 @@
+//! Process harness: runs the real `aziotd aziot-keyd` in a private temporary prefix.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::api::Api;
+use crate::http::{self, Conn, Response};
+
+/// Group every "other uid" client runs with; the harness chowns the socket (mode 0660) to
+/// this group so those clients pass the file-permission gate (common-http.md §4.1) and reach
+/// keyd's own principal checks.
+pub const TEST_GID: u32 = 4200;
+
+/// How long to wait for a started keyd to accept connections.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// The directory holding the binaries of the current cargo profile (`target/<profile>`), derived
+/// from the running executable (integration tests live in `target/<profile>/deps/`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe has a parent").to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Location of the service binary: `$AZIOTD_BIN`, else `<profile dir>/aziotd`.
+/// Panics (test failure, never a skip) with a clear message if it does not exist.
+pub fn aziotd_bin() -> PathBuf {
+    let path = match std::env::var_os("AZIOTD_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => profile_dir().join("aziotd"),
+    };
+    assert!(
+        path.is_file(),
+        "the service binary {} does not exist: run `cargo build --workspace --bins` first \
+         (or point AZIOTD_BIN at an aziotd binary)",
+        path.display()
+    );
+    path
+}
+
+/// Location of this package's helper that performs one HTTP exchange as another uid.
+pub fn client_bin() -> PathBuf {
+    let path = match std::env::var_os("AZIOT_TEST_CLIENT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => profile_dir().join("aziot-test-client"),
+    };
+    assert!(
+        path.is_file(),
+        "helper {} does not exist: build it with `cargo build -p aziot-tests --bins`",
+        path.display()
+    );
+    path
+}
+
+/// A private temporary directory under /tmp, removed on drop unless the thread is panicking
+/// (then it is kept for inspection and its path printed).
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tag: String = tag
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .take(40)
+            .collect();
+        let path = PathBuf::from(format!(
+            "/tmp/aziot-tests-{}-{}-{:08x}-{}",
+            std::process::id(),
+            seq,
+            nanos,
+            tag
+        ));
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        // Other-uid clients must be able to traverse to the socket.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod tmp");
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("(test failed: keeping {} for inspection)", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// How to start a keyd.
+pub struct Builder {
+    dir: TempDir,
+    extra: String,
+    bin: Option<PathBuf>,
+    log_level: String,
+    chown_socket: bool,
+}
+
+impl Builder {
+    /// The temporary prefix (exists already: write preloaded key files etc. here).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Extra TOML placed at the *top* of config.toml (top-level keys like `max_requests`,
+    /// then any tables such as `[[principal]]` or `[preloaded_keys]`). It must not define
+    /// `[aziot_keys]` or `[endpoints]`, which the harness writes.
+    pub fn extra(mut self, toml: &str) -> Builder {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn bin(mut self, bin: PathBuf) -> Builder {
+        self.bin = Some(bin);
+        self
+    }
+
+    pub fn log_level(mut self, level: &str) -> Builder {
+        level.clone_into(&mut self.log_level);
+        self
+    }
+
+    /// Do not chgrp the socket to [`TEST_GID`] (to look at what the service itself created).
+    pub fn keep_socket_owner(mut self) -> Builder {
+        self.chown_socket = false;
+        self
+    }
+
+    /// Write a drop-in file `config.d/<name>`.
+    pub fn drop_in(self, name: &str, content: &str) -> Builder {
+        let p = self.dir.path().join("config.d").join(name);
+        fs::write(&p, content).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        self
+    }
+
+    pub fn start(self) -> Keyd {
+        let bin = self.bin.unwrap_or_else(aziotd_bin);
+        let dir = self.dir;
+        let root = dir.path().to_path_buf();
+        let home = root.join("home");
+        let sock = root.join("keyd.sock");
+        let config = format!(
+            "{}\n[aziot_keys]\nhomedir_path = {}\n\n[endpoints]\naziot_keyd = {}\n",
+            self.extra,
+            toml_str(home.to_str().expect("utf-8 tmp path")),
+            toml_str(&format!("unix://{}", sock.display())),
+        );
+        fs::write(root.join("config.toml"), config).expect("write config.toml");
+        let mut keyd = Keyd {
+            child: None,
+            bin,
+            log_level: self.log_level,
+            chown_socket: self.chown_socket,
+            home,
+            sock,
+            spawned_at: Instant::now(),
+            ready_after: Duration::ZERO,
+            dir,
+        };
+        keyd.spawn_and_wait();
+        keyd
+    }
+}
+
+/// TOML basic-string literal.
+pub fn toml_str(s: &str) -> String {
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+/// A running keyd (broker + worker, whatever the binary runs), in its own process group.
+pub struct Keyd {
+    dir: TempDir,
+    child: Option<Child>,
+    bin: PathBuf,
+    log_level: String,
+    chown_socket: bool,
+    home: PathBuf,
+    sock: PathBuf,
+    spawned_at: Instant,
+    ready_after: Duration,
+}
+
+impl Keyd {
+    /// A fresh prefix (`config.d/` and `home/` (0700) created) not started yet.
+    pub fn builder() -> Builder {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("keyd")
+            .replace("::", "-");
+        let dir = TempDir::new(&name);
+        fs::create_dir(dir.path().join("config.d")).expect("mkdir config.d");
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir.path().join("home"))
+            .expect("mkdir home");
+        fs::set_permissions(dir.path().join("home"), fs::Permissions::from_mode(0o700))
+            .expect("chmod home");
+        Builder {
+            dir,
+            extra: String::new(),
+            bin: None,
+            log_level: "debug".to_owned(),
+            chown_socket: true,
+        }
+    }
+
+    /// Start with `config_extra` at the top of config.toml.
+    pub fn start(config_extra: &str) -> Keyd {
+        Keyd::builder().extra(config_extra).start()
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o644)
+            .open(self.log_path())
+            .expect("open log file");
+        let root = self.dir.path();
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("aziot-keyd")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+            .env("AZIOT_KEYD_CONFIG", root.join("config.toml"))
+            .env("AZIOT_KEYD_CONFIG_DIR", root.join("config.d"))
+            .env("AZIOT_LOG", &self.log_level)
+            .current_dir(root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("dup log")))
+            .stderr(Stdio::from(log))
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it only asks
+        // the kernel to SIGKILL the child if the spawning thread dies (no leaked services when
+        // the test binary is killed).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self.spawned_at = Instant::now();
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", self.bin.display()));
+        self.child = Some(child);
+    }
+
+    fn spawn_and_wait(&mut self) {
+        self.spawn();
+        self.wait_ready(READY_TIMEOUT);
+    }
+
+    /// Wait until the socket exists and accepts connections. Panics with the log on timeout or
+    /// if the process exits.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    panic!(
+                        "keyd exited during startup with {status}\n--- log ---\n{}",
+                        self.log()
+                    );
+                }
+            }
+            if self.sock.exists() && std::os::unix::net::UnixStream::connect(&self.sock).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "keyd did not accept connections on {} within {timeout:?}\n--- log ---\n{}",
+                    self.sock.display(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.ready_after = self.spawned_at.elapsed();
+        if self.chown_socket {
+            nix::unistd::chown(&self.sock, None, Some(nix::unistd::Gid::from_raw(TEST_GID)))
+                .unwrap_or_else(|e| panic!("chgrp {} failed: {e}", self.sock.display()));
+        }
+    }
+
+    /// Time from spawn to the socket accepting connections (last start).
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    pub fn spawned_at(&self) -> Instant {
+        self.spawned_at
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("keyd not running").id()
+    }
+
+    /// Every live process of the service (the process group we created).
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(child) = self.child.as_ref() else {
+            return Vec::new();
+        };
+        let pgid = child.id();
+        let mut out = Vec::new();
+        if let Ok(rd) = fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                // SAFETY: getpgid has no memory-safety preconditions.
+                let pg = unsafe { libc::getpgid(pid as libc::pid_t) };
+                if pg == pgid as libc::pid_t {
+                    out.push(pid);
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    fn signal_group(&self, sig: libc::c_int) {
+        if let Some(child) = self.child.as_ref() {
+            // SAFETY: plain syscall; the group id is our own child's pid (process_group(0)).
+            unsafe {
+                libc::kill(-(child.id() as libc::pid_t), sig);
+            }
+        }
+    }
+
+    fn reap(&mut self, timeout: Duration) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => {
+                    self.child = None;
+                    return true;
+                }
+                Ok(None) => {}
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL the whole service (every process of its group) and reap it. The socket file and
+    /// the state stay as the kill left them.
+    pub fn kill9(&mut self) {
+        let pgid = self.last_pgid();
+        self.signal_group(libc::SIGKILL);
+        assert!(self.reap(Duration::from_secs(10)), "keyd did not die after SIGKILL");
+        // Make sure no other member of the group survives (e.g. a worker).
+        wait_group_gone(pgid);
+    }
+
+    /// Start again after [`Keyd::kill9`] / [`Keyd::stop`] with the same prefix and config.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "keyd still running");
+        self.spawn_and_wait();
+    }
+
+    /// SIGTERM (then SIGKILL after 5 s) the service group.
+    pub fn stop(&mut self) {
+        let pgid = self.last_pgid();
+        self.signal_group(libc::SIGTERM);
+        if !self.reap(Duration::from_secs(5)) {
+            self.signal_group(libc::SIGKILL);
+            assert!(self.reap(Duration::from_secs(10)), "keyd did not die");
+        }
+        // Other members of the group (worker) too.
+        if group_alive(pgid) {
+            std::thread::sleep(Duration::from_millis(500));
+            if let Some(pg) = pgid {
+                // SAFETY: plain syscall on our own process group.
+                unsafe {
+                    libc::kill(-(pg as libc::pid_t), libc::SIGKILL);
+                }
+            }
+        }
+        wait_group_gone(pgid);
+    }
+
+    fn last_pgid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stop and start again (same prefix, config, state).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn_and_wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+    pub fn keys_dir(&self) -> PathBuf {
+        self.home.join("keys")
+    }
+    pub fn socket(&self) -> &Path {
+        &self.sock
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config.d")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("keyd.log")
+    }
+
+    /// Everything keyd wrote to stderr/stdout so far (all starts).
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(self.log_path()).unwrap_or_default()).into_owned()
+    }
+
+    /// Poll the log until it contains `needle` (max `timeout`).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn conn(&self) -> Conn {
+        Conn::connect(&self.sock)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.sock.display()))
+    }
+
+    /// API client (as root, in-process) for one api-version.
+    pub fn api(&self, version: &'static str) -> Api {
+        Api::new(self.sock.clone(), version)
+    }
+
+    /// One raw exchange on a fresh connection.
+    pub fn raw(&self, bytes: &[u8]) -> io::Result<Response> {
+        http::raw_once(&self.sock, bytes)
+    }
+}
+
+fn wait_group_gone(pgid: Option<u32>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && group_alive(pgid) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn group_alive(pgid: Option<u32>) -> bool {
+    let Some(pgid) = pgid else { return false };
+    // SAFETY: signal 0 only checks existence.
+    unsafe { libc::kill(-(pgid as libc::pid_t), 0) == 0 }
+}
+
+impl Drop for Keyd {
+    fn drop(&mut self) {
+        let pgid = self.last_pgid();
+        self.signal_group(libc::SIGKILL);
+        let _ = self.reap(Duration::from_secs(10));
+        wait_group_gone(pgid);
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let start = lines.len().saturating_sub(80);
+            eprintln!(
+                "--- keyd log ({}), last {} lines ---\n{}\n--- end of keyd log ---",
+                self.log_path().display(),
+                lines.len() - start,
+                lines[start..].join("\n")
+            );
+        }
+    }
+}
+
+/// Run one raw HTTP exchange as `uid` (gid [`TEST_GID`], no supplementary groups) through the
+/// helper binary. `Err` carries the helper's description when no response came back (e.g. the
+/// connection was refused or closed).
+pub fn exchange_as(uid: u32, sock: &Path, request: &[u8]) -> Result<Response, String> {
+    use std::io::Write as _;
+    let mut child = Command::new(client_bin())
+        .arg(sock)
+        .uid(uid)
+        .gid(TEST_GID)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn helper as uid {uid}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request)
+        .expect("feed helper");
+    let out = child.wait_with_output().expect("helper output");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "helper (uid {uid}) printed no JSON ({e}); status {}; stdout {:?}; stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    if let Some(err) = v.get("error").and_then(serde_json::Value::as_str) {
+        return Err(err.to_owned());
+    }
+    Ok(http::response_from_json(&v).expect("helper JSON shape"))
+}

@@ -1,0 +1,170 @@
+//! Parsing of `set_parameter` values (spec/keyd.md §7.1, §7.7): `file://` and `pkcs11:` URIs.
+//!
+//! Error messages never quote values: a `pkcs11:` URI can carry a PIN.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+
+use crate::{Error, Result};
+
+/// Where a preloaded key lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PreloadedLocation {
+    /// An absolute file path.
+    File(PathBuf),
+    /// A `pkcs11:` URI (validated, stored verbatim).
+    Pkcs11(String),
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Decodes `%XX` escapes. A `%` not followed by two hex digits is an invalid parameter.
+pub(crate) fn percent_decode(s: &str) -> Result<Vec<u8>> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hi = bytes.get(i + 1).copied().and_then(hex_digit);
+            let lo = bytes.get(i + 2).copied().and_then(hex_digit);
+            match (hi, lo) {
+                (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
+                _ => return Err(Error::invalid("URI contains an invalid percent escape")),
+            }
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+}
+
+/// Parses `file:///abs/path` (or `file://localhost/abs/path`) into a path. The path is
+/// percent-decoded; as with a URL parser, it ends at `?` or `#`. It must name a file (not end
+/// in `/`) and contain no NUL.
+pub(crate) fn parse_file_uri(value: &str) -> Result<PathBuf> {
+    let rest = strip_prefix_ignore_case(value, "file://").ok_or_else(|| Error::invalid("not a file:// URI"))?;
+    let path = if rest.starts_with('/') {
+        rest
+    } else {
+        match strip_prefix_ignore_case(rest, "localhost") {
+            Some(p) if p.starts_with('/') => p,
+            _ => return Err(Error::invalid("file:// URI must have an absolute path and no host")),
+        }
+    };
+    let end = path.find(['?', '#']).unwrap_or(path.len());
+    let decoded = percent_decode(&path[..end])?;
+    if decoded.contains(&0) {
+        return Err(Error::invalid("file:// URI path contains NUL"));
+    }
+    if decoded.ends_with(b"/") {
+        return Err(Error::invalid("file:// URI does not name a file"));
+    }
+    let path = PathBuf::from(OsString::from_vec(decoded));
+    if path.file_name().is_none() {
+        return Err(Error::invalid("file:// URI does not name a file"));
+    }
+    Ok(path)
+}
+
+/// Validates a `pkcs11:` URI as far as upstream does at parse time: the scheme, percent-escapes
+/// that decode to UTF-8, and a `slot-id=<decimal>` or `token=<label>` path attribute.
+pub(crate) fn validate_pkcs11_uri(value: &str) -> Result<()> {
+    let rest = strip_prefix_ignore_case(value, "pkcs11:").ok_or_else(|| Error::invalid("not a pkcs11: URI"))?;
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    let mut has_slot = false;
+    for attr in path.split(';').filter(|a| !a.is_empty()) {
+        let (name, val) = attr.split_once('=').unwrap_or((attr, ""));
+        let val = String::from_utf8(percent_decode(val)?).map_err(|_| Error::invalid("pkcs11: URI attribute is not UTF-8"))?;
+        match name {
+            "slot-id" => {
+                val.parse::<u64>().map_err(|_| Error::invalid("pkcs11: URI slot-id is not a number"))?;
+                has_slot = true;
+            }
+            "token" => has_slot = true,
+            _ => {}
+        }
+    }
+    for attr in query.into_iter().flat_map(|q| q.split('&')) {
+        let (_, val) = attr.split_once('=').unwrap_or((attr, ""));
+        String::from_utf8(percent_decode(val)?).map_err(|_| Error::invalid("pkcs11: URI attribute is not UTF-8"))?;
+    }
+    if !has_slot {
+        return Err(Error::invalid("pkcs11: URI names neither a token nor a slot-id"));
+    }
+    Ok(())
+}
+
+/// Parses the value of `preloaded_key:<id>`.
+pub(crate) fn parse_preloaded_location(value: &str) -> Result<PreloadedLocation> {
+    if strip_prefix_ignore_case(value, "file:").is_some() {
+        parse_file_uri(value).map(PreloadedLocation::File)
+    } else if strip_prefix_ignore_case(value, "pkcs11:").is_some() {
+        validate_pkcs11_uri(value)?;
+        Ok(PreloadedLocation::Pkcs11(value.to_owned()))
+    } else {
+        Err(Error::invalid("preloaded key location must be a file:// or pkcs11: URI"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b%2Fc%2f").unwrap(), b"a b/c/");
+        assert!(percent_decode("a%2").is_err());
+        assert!(percent_decode("a%zz").is_err());
+        assert_eq!(percent_decode("%E2%82%AC").unwrap(), "€".as_bytes());
+    }
+
+    #[test]
+    fn file_uris() {
+        assert_eq!(parse_file_uri("file:///var/secrets/device-id").unwrap(), PathBuf::from("/var/secrets/device-id"));
+        assert_eq!(parse_file_uri("file://localhost/a%20b").unwrap(), PathBuf::from("/a b"));
+        assert_eq!(parse_file_uri("FILE:///x?query#frag").unwrap(), PathBuf::from("/x"));
+        for bad in ["file://host/x", "file:relative", "file:///dir/", "file:///a%00b", "file:///", "file:///%zz", "http:///x"] {
+            assert!(matches!(parse_file_uri(bad), Err(Error::InvalidParameter(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pkcs11_uris() {
+        validate_pkcs11_uri("pkcs11:token=Key%20pairs?pin-value=1234").unwrap();
+        validate_pkcs11_uri("pkcs11:slot-id=3;object=device-id").unwrap();
+        for bad in ["pkcs11:object=x", "pkcs11:slot-id=abc", "pkcs11:token=%ff", "file:///x", "pkcs11:token=a?pin-value=%zz"] {
+            assert!(matches!(validate_pkcs11_uri(bad), Err(Error::InvalidParameter(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn preloaded_locations() {
+        assert_eq!(
+            parse_preloaded_location("file:///k/device-id").unwrap(),
+            PreloadedLocation::File(PathBuf::from("/k/device-id"))
+        );
+        assert_eq!(
+            parse_preloaded_location("pkcs11:token=t;object=o").unwrap(),
+            PreloadedLocation::Pkcs11("pkcs11:token=t;object=o".into())
+        );
+        assert!(matches!(parse_preloaded_location("/k/device-id"), Err(Error::InvalidParameter(_))));
+    }
+}
