@@ -17,6 +17,19 @@ pub enum ConfigError {
     Deserialize(#[source] toml::de::Error),
 }
 
+/// `[sandbox]`: how the broker confines the worker. Read by the broker only.
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// Start even when a protection the policy requires is not enforced (warned at every
+    /// start, reported by `aziotctl policy audit`).
+    #[serde(default)]
+    pub allow_degraded: bool,
+    /// `kill` (default), `log` (SECCOMP_RET_LOG, for field triage; degraded), or `off`
+    /// (no seccomp; degraded, for tests).
+    #[serde(default)]
+    pub seccomp: Option<String>,
+}
+
 /// Where a service's config lives.
 #[derive(Clone, Debug)]
 pub struct ConfigPaths {

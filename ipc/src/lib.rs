@@ -11,6 +11,7 @@
 pub mod client;
 pub mod config;
 pub mod endpoint;
+pub mod handoff;
 pub mod listener;
 pub mod logging;
 pub mod principal;

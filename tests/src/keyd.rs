@@ -119,6 +119,7 @@ pub struct Builder {
     bin: Option<PathBuf>,
     log_level: String,
     chown_socket: bool,
+    argv0: Option<String>,
 }
 
 impl Builder {
@@ -146,6 +147,13 @@ impl Builder {
         self
     }
 
+    /// Launch through a symlink `<tmp>/<name>` to the binary, without argv[1]
+    /// (the installed form: the service is chosen by argv[0]'s file name).
+    pub fn via_symlink(mut self, name: &str) -> Builder {
+        self.argv0 = Some(name.to_owned());
+        self
+    }
+
     /// Do not chgrp the socket to [`TEST_GID`] (to look at what the service itself created).
     pub fn keep_socket_owner(mut self) -> Builder {
         self.chown_socket = false;
@@ -159,7 +167,42 @@ impl Builder {
         self
     }
 
+    /// Write the config and start; wait until the socket accepts connections.
     pub fn start(self) -> Keyd {
+        let mut keyd = self.prepare();
+        keyd.spawn_and_wait();
+        keyd
+    }
+
+    /// Write the config, start, and expect the service to refuse to start: returns its exit
+    /// status and log. Panics if it is still running after 10 s.
+    pub fn start_expecting_exit(self) -> (std::process::ExitStatus, String) {
+        let mut keyd = self.prepare();
+        keyd.spawn();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = keyd.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                keyd.child = None;
+                return (status, keyd.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keyd was expected to refuse to start but is still running\n--- log ---\n{}",
+                keyd.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Write the config and spawn without waiting for readiness (cold-start measurements).
+    /// The socket is not chgrp'ed.
+    pub fn start_unready(self) -> Keyd {
+        let mut keyd = self.prepare();
+        keyd.spawn();
+        keyd
+    }
+
+    fn prepare(self) -> Keyd {
         let bin = self.bin.unwrap_or_else(aziotd_bin);
         let dir = self.dir;
         let root = dir.path().to_path_buf();
@@ -172,8 +215,17 @@ impl Builder {
             toml_str(&format!("unix://{}", sock.display())),
         );
         fs::write(root.join("config.toml"), config).expect("write config.toml");
-        let mut keyd = Keyd {
+        let (bin, with_arg) = match self.argv0 {
+            Some(name) => {
+                let link = root.join(name);
+                std::os::unix::fs::symlink(&bin, &link).expect("symlink to aziotd");
+                (link, false)
+            }
+            None => (bin, true),
+        };
+        Keyd {
             child: None,
+            with_arg,
             bin,
             log_level: self.log_level,
             chown_socket: self.chown_socket,
@@ -182,9 +234,7 @@ impl Builder {
             spawned_at: Instant::now(),
             ready_after: Duration::ZERO,
             dir,
-        };
-        keyd.spawn_and_wait();
-        keyd
+        }
     }
 }
 
@@ -197,6 +247,8 @@ pub fn toml_str(s: &str) -> String {
 pub struct Keyd {
     dir: TempDir,
     child: Option<Child>,
+    /// pass `aziot-keyd` as argv[1] (false when launched through a symlink)
+    with_arg: bool,
     bin: PathBuf,
     log_level: String,
     chown_socket: bool,
@@ -227,6 +279,7 @@ impl Keyd {
             bin: None,
             log_level: "debug".to_owned(),
             chown_socket: true,
+            argv0: None,
         }
     }
 
@@ -244,8 +297,10 @@ impl Keyd {
             .expect("open log file");
         let root = self.dir.path();
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("aziot-keyd")
-            .env_clear()
+        if self.with_arg {
+            cmd.arg("aziot-keyd");
+        }
+        cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
             .env("AZIOT_KEYD_CONFIG", root.join("config.toml"))
             .env("AZIOT_KEYD_CONFIG_DIR", root.join("config.d"))

@@ -67,8 +67,8 @@ fn principals(v: &'static str) {
         &unauthorized(APP, "secret"),
     );
     // the check is on the percent-decoded id
-    root.create_key("app/x", "sign");
-    assert_eq!(Handle::parse(&app.get_key("app/x")).id(), "app/x");
+    root.create_key("app-/x", "sign");
+    assert_eq!(Handle::parse(&app.get_key("app-/x")).id(), "app-/x");
     expect_err(&app.get("/key/%73ecret"), 401, &unauthorized(APP, "secret"));
 
     // authorized loads and creates
@@ -273,3 +273,32 @@ fn curl_as_another_uid() {
 }
 
 use std::os::unix::process::CommandExt as _;
+
+/// common-http.md §3.3: `[[principal]]` is re-read when a drop-in changes (10 s debounce);
+/// nothing else is applied without a restart.
+#[test]
+fn principals_hot_reload() {
+    let keyd = Keyd::start(&format!("[[principal]]\nuid = {APP}\nkeys = [\"a-*\"]\n"));
+    let app = keyd.api(V2021).as_uid(APP);
+    app.create_key("a-1", "sign");
+    expect_err(&app.post("/key", &json!({"keyId": "b-1", "usage": "sign"})), 401, &unauthorized(APP, "b-1"));
+    std::fs::write(
+        keyd.config_dir().join("50-reload.toml"),
+        format!("[[principal]]\nuid = {APP}\nkeys = [\"b-*\"]\n"),
+    )
+    .expect("write drop-in");
+    assert!(
+        keyd.wait_log("Config update finished.", Duration::from_secs(30)),
+        "no `Config update finished.` within 30 s"
+    );
+    assert!(keyd.log().contains("Detected change in config files. Updating config."));
+    app.create_key("b-1", "sign");
+    app.create_key("a-2", "sign");
+    // a broken drop-in keeps the old principals in force
+    std::fs::write(keyd.config_dir().join("60-broken.toml"), "not = = toml").expect("write");
+    assert!(
+        keyd.wait_log("Detected config file update, but new config failed to parse", Duration::from_secs(30)),
+        "a WARN about the unparsable update"
+    );
+    app.create_key("b-2", "sign");
+}

@@ -543,10 +543,12 @@ fn identity_dn(cn: &str, subject: &BTreeMap<String, String>, w: &mut Warnings) -
     for (key, value) in subject {
         let upper = key.to_ascii_uppercase();
         if upper == "CN" {
-            w.push(format!(
+            if value != cn {
+                w.push(format!(
                 "the `{key}` of the identity certificate's `subject` is replaced by the device \
                  or registration ID"
-            ));
+                ));
+            }
             continue;
         }
         if others.insert(upper.clone(), value.clone()).is_some() {

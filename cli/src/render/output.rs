@@ -299,6 +299,11 @@ impl CertdConfig {
     }
 }
 
+impl IdentitydConfig {
+    /// identityd's config holds IDs and names only; nothing to redact.
+    pub fn redact(&mut self) {}
+}
+
 impl TpmdConfig {
     pub fn redact(&mut self) {
         if let Some(h) = &mut self.hierarchy_authorization {

@@ -25,6 +25,9 @@ pub struct Config {
     /// key library. Absent: the built-in library is used, linked statically.
     #[serde(default)]
     pub aziot_keys_library: Option<PathBuf>,
+    /// New: the broker's sandbox settings.
+    #[serde(default)]
+    pub sandbox: aziot_ipc::config::SandboxConfig,
 }
 
 fn default_max_requests() -> usize {

@@ -41,10 +41,22 @@ pub enum KeydError {
 }
 
 /// Builds the key backend from config: the built-in library, or a replacement `.so`.
-pub fn backend(config: &config::Config) -> Result<Arc<dyn KeyBackend>, KeydError> {
-    let backend: Arc<dyn KeyBackend> = match &config.aziot_keys_library {
-        None => Arc::new(aziot_keys::native::KeyStore::new()),
-        Some(path) => Arc::new(
+/// With `homedir`, the state directory is the given descriptor (the sandboxed worker has no
+/// path access) and `homedir_path` is not opened again.
+pub fn backend(
+    config: &config::Config,
+    homedir: Option<std::os::fd::OwnedFd>,
+) -> Result<Arc<dyn KeyBackend>, KeydError> {
+    let skip_homedir_path = homedir.is_some() && config.aziot_keys_library.is_none();
+    let backend: Arc<dyn KeyBackend> = match (&config.aziot_keys_library, homedir) {
+        (None, homedir) => {
+            let store = aziot_keys::native::KeyStore::new();
+            if let Some(fd) = homedir {
+                store.set_homedir_fd(fd);
+            }
+            Arc::new(store)
+        }
+        (Some(path), _) => Arc::new(
             aziot_keys::foreign::ForeignLibrary::load(path)
                 .map_err(|source| KeydError::Library { path: path.clone(), source })?,
         ),
@@ -53,6 +65,9 @@ pub fn backend(config: &config::Config) -> Result<Arc<dyn KeyBackend>, KeydError
     for (name, value) in &config.aziot_keys {
         if name.contains('\0') || value.contains('\0') {
             return Err(KeydError::Invalid(format!("[aziot_keys] {name:?} contains a NUL character")));
+        }
+        if skip_homedir_path && name == "homedir_path" {
+            continue;
         }
         backend
             .set_parameter(name, value)
@@ -70,28 +85,48 @@ pub fn backend(config: &config::Config) -> Result<Arc<dyn KeyBackend>, KeydError
     Ok(backend)
 }
 
-/// Runs keyd in this process until it fails: config, library, listener, then serve.
-pub fn run() -> Result<(), KeydError> {
-    openssl::init();
-    tracing::info!("Starting service...");
-    tracing::info!("Version - {}", env!("CARGO_PKG_VERSION"));
-    let paths = ConfigPaths::from_env("keyd");
-    let config: config::Config = aziot_ipc::config::load(&paths)?;
-    let backend = backend(&config)?;
-    let api = Arc::new(api::Api::new(backend, Principals::new(&config.principal)));
-    let endpoint = match &config.endpoints.aziot_keyd {
+/// The listener endpoint from config (default `unix:///run/aziot/keyd.sock`).
+pub fn endpoint(config: &config::Config) -> Result<Endpoint, KeydError> {
+    Ok(match &config.endpoints.aziot_keyd {
         Some(uri) => Endpoint::parse(uri)?,
         None => Endpoint::default_for("keyd"),
-    };
-    let listener = aziot_ipc::listener::open(&endpoint, Some(SOCKET_NAME))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    })
+}
+
+/// Reads keyd's config from the usual places.
+pub fn load_config() -> Result<config::Config, KeydError> {
+    Ok(aziot_ipc::config::load(&ConfigPaths::from_env("keyd"))?)
+}
+
+/// Serves on `listener` until the server fails. Builds the runtime: call only once the
+/// sandbox is in place (the runtime's threads inherit it).
+pub fn serve(
+    listener: std::os::unix::net::UnixListener,
+    config: &config::Config,
+    backend: Arc<dyn KeyBackend>,
+) -> KeydError {
+    let api = Arc::new(api::Api::new(backend, Principals::new(&config.principal)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(4)
         .enable_all()
         .build()
-        .map_err(KeydError::Runtime)?;
+    {
+        Ok(r) => r,
+        Err(e) => return KeydError::Runtime(e),
+    };
     let server_config = ServerConfig { max_requests: config.max_requests, ..ServerConfig::default() };
     tracing::info!("Starting server...");
-    let err = runtime.block_on(aziot_ipc::server::serve(listener, api, server_config));
-    Err(KeydError::Serve(err))
+    KeydError::Serve(runtime.block_on(aziot_ipc::server::serve(listener, api, server_config)))
+}
+
+/// Runs keyd unconfined in this process (no broker): config, library, listener, serve.
+pub fn run() -> Result<(), KeydError> {
+    openssl::init();
+    tracing::info!("Starting service...");
+    tracing::info!("Version - {}", env!("CARGO_PKG_VERSION"));
+    let config = load_config()?;
+    let backend = backend(&config, None)?;
+    let listener = aziot_ipc::listener::open(&endpoint(&config)?, Some(SOCKET_NAME))?;
+    Err(serve(listener, &config, backend))
 }

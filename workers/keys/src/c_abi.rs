@@ -273,7 +273,10 @@ unsafe extern "C" fn set_parameter(name: *const c_char, value: *const c_char) ->
     })
 }
 
-unsafe extern "C" fn create_key_pair_if_not_exists(id: *const c_char, preferred_algorithms: *const c_char) -> AziotKeysRc {
+unsafe extern "C" fn create_key_pair_if_not_exists(
+    id: *const c_char,
+    preferred_algorithms: *const c_char,
+) -> AziotKeysRc {
     guard(|| {
         // SAFETY: C caller contract.
         let id = unsafe { str_arg(id, "id")? };

@@ -83,7 +83,10 @@ fn c_string(s: &str, what: &'static str) -> Result<CString> {
 /// The two-call protocol against the library: size query with a NULL buffer, allocate, call
 /// again. A library that then claims to have written more than the buffer holds has corrupted
 /// memory: abort, as keyd does (spec §6).
-fn two_call(function: &'static str, mut call: impl FnMut(*mut u8, *mut usize) -> AziotKeysRc) -> Result<Zeroizing<Vec<u8>>> {
+fn two_call(
+    function: &'static str,
+    mut call: impl FnMut(*mut u8, *mut usize) -> AziotKeysRc,
+) -> Result<Zeroizing<Vec<u8>>> {
     let mut len = 0usize;
     check(call(std::ptr::null_mut(), &mut len), function)?;
     if len > MAX_OUTPUT_LEN {
@@ -109,7 +112,8 @@ impl ForeignLibrary {
     /// then 2.0.0.0, and checks the reported version and that every function of that version is
     /// defined. Errors are EXTERNAL with the messages of spec §1.
     pub fn load(path: &Path) -> Result<Self> {
-        let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("library path contains NUL"))?;
+        let c_path =
+            CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("library path contains NUL"))?;
         // SAFETY: `c_path` is a valid NUL-terminated string. Loading runs the library's
         // initializers; choosing to trust the configured library is the operator's decision.
         let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
@@ -123,7 +127,8 @@ impl ForeignLibrary {
         }
         // SAFETY: the C API defines this symbol with exactly this signature (spec §8.3); a
         // data pointer from dlsym and a function pointer have the same size on POSIX.
-        let get_function_list: GetFunctionListFn = unsafe { std::mem::transmute::<*mut c_void, GetFunctionListFn>(symbol) };
+        let get_function_list: GetFunctionListFn =
+            unsafe { std::mem::transmute::<*mut c_void, GetFunctionListFn>(symbol) };
 
         let mut list: *const FunctionListBase = std::ptr::null();
         // SAFETY: `list` is a valid out-pointer for the duration of the call.
@@ -147,7 +152,10 @@ impl ForeignLibrary {
                 let l = unsafe { &*list.cast::<FunctionList2_1_0_0>() };
                 Functions {
                     set_parameter: required(l.set_parameter, "set_parameter")?,
-                    create_key_pair_if_not_exists: required(l.create_key_pair_if_not_exists, "create_key_pair_if_not_exists")?,
+                    create_key_pair_if_not_exists: required(
+                        l.create_key_pair_if_not_exists,
+                        "create_key_pair_if_not_exists",
+                    )?,
                     move_key_pair: Some(required(l.move_key_pair, "move_key_pair")?),
                     load_key_pair: required(l.load_key_pair, "load_key_pair")?,
                     get_key_pair_parameter: required(l.get_key_pair_parameter, "get_key_pair_parameter")?,
@@ -168,7 +176,10 @@ impl ForeignLibrary {
                 let l = unsafe { &*list.cast::<FunctionList2_0_0_0>() };
                 Functions {
                     set_parameter: required(l.set_parameter, "set_parameter")?,
-                    create_key_pair_if_not_exists: required(l.create_key_pair_if_not_exists, "create_key_pair_if_not_exists")?,
+                    create_key_pair_if_not_exists: required(
+                        l.create_key_pair_if_not_exists,
+                        "create_key_pair_if_not_exists",
+                    )?,
                     move_key_pair: None,
                     load_key_pair: required(l.load_key_pair, "load_key_pair")?,
                     get_key_pair_parameter: required(l.get_key_pair_parameter, "get_key_pair_parameter")?,
@@ -185,7 +196,9 @@ impl ForeignLibrary {
                 }
             }
             other => {
-                return Err(Error::external_msg(format!("library exports API version 0x{other:08x} which is not supported")))
+                return Err(Error::external_msg(format!(
+                    "library exports API version 0x{other:08x} which is not supported"
+                )))
             }
         };
         Ok(ForeignLibrary { version, functions: Mutex::new(functions) })
@@ -196,7 +209,12 @@ impl ForeignLibrary {
     }
 
     /// Calls a `(const char *id) -> RC` function.
-    fn call_id(&self, id: &str, pick: impl FnOnce(&Functions) -> unsafe extern "C" fn(*const c_char) -> AziotKeysRc, name: &'static str) -> Result<()> {
+    fn call_id(
+        &self,
+        id: &str,
+        pick: impl FnOnce(&Functions) -> unsafe extern "C" fn(*const c_char) -> AziotKeysRc,
+        name: &'static str,
+    ) -> Result<()> {
         let id = c_string(id, "id")?;
         let f = self.lock();
         let function = pick(&f);

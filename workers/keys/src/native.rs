@@ -300,7 +300,12 @@ impl KeyStore {
     }
 
     /// Upper bound of the output of `encrypt`; validates like `encrypt` without encrypting.
-    pub(crate) fn encrypt_len_bound(&self, id: &str, mechanism: EncryptMechanism<'_>, plaintext_len: usize) -> Result<usize> {
+    pub(crate) fn encrypt_len_bound(
+        &self,
+        id: &str,
+        mechanism: EncryptMechanism<'_>,
+        plaintext_len: usize,
+    ) -> Result<usize> {
         match mechanism {
             EncryptMechanism::Aead { iv, .. } | EncryptMechanism::DerivedAead { iv, .. } => {
                 if iv.is_empty() {
@@ -313,7 +318,12 @@ impl KeyStore {
     }
 
     /// Exact output length of `decrypt`; validates the ciphertext framing and the key.
-    pub(crate) fn decrypt_len_bound(&self, id: &str, mechanism: EncryptMechanism<'_>, ciphertext: &[u8]) -> Result<usize> {
+    pub(crate) fn decrypt_len_bound(
+        &self,
+        id: &str,
+        mechanism: EncryptMechanism<'_>,
+        ciphertext: &[u8],
+    ) -> Result<usize> {
         match mechanism {
             EncryptMechanism::Aead { .. } | EncryptMechanism::DerivedAead { .. } => {
                 let len = crypto::aead_plaintext_len(ciphertext)?;
@@ -343,7 +353,8 @@ impl KeyBackend for KeyStore {
                 }
                 let _w = lock(&self.write_lock);
                 let mut config = write(&self.config);
-                let slot = if name == "pkcs11_lib_path" { &mut config.pkcs11_lib_path } else { &mut config.pkcs11_base_slot };
+                let slot =
+                    if name == "pkcs11_lib_path" { &mut config.pkcs11_lib_path } else { &mut config.pkcs11_base_slot };
                 *slot = Some(value.to_owned());
                 drop(config);
                 self.invalidate();
@@ -365,7 +376,10 @@ impl KeyBackend for KeyStore {
 
     fn create_key_pair_if_not_exists(&self, id: &str, preferred_algorithms: Option<&str>) -> Result<()> {
         // The file backend attempts only the first listed algorithm (spec §7.4).
-        let algorithm = crypto::parse_preferred_algorithms(preferred_algorithms)?[0];
+        let algorithm = crypto::parse_preferred_algorithms(preferred_algorithms)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::invalid("preferred_algorithms names no supported algorithm"))?;
         if let Some(key) = self.cache_get(id) {
             if let CachedKey::Pair(_) = &*key {
                 return Ok(());
@@ -380,7 +394,9 @@ impl KeyBackend for KeyStore {
                 // a symmetric key of the same ID (spec §10 quirk 3). We follow the
                 // recommendation and refuse (see docs/compatibility.md).
                 CachedKey::Symmetric(_) => {
-                    return Err(Error::invalid("id holds a symmetric key (or an unreadable key pair); refusing to overwrite it"))
+                    return Err(Error::invalid(
+                        "id holds a symmetric key (or an unreadable key pair); refusing to overwrite it",
+                    ))
                 }
             },
             Stored::Missing | Stored::Empty => {}
@@ -520,7 +536,9 @@ impl KeyBackend for KeyStore {
                 let derived = base.derive(derivation_data)?;
                 crypto::aead_encrypt(&derived, iv, aad, plaintext)
             }),
-            EncryptMechanism::RsaPkcs1 => self.with_pair(id, |pair| pair.rsa_private_encrypt(RsaMode::Pkcs1, plaintext)),
+            EncryptMechanism::RsaPkcs1 => {
+                self.with_pair(id, |pair| pair.rsa_private_encrypt(RsaMode::Pkcs1, plaintext))
+            }
             EncryptMechanism::RsaNoPadding => {
                 self.with_pair(id, |pair| pair.rsa_private_encrypt(RsaMode::NoPadding, plaintext))
             }

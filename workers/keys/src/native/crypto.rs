@@ -73,7 +73,8 @@ fn ssl_err(context: &'static str) -> impl FnOnce(openssl::error::ErrorStack) -> 
 pub(crate) fn generate_key_pair(alg: Algorithm) -> Result<PKey<Private>> {
     match alg {
         Algorithm::EcP256 => {
-            let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).map_err(ssl_err("could not create P-256 group"))?;
+            let group =
+                EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).map_err(ssl_err("could not create P-256 group"))?;
             let ec = EcKey::generate(&group).map_err(ssl_err("could not generate EC key"))?;
             PKey::from_ec_key(ec).map_err(ssl_err("could not wrap EC key"))
         }
@@ -288,9 +289,7 @@ fn check_aead_args(key: &[u8], iv: &[u8]) -> Result<()> {
 
 /// Length of the AEAD ciphertext for a plaintext of `plaintext_len` bytes.
 pub(crate) fn aead_ciphertext_len(plaintext_len: usize) -> Result<usize> {
-    plaintext_len
-        .checked_add(1 + AEAD_TAG_LEN)
-        .ok_or_else(|| Error::invalid("plaintext too long"))
+    plaintext_len.checked_add(1 + AEAD_TAG_LEN).ok_or_else(|| Error::invalid("plaintext too long"))
 }
 
 /// AES-256-GCM; output `0x02 ‖ ciphertext ‖ tag(16)`.

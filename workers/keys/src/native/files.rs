@@ -5,7 +5,7 @@
 //! made of ASCII alphanumerics, `-`, lowercase hex and `.key` ([`key_file_name`]).
 
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -113,12 +113,9 @@ pub(crate) fn open_keys_dir(home: BorrowedFd<'_>) -> Result<OwnedFd> {
 
 /// Best-effort removal of `.tmp-*` entries (leftovers of a write killed before its rename).
 fn remove_temp_files(dir: RawFd) {
-    let Ok(mut entries) = nix::dir::Dir::openat(
-        Some(dir),
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    ) else {
+    let Ok(mut entries) =
+        nix::dir::Dir::openat(Some(dir), ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+    else {
         return;
     };
     let stale: Vec<CString> = entries
@@ -172,11 +169,9 @@ fn temp_name() -> Result<CString> {
     CString::new(format!("{TMP_PREFIX}{}", hex(&random))).map_err(|_| Error::external_msg("invalid temp name"))
 }
 
-fn write_all(fd: RawFd, mut data: &[u8]) -> Result<()> {
+fn write_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> Result<()> {
     while !data.is_empty() {
-        // SAFETY: `fd` is an open descriptor owned by the caller for the duration of the call.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        match nix::unistd::write(borrowed, data) {
+        match nix::unistd::write(fd, data) {
             Ok(0) => return Err(Error::external_msg("could not write key file: no progress")),
             Ok(n) => data = &data[n..],
             Err(Errno::EINTR) => {}
@@ -200,7 +195,7 @@ pub(crate) fn write_atomic(dir: BorrowedFd<'_>, name: &CStr, data: &[u8]) -> Res
     let result = (|| {
         // The umask can only have removed bits; make the mode exactly 0600 regardless.
         fchmod(fd.as_raw_fd(), mode).map_err(io_err("could not set key file mode"))?;
-        write_all(fd.as_raw_fd(), data)?;
+        write_all(fd.as_fd(), data)?;
         fsync(fd.as_raw_fd()).map_err(io_err("could not sync key file"))?;
         renameat(Some(dir), tmp.as_c_str(), Some(dir), name).map_err(io_err("could not rename key file"))
     })();

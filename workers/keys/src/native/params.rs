@@ -92,7 +92,8 @@ pub(crate) fn validate_pkcs11_uri(value: &str) -> Result<()> {
     let mut has_slot = false;
     for attr in path.split(';').filter(|a| !a.is_empty()) {
         let (name, val) = attr.split_once('=').unwrap_or((attr, ""));
-        let val = String::from_utf8(percent_decode(val)?).map_err(|_| Error::invalid("pkcs11: URI attribute is not UTF-8"))?;
+        let val = String::from_utf8(percent_decode(val)?)
+            .map_err(|_| Error::invalid("pkcs11: URI attribute is not UTF-8"))?;
         match name {
             "slot-id" => {
                 val.parse::<u64>().map_err(|_| Error::invalid("pkcs11: URI slot-id is not a number"))?;
@@ -141,7 +142,9 @@ mod tests {
         assert_eq!(parse_file_uri("file:///var/secrets/device-id").unwrap(), PathBuf::from("/var/secrets/device-id"));
         assert_eq!(parse_file_uri("file://localhost/a%20b").unwrap(), PathBuf::from("/a b"));
         assert_eq!(parse_file_uri("FILE:///x?query#frag").unwrap(), PathBuf::from("/x"));
-        for bad in ["file://host/x", "file:relative", "file:///dir/", "file:///a%00b", "file:///", "file:///%zz", "http:///x"] {
+        for bad in
+            ["file://host/x", "file:relative", "file:///dir/", "file:///a%00b", "file:///", "file:///%zz", "http:///x"]
+        {
             assert!(matches!(parse_file_uri(bad), Err(Error::InvalidParameter(_))), "{bad}");
         }
     }
@@ -150,7 +153,9 @@ mod tests {
     fn pkcs11_uris() {
         validate_pkcs11_uri("pkcs11:token=Key%20pairs?pin-value=1234").unwrap();
         validate_pkcs11_uri("pkcs11:slot-id=3;object=device-id").unwrap();
-        for bad in ["pkcs11:object=x", "pkcs11:slot-id=abc", "pkcs11:token=%ff", "file:///x", "pkcs11:token=a?pin-value=%zz"] {
+        for bad in
+            ["pkcs11:object=x", "pkcs11:slot-id=abc", "pkcs11:token=%ff", "file:///x", "pkcs11:token=a?pin-value=%zz"]
+        {
             assert!(matches!(validate_pkcs11_uri(bad), Err(Error::InvalidParameter(_))), "{bad}");
         }
     }

@@ -1,0 +1,57 @@
+//! Step 1 of the broker: start from a known state — no stray descriptors, a minimal environment.
+
+use std::os::fd::RawFd;
+
+/// Environment variables the broker keeps; everything else is removed.
+const KEEP_ENV: &[&str] = &[
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "JOURNAL_STREAM",
+    "INVOCATION_ID",
+    "AZIOT_LOG",
+];
+
+/// The systemd-activated descriptors (3 .. 3+LISTEN_FDS) when they are meant for this process.
+pub fn activated_range() -> std::ops::Range<RawFd> {
+    let ours = std::env::var("LISTEN_PID").ok().and_then(|p| p.trim().parse::<u32>().ok()) == Some(std::process::id());
+    let n = if ours {
+        std::env::var("LISTEN_FDS").ok().and_then(|n| n.trim().parse::<RawFd>().ok()).unwrap_or(0)
+    } else {
+        0
+    };
+    3..3 + n.clamp(0, 1024)
+}
+
+/// Closes every descriptor above stderr except `keep`.
+pub fn close_stray_fds(keep: &std::ops::Range<RawFd>) -> std::io::Result<()> {
+    let mut stray = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let name = entry?.file_name();
+        if let Some(fd) = name.to_str().and_then(|n| n.parse::<RawFd>().ok()) {
+            if fd > 2 && !keep.contains(&fd) {
+                stray.push(fd);
+            }
+        }
+    }
+    for fd in stray {
+        // The read_dir handle itself is already closed here; a stale number just fails EBADF.
+        let _ = nix::unistd::close(fd);
+    }
+    Ok(())
+}
+
+/// Removes every variable but `AZIOT_*` and the allowlist.
+pub fn clear_env() {
+    let remove: Vec<_> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            let k = k.to_string_lossy();
+            !(k.starts_with("AZIOT_") || KEEP_ENV.contains(&k.as_ref()))
+        })
+        .collect();
+    for k in remove {
+        std::env::remove_var(k);
+    }
+}

@@ -1,0 +1,357 @@
+//! Steps 4–7 of the broker: open the resources, spawn the confined worker, hand over, wait for
+//! its sandbox report, then supervise — restart with backoff while the listener stays open,
+//! forward SIGTERM.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aziot_ipc::handoff::{self, DescriptorEntry, DescriptorKind, Manifest, MANIFEST_VERSION};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::services::ServiceSetup;
+
+/// How long a worker may take from exec to its sandbox report.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A worker that ran this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the broker must start as root: it opens the service's resources and drops privileges for its worker")]
+    NotRoot,
+    #[error(transparent)]
+    Policy(#[from] aziot_policy::PolicyError),
+    #[error(transparent)]
+    Listener(#[from] aziot_ipc::listener::ListenerError),
+    #[error("could not prepare the state directory {path}")]
+    StateDir { path: PathBuf, #[source] source: std::io::Error },
+    #[error("could not set the owner of {path}")]
+    Chown { path: PathBuf, #[source] source: nix::Error },
+    #[error("could not spawn the worker")]
+    Spawn(#[source] std::io::Error),
+    #[error("hand-off to the worker failed")]
+    Handoff(#[from] aziot_ipc::handoff::HandoffError),
+    #[error("the worker did not report its sandbox within {0:?}")]
+    ReportTimeout(Duration),
+    #[error("the worker refused to start: {0}")]
+    WorkerRefused(String),
+    #[error("{0}")]
+    Sys(#[from] nix::Error),
+    #[error("invalid [sandbox] config: {0}")]
+    Sandbox(String),
+}
+
+/// What the worker sends back once its sandbox is in force (untrusted: recorded only).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct WorkerReport {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub landlock: Option<aziot_policy::LandlockReport>,
+    pub seccomp: Option<aziot_policy::SeccompReport>,
+    pub warnings: Vec<String>,
+}
+
+/// The running broker of one service.
+pub struct Broker {
+    setup: ServiceSetup,
+    policy: aziot_policy::Policy,
+    creds: aziot_policy::Credentials,
+    listener: OwnedFd,
+    state_dir: Option<OwnedFd>,
+    status_path: PathBuf,
+    seccomp_mode: String,
+    restarts: u32,
+}
+
+impl Broker {
+    /// Effective policy, credentials, listener and state directory: everything opened as root.
+    pub fn prepare(setup: ServiceSetup) -> Result<Broker, BrokerError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(BrokerError::NotRoot);
+        }
+        let seccomp_mode = setup.sandbox.seccomp.clone().unwrap_or_else(|| "kill".to_owned());
+        if !matches!(seccomp_mode.as_str(), "kill" | "log" | "off") {
+            return Err(BrokerError::Sandbox(format!("seccomp = {seccomp_mode:?} (expected kill, log or off)")));
+        }
+        if seccomp_mode != "kill" && !setup.sandbox.allow_degraded {
+            return Err(BrokerError::Sandbox(format!(
+                "seccomp = {seccomp_mode:?} weakens the sandbox; set allow_degraded = true to accept that"
+            )));
+        }
+        let policy_d = PathBuf::from(format!("/etc/aziot/{}/policy.d", setup.short));
+        let policy = aziot_policy::effective(setup.short, &setup.grants, Some(&policy_d))?;
+        let creds = aziot_policy::resolve_credentials(&policy)?;
+        let listener: OwnedFd = aziot_ipc::listener::open(&setup.endpoint, Some(setup.socket_name))?.into();
+        if let aziot_ipc::endpoint::Endpoint::Unix(path) = &setup.endpoint {
+            // A socket we bound ourselves gets the socket unit's owner and mode.
+            if is_socket_at(path, &listener) {
+                nix::unistd::chown(path, Some(creds.uid.into()), Some(creds.gid.into()))
+                    .map_err(|source| BrokerError::Chown { path: path.clone(), source })?;
+            }
+        }
+        let state_dir = match &setup.state_dir {
+            Some(path) => Some(open_state_dir(path, &creds)?),
+            None => None,
+        };
+        let status_path = match &setup.endpoint {
+            aziot_ipc::endpoint::Endpoint::Unix(p) => {
+                p.parent().unwrap_or(Path::new(aziot_ipc::SOCKET_DIR)).join(format!("{}.status", setup.short))
+            }
+            _ => PathBuf::from(format!("{}/{}.status", aziot_ipc::SOCKET_DIR, setup.short)),
+        };
+        Ok(Broker { setup, policy, creds, listener, state_dir, status_path, seccomp_mode, restarts: 0 })
+    }
+
+    /// Runs until SIGTERM/SIGINT (then exits cleanly) or until the first worker fails before
+    /// reporting (a configuration the worker cannot serve: exit with the error).
+    pub fn run(mut self) -> Result<(), BrokerError> {
+        let mut mask = SigSet::empty();
+        for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            mask.add(s);
+        }
+        mask.thread_block()?;
+        let mut sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)?;
+
+        let started = Instant::now();
+        let (mut worker, mut report) = self.spawn_and_handoff(&mut sfd)?;
+        tracing::info!("worker {} of {} ready (sandbox report received in {:?})", worker, self.setup.short, started.elapsed());
+        self.write_status(worker, &report);
+        crate::notify::sd_notify(&format!("READY=1\nSTATUS=worker {worker} serving\nMAINPID={}", std::process::id()));
+
+        let mut backoff = BACKOFF_MIN;
+        let mut worker_started = Instant::now();
+        loop {
+            let Some(info) = sfd.read_signal()? else { continue };
+            let signo = info.ssi_signo as i32;
+            if signo == Signal::SIGTERM as i32 || signo == Signal::SIGINT as i32 {
+                tracing::info!("received signal {signo}, stopping the worker");
+                self.stop(worker);
+                let _ = std::fs::remove_file(&self.status_path);
+                return Ok(());
+            }
+            if signo != Signal::SIGCHLD as i32 {
+                continue;
+            }
+            // Reap everything; only the worker matters.
+            let mut worker_died = false;
+            loop {
+                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(nix::Error::ECHILD) => break,
+                    Ok(status) => {
+                        if status.pid() == Some(worker) {
+                            log_exit(worker, &status);
+                            worker_died = true;
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !worker_died {
+                continue;
+            }
+            if worker_started.elapsed() > STABLE_AFTER {
+                backoff = BACKOFF_MIN;
+            }
+            // Keep the listener open while we wait: clients queue in the backlog.
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            loop {
+                match self.spawn_and_handoff(&mut sfd) {
+                    Ok((w, r)) => {
+                        worker = w;
+                        report = r;
+                        break;
+                    }
+                    Err(e) => {
+                        log_chain(&e);
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+            }
+            self.restarts += 1;
+            worker_started = Instant::now();
+            tracing::info!("worker {worker} of {} restarted (restart #{})", self.setup.short, self.restarts);
+            self.write_status(worker, &report);
+        }
+    }
+
+    /// Spawns a worker, hands the manifest over and waits for its report.
+    fn spawn_and_handoff(&self, sfd: &mut SignalFd) -> Result<(Pid, WorkerReport), BrokerError> {
+        let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+        let child_fd = theirs.as_raw_fd();
+        let creds = self.creds.clone();
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg0("aziotd").arg("--worker").env_clear().stdin(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only makes raw,
+        // async-signal-safe syscalls (dup2, then the policy crate's privilege drop, which
+        // allocates nothing and takes no lock).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(child_fd, aziot_ipc::handoff::HANDOFF_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                aziot_policy::drop_privileges_in_child(&creds)
+            });
+        }
+        let child = cmd.spawn().map_err(BrokerError::Spawn)?;
+        drop(theirs);
+        let pid = Pid::from_raw(child.id() as i32);
+
+        let (entries, fds) = self.descriptors();
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            service: self.setup.short.to_owned(),
+            config: self.setup.config_text.clone(),
+            descriptors: entries,
+            policy: serde_json::to_value(&self.policy).unwrap_or_default(),
+            seccomp_mode: self.seccomp_mode.clone(),
+            allow_degraded: self.setup.sandbox.allow_degraded,
+        };
+        let result = handoff::send_manifest(ours.as_fd(), &manifest, &fds)
+            .map_err(BrokerError::from)
+            .and_then(|()| wait_report(ours.as_fd(), REPORT_TIMEOUT));
+        match result {
+            Ok(report) if report.ok => Ok((pid, report)),
+            Ok(report) => {
+                self.reap(pid, sfd);
+                Err(BrokerError::WorkerRefused(report.error.unwrap_or_else(|| "no reason given".to_owned())))
+            }
+            Err(e) => {
+                self.reap(pid, sfd);
+                Err(e)
+            }
+        }
+    }
+
+    fn descriptors(&self) -> (Vec<DescriptorEntry>, Vec<BorrowedFd<'_>>) {
+        let mut entries = vec![DescriptorEntry { name: "listener".into(), kind: DescriptorKind::UnixListener }];
+        let mut fds = vec![self.listener.as_fd()];
+        if let Some(dir) = &self.state_dir {
+            entries.push(DescriptorEntry { name: "state".into(), kind: DescriptorKind::Directory });
+            fds.push(dir.as_fd());
+        }
+        (entries, fds)
+    }
+
+    /// Kills and reaps a worker that failed its start.
+    fn reap(&self, pid: Pid, _sfd: &mut SignalFd) {
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        if let Ok(status) = waitpid(pid, None) {
+            log_exit(pid, &status);
+        }
+    }
+
+    fn stop(&self, worker: Pid) {
+        let _ = nix::sys::signal::kill(worker, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match waitpid(worker, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(10)),
+                _ => return,
+            }
+        }
+        let _ = nix::sys::signal::kill(worker, Signal::SIGKILL);
+        let _ = waitpid(worker, None);
+    }
+
+    fn write_status(&self, worker: Pid, report: &WorkerReport) {
+        let degraded = self.seccomp_mode != "kill" || !report.warnings.is_empty();
+        let status = aziot_policy::Status {
+            service: self.setup.short.to_owned(),
+            broker_pid: std::process::id() as i32,
+            worker_pid: worker.as_raw(),
+            policy_digest: self.policy.digest(),
+            seccomp_digest: self.policy.seccomp.digest.clone(),
+            landlock: report.landlock.clone().unwrap_or_default(),
+            seccomp_mode: self.seccomp_mode.clone(),
+            degraded,
+            warnings: report.warnings.clone(),
+            restarts: self.restarts,
+        };
+        for w in &report.warnings {
+            tracing::warn!("sandbox degraded: {w}");
+        }
+        match serde_json::to_vec_pretty(&status) {
+            Ok(bytes) => {
+                if let Err(e) = crate::notify::write_atomic(&self.status_path, &bytes) {
+                    tracing::warn!("could not write {}: {e}", self.status_path.display());
+                }
+            }
+            Err(e) => tracing::warn!("could not render the status: {e}"),
+        }
+    }
+}
+
+fn wait_report(sock: BorrowedFd<'_>, timeout: Duration) -> Result<WorkerReport, BrokerError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(sock, PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+    if poll(&mut fds, ms)? == 0 {
+        return Err(BrokerError::ReportTimeout(timeout));
+    }
+    Ok(handoff::recv_json(sock)?)
+}
+
+/// Is the listener the socket file at `path` (we bound it), rather than one systemd passed?
+fn is_socket_at(path: &Path, listener: &OwnedFd) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(meta), Ok(st)) = (std::fs::metadata(path), nix::sys::stat::fstat(listener.as_raw_fd())) else {
+        return false;
+    };
+    meta.ino() == st.st_ino && meta.dev() == st.st_dev
+}
+
+/// Ensures the state directory exists, owned by the service user, mode 0700 (as systemd's
+/// StateDirectory= does), and opens it.
+fn open_state_dir(path: &Path, creds: &aziot_policy::Credentials) -> Result<OwnedFd, BrokerError> {
+    let err = |source| BrokerError::StateDir { path: path.to_owned(), source };
+    std::fs::create_dir_all(path).map_err(err)?;
+    nix::unistd::chown(path, Some(creds.uid.into()), Some(creds.gid.into()))
+        .map_err(|source| BrokerError::Chown { path: path.to_owned(), source })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    let dir = std::fs::File::open(path).map_err(err)?;
+    if !dir.metadata().map_err(err)?.is_dir() {
+        return Err(err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory")));
+    }
+    Ok(dir.into())
+}
+
+fn log_exit(pid: Pid, status: &WaitStatus) {
+    match status {
+        WaitStatus::Exited(_, code) => tracing::warn!("worker {pid} exited with status {code}"),
+        WaitStatus::Signaled(_, Signal::SIGSYS, _) => match crate::kmsg::seccomp_syscall(pid.as_raw()) {
+            Some(nr) => tracing::error!(
+                "worker {pid} was killed by seccomp (SIGSYS): forbidden syscall {nr} ({})",
+                aziot_policy::syscall_name(nr).unwrap_or("unknown")
+            ),
+            None => tracing::error!("worker {pid} was killed by seccomp (SIGSYS); the syscall number is not in the kernel log"),
+        },
+        WaitStatus::Signaled(_, sig, _) => tracing::warn!("worker {pid} was killed by {sig}"),
+        other => tracing::warn!("worker {pid}: {other:?}"),
+    }
+}
+
+pub fn log_chain(e: &(dyn std::error::Error + 'static)) {
+    let mut current = Some(e);
+    let mut first = true;
+    while let Some(err) = current {
+        if first {
+            tracing::error!("{err}");
+        } else {
+            tracing::error!("caused by: {err}");
+        }
+        first = false;
+        current = err.source();
+    }
+}
