@@ -10,10 +10,13 @@ use zeroize::Zeroizing;
 use crate::fsops::atomic::{self, NewFile, WriteError};
 use crate::fsops::secrets_dir::{self, DirAction, SecretsDirError};
 use crate::hostname::{machine_hostname, HostnameError};
-use crate::render::{self, PrincipalUids, RenderError, DEVICE_ID_KEY_PATH, DEVICE_ID_KEY_URI};
+use crate::render::output::ServiceConfig;
+use crate::render::{
+    self, PrincipalUids, RenderError, Rendered, DEVICE_ID_KEY_PATH, DEVICE_ID_KEY_URI,
+};
 use crate::services::{self, RestartError};
 use crate::super_config::{self, reader::SchemaError};
-use crate::users::{self, ServiceUser, UserError};
+use crate::users::{self, ServiceUser, ServiceUsers, UserError};
 use crate::warnings::Warnings;
 
 /// The first lines of every generated service config (spec §2.3).
@@ -76,12 +79,10 @@ pub fn run(options: Options) -> Result<(), ApplyError> {
         None => None,
     };
     let fs_root = root.clone().unwrap_or_else(|| PathBuf::from("/"));
-    let under = |absolute: &str| fs_root.join(absolute.trim_start_matches('/'));
-
     let config_path = options
         .config
         .clone()
-        .unwrap_or_else(|| under("/etc/aziot/config.toml"));
+        .unwrap_or_else(|| fs_root.join("etc/aziot/config.toml"));
     let bytes = std::fs::read(&config_path).map_err(ApplyError::Read)?;
     let text = Zeroizing::new(String::from_utf8(bytes).map_err(|_| ApplyError::NotUtf8)?);
 
@@ -102,87 +103,28 @@ pub fn run(options: Options) -> Result<(), ApplyError> {
         aziotcs: users.certd.uid,
         aziotid: users.identityd.uid,
     };
-    let mut rendered = render::render(&config, hostname, &uids, &mut w)?;
+    let rendered = render::render(&config, hostname, &uids, &mut w)?;
     w.flush_to_stderr();
-
-    // Every file to write, with what `--dry-run` shows of it.
-    let mut files = Vec::with_capacity(5);
-    let mut previews = Vec::with_capacity(5);
-    let mut dir_actions = Vec::new();
-    let mut removals = Vec::new();
-    let key_path = under(DEVICE_ID_KEY_PATH);
-    let writes_key = rendered.device_id_key.is_some();
-    if let Some(key) = rendered.device_id_key.take() {
-        dir_actions = secrets_dir::plan(&fs_root, &users.keyd)?;
-        previews.push((
-            users.keyd.name,
-            format!("<{} bytes of symmetric key, redacted>\n", key.len()),
-        ));
-        files.push(NewFile {
-            path: key_path.clone(),
-            contents: key,
-            uid: users.keyd.uid,
-            gid: users.keyd.gid,
-            mode: FILE_MODE,
-        });
-    } else if key_path.exists() {
-        let keyd_uses_it = rendered
-            .keyd
-            .preloaded_keys
-            .values()
-            .any(|v| v == DEVICE_ID_KEY_URI);
-        match other_keyd_config_using_key(&fs_root) {
-            _ if keyd_uses_it => {}
-            Some(other) => w.push(format!(
-                "{} is no longer written by aziotctl but is kept: {} refers to it",
-                key_path.display(),
-                other.display()
-            )),
-            None => removals.push(key_path.clone()),
-        }
-    }
-
-    let mut service_file = |service: &'static str,
-                            owner: &ServiceUser,
-                            contents: String,
-                            preview: String| {
-        files.push(NewFile {
-            path: under(&format!("/etc/aziot/{service}/config.d/00-super.toml")),
-            contents: Zeroizing::new(format!("{HEADER}{contents}").into_bytes()),
-            uid: owner.uid,
-            gid: owner.gid,
-            mode: FILE_MODE,
-        });
-        previews.push((owner.name, format!("{HEADER}{preview}")));
-    };
-    macro_rules! render_service {
-        ($field:ident, $owner:expr) => {{
-            let contents = to_toml(stringify!($field), &rendered.$field)?;
-            rendered.$field.redact();
-            let preview = to_toml(stringify!($field), &rendered.$field)?;
-            service_file(stringify!($field), $owner, contents, preview);
-        }};
-    }
-    render_service!(keyd, &users.keyd);
-    render_service!(certd, &users.certd);
-    render_service!(identityd, &users.identityd);
-    render_service!(tpmd, &users.tpmd);
+    let plan = plan(rendered, &users, &fs_root, &mut w)?;
 
     if options.dry_run {
-        print_dry_run(&files, &previews, &dir_actions, &removals, root.as_deref());
+        print_dry_run(&plan, root.as_deref());
         w.flush_to_stderr();
         return Ok(());
     }
 
-    if writes_key {
-        println!("Note: Symmetric key will be written to {}", key_path.display());
+    if let Some(key_path) = &plan.key_path {
+        println!(
+            "Note: Symmetric key will be written to {}",
+            key_path.display()
+        );
     }
-    secrets_dir::execute(&dir_actions, &users.keyd, &mut w)?;
+    secrets_dir::execute(&plan.dir_actions, &users.keyd, &mut w)?;
     w.flush_to_stderr();
-    let written = atomic::replace_all(&files, &removals, &mut w);
+    let written = atomic::replace_all(&plan.files, &plan.removals, &mut w);
     w.flush_to_stderr();
     written?;
-    for removed in &removals {
+    for removed in &plan.removals {
         println!(
             "Note: removed {}: the new configuration does not use an inline symmetric key",
             removed.display()
@@ -210,6 +152,108 @@ pub fn run(options: Options) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// Everything `config apply` will change, computed before anything is changed.
+struct Plan {
+    /// The files to write, in order: the key (if any), then keyd, certd, identityd, tpmd.
+    files: Vec<NewFile>,
+    /// For each file, its owner's name and what `--dry-run` shows of it (secrets redacted).
+    previews: Vec<(&'static str, String)>,
+    /// Directory changes for the key file.
+    dir_actions: Vec<DirAction>,
+    /// The stale key file, if it is to be removed.
+    removals: Vec<PathBuf>,
+    /// Where the inline key is written, if there is one.
+    key_path: Option<PathBuf>,
+}
+
+fn plan(
+    mut rendered: Rendered,
+    users: &ServiceUsers,
+    fs_root: &Path,
+    w: &mut Warnings,
+) -> Result<Plan, ApplyError> {
+    let mut plan = Plan {
+        files: Vec::with_capacity(5),
+        previews: Vec::with_capacity(5),
+        dir_actions: Vec::new(),
+        removals: Vec::new(),
+        key_path: None,
+    };
+
+    let key_path = fs_root.join(DEVICE_ID_KEY_PATH.trim_start_matches('/'));
+    if let Some(key) = rendered.device_id_key.take() {
+        plan.dir_actions = secrets_dir::plan(fs_root, &users.keyd)?;
+        plan.previews.push((
+            users.keyd.name,
+            format!("<{} bytes of symmetric key, redacted>\n", key.len()),
+        ));
+        plan.files.push(NewFile {
+            path: key_path.clone(),
+            contents: key,
+            uid: users.keyd.uid,
+            gid: users.keyd.gid,
+            mode: FILE_MODE,
+        });
+        plan.key_path = Some(key_path);
+    } else if key_path.exists()
+        && !rendered
+            .keyd
+            .preloaded_keys
+            .values()
+            .any(|v| v == DEVICE_ID_KEY_URI)
+    {
+        match other_keyd_config_using_key(fs_root) {
+            Some(other) => w.push(format!(
+                "{} is no longer written by aziotctl but is kept: {} refers to it",
+                key_path.display(),
+                other.display()
+            )),
+            None => plan.removals.push(key_path),
+        }
+    }
+
+    add_service(&mut plan, fs_root, "keyd", &users.keyd, &mut rendered.keyd)?;
+    add_service(
+        &mut plan,
+        fs_root,
+        "certd",
+        &users.certd,
+        &mut rendered.certd,
+    )?;
+    add_service(
+        &mut plan,
+        fs_root,
+        "identityd",
+        &users.identityd,
+        &mut rendered.identityd,
+    )?;
+    add_service(&mut plan, fs_root, "tpmd", &users.tpmd, &mut rendered.tpmd)?;
+    Ok(plan)
+}
+
+/// Adds `/etc/aziot/<service>/config.d/00-super.toml` to the plan.
+fn add_service(
+    plan: &mut Plan,
+    fs_root: &Path,
+    service: &'static str,
+    owner: &ServiceUser,
+    config: &mut impl ServiceConfig,
+) -> Result<(), ApplyError> {
+    let contents = toml::to_string(config).map_err(|e| ApplyError::Serialize(service, e))?;
+    config.redact();
+    let preview = toml::to_string(config).map_err(|e| ApplyError::Serialize(service, e))?;
+    plan.files.push(NewFile {
+        path: fs_root.join(format!("etc/aziot/{service}/config.d/00-super.toml")),
+        contents: Zeroizing::new(format!("{HEADER}{contents}").into_bytes()),
+        uid: owner.uid,
+        gid: owner.gid,
+        mode: FILE_MODE,
+    });
+    plan.previews
+        .push((owner.name, format!("{HEADER}{preview}")));
+    Ok(())
+}
+
 fn check_root(dir: &Path) -> Result<PathBuf, ApplyError> {
     let absolute = std::path::absolute(dir).map_err(|e| ApplyError::BadRoot(dir.to_owned(), e))?;
     match std::fs::metadata(&absolute) {
@@ -220,10 +264,6 @@ fn check_root(dir: &Path) -> Result<PathBuf, ApplyError> {
         )),
         Err(e) => Err(ApplyError::BadRoot(dir.to_owned(), e)),
     }
-}
-
-fn to_toml<T: serde::Serialize>(service: &'static str, value: &T) -> Result<String, ApplyError> {
-    toml::to_string(value).map_err(|e| ApplyError::Serialize(service, e))
 }
 
 /// Another keyd config file (not ours) that mentions the key file, if any.
@@ -240,24 +280,18 @@ fn other_keyd_config_using_key(fs_root: &Path) -> Option<PathBuf> {
         );
     }
     candidates.sort();
-    candidates.into_iter().find(|p| {
-        std::fs::read_to_string(p).is_ok_and(|text| text.contains(DEVICE_ID_KEY_PATH))
-    })
+    candidates
+        .into_iter()
+        .find(|p| std::fs::read_to_string(p).is_ok_and(|text| text.contains(DEVICE_ID_KEY_PATH)))
 }
 
-fn print_dry_run(
-    files: &[NewFile],
-    previews: &[(&str, String)],
-    dir_actions: &[DirAction],
-    removals: &[PathBuf],
-    root: Option<&Path>,
-) {
+fn print_dry_run(plan: &Plan, root: Option<&Path>) {
     println!("Dry run: nothing is changed.");
-    for action in dir_actions {
+    for action in &plan.dir_actions {
         println!();
         println!("Would {action}");
     }
-    for (file, (owner, preview)) in files.iter().zip(previews) {
+    for (file, (owner, preview)) in plan.files.iter().zip(&plan.previews) {
         println!();
         println!(
             "Would write {} (owner {owner}, uid {}, gid {}, mode {:04o}):",
@@ -268,7 +302,7 @@ fn print_dry_run(
         );
         print!("{preview}");
     }
-    for removal in removals {
+    for removal in &plan.removals {
         println!();
         println!(
             "Would remove {}: the new configuration does not use an inline symmetric key",

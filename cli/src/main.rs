@@ -18,7 +18,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "aziotctl", version, about = "Azure IoT Identity Service control tool")]
+#[command(
+    name = "aziotctl",
+    version,
+    about = "Azure IoT Identity Service control tool"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,8 +54,26 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{e:?}");
+            eprint!("{}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, laid out like anyhow's `{:?}` but never with a backtrace.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = format!("{e}\n");
+    let causes: Vec<String> = e.chain().skip(1).map(ToString::to_string).collect();
+    if !causes.is_empty() {
+        out.push_str("\nCaused by:\n");
+        for (i, cause) in causes.iter().enumerate() {
+            let cause = cause.replace('\n', "\n       ");
+            if causes.len() == 1 {
+                out.push_str(&format!("    {cause}\n"));
+            } else {
+                out.push_str(&format!("    {i}: {cause}\n"));
+            }
+        }
+    }
+    out
 }

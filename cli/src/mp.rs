@@ -14,7 +14,11 @@ use crate::warnings::Warnings;
 #[derive(Debug, clap::Args)]
 pub struct Options {
     /// The IoT Hub device connection string
-    #[arg(short = 'c', long = "connection-string", value_name = "CONNECTION_STRING")]
+    #[arg(
+        short = 'c',
+        long = "connection-string",
+        value_name = "CONNECTION_STRING"
+    )]
     connection_string: String,
 
     /// Where to write the super-config

@@ -127,8 +127,14 @@ impl Files {
             .find(|f| f[0] == name)
             .ok_or_else(|| LookupError::NotInFile(self.passwd_path.clone()))?;
         let malformed = || LookupError::Malformed(self.passwd_path.clone());
-        let uid = fields.get(2).and_then(|s| s.parse().ok()).ok_or_else(malformed)?;
-        let gid = fields.get(3).and_then(|s| s.parse().ok()).ok_or_else(malformed)?;
+        let uid = fields
+            .get(2)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(malformed)?;
+        let gid = fields
+            .get(3)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(malformed)?;
         let mut groups = vec![gid];
         for group in entries(&self.group) {
             let Some(group_gid) = group.get(2).and_then(|s| s.parse::<u32>().ok()) else {
@@ -166,13 +172,17 @@ mod tests {
     fn parses_passwd_and_group() {
         let files = Files {
             passwd_path: "p".into(),
-            passwd: "# c\nroot:x:0:0::/root:/bin/sh\naziotcs:x:5555:5550::/:/sbin/nologin\nbad:x:y:1\n"
-                .into(),
+            passwd:
+                "# c\nroot:x:0:0::/root:/bin/sh\naziotcs:x:5555:5550::/:/sbin/nologin\nbad:x:y:1\n"
+                    .into(),
             group: "aziotks:x:5554:aziotcs\naziotcs:x:5550:\nother:x:7:a,aziotcs\n".into(),
         };
         let u = files.lookup("aziotcs").unwrap();
         assert_eq!((u.uid, u.gid), (5555, 5550));
         assert_eq!(u.groups, [5550, 5554, 7]);
-        assert!(matches!(files.lookup("aziotid"), Err(LookupError::NotInFile(_))));
+        assert!(matches!(
+            files.lookup("aziotid"),
+            Err(LookupError::NotInFile(_))
+        ));
     }
 }

@@ -71,7 +71,9 @@ fn run_case(case: &Path) -> Result<(), String> {
         }
         let mode = owner_mode(&root.service_path(svc));
         if mode != (uid, gid, 0o600) {
-            return Err(format!("{svc}: owner/group/mode {mode:?}, expected ({uid}, {gid}, 0o600)"));
+            return Err(format!(
+                "{svc}: owner/group/mode {mode:?}, expected ({uid}, {gid}, 0o600)"
+            ));
         }
     }
 
@@ -110,9 +112,12 @@ fn run_corpus(dir: &Path, min_cases: usize) {
     let failures: Vec<String> = cases
         .iter()
         .filter_map(|case| {
-            run_case(case)
-                .err()
-                .map(|e| format!("=== case {}:\n{e}", case.file_name().unwrap().to_string_lossy()))
+            run_case(case).err().map(|e| {
+                format!(
+                    "=== case {}:\n{e}",
+                    case.file_name().unwrap().to_string_lossy()
+                )
+            })
         })
         .collect();
     assert!(

@@ -118,6 +118,15 @@ fn key_get(v: &'static str) {
     expect_err(&api.get("/key/a/b"), 404, "not found");
     // invalid UTF-8 after decoding → the route does not match
     expect_err(&api.get("/key/%FF%FE"), 404, "not found");
+    // in a path '+' is a literal plus (no form decoding); %20 is a space
+    let plus = api.create_key("a+b", "sign");
+    assert_eq!(Handle::parse(&handle_of(&api.get("/key/a+b"), "GET /key/a+b")).id(), "a+b");
+    assert_eq!(api.sign_hmac(&plus, b"m"), api.sign_hmac(&api.get_key("a+b"), b"m"));
+    expect_err(&api.get("/key/a%20b"), 400, LIB_INVALID);
+    // NUL in a decoded id
+    for path in ["/key/a%00b", "/keypair/a%00b"] {
+        expect_err_prefix(&api.get(path), 400, "parameter \"id\" has an invalid value");
+    }
     // unicode ids round-trip
     api.create_key("ключ-🔑", "sign");
     assert_eq!(Handle::parse(&api.get_key("ключ-🔑")).id(), "ключ-🔑");
@@ -296,6 +305,8 @@ fn keypair_move(v: &'static str) {
     let point = unb64(&api.param(&src, "ec-point"));
 
     expect_err(&api.move_keypair("src", "src"), 400, "source and destination for move are identical");
+    // compared after percent-decoding the destination
+    expect_err(&api.post("/keypair/s%72c", &json!({"from": "src"})), 400, "source and destination for move are identical");
     expect_err(&api.call("POST", "/keypair/dst", None), 400, "missing request body");
     let r = api.post("/keypair/dst", &json!({"source": "src"}));
     assert_eq!(r.status, 422, "missing `from`\n{r}");

@@ -206,6 +206,19 @@ fn throttling_per_uid() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // every slot comes back when the connections go away (abruptly, mid-request too)
+    for mut c in held.drain(..) {
+        let _ = c.send_raw(b"POST /key?api-version=2021-05-01 HTTP/1.1\r\nContent-Length: 100\r\n\r\n{");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut again = Vec::new();
+    for i in 0..10 {
+        let mut c = keyd.conn();
+        c.set_read_timeout(Duration::from_secs(10)).expect("timeout");
+        let r = c.request("GET", &target, None).unwrap_or_else(|e| panic!("slot {i} not returned: {e}"));
+        assert_eq!(r.status, 200, "{r}");
+        again.push(c);
+    }
 }
 
 #[test]

@@ -18,6 +18,7 @@ both_versions!(
     body_too_large,
     body_too_slow,
     keep_alive_and_framing,
+    put_is_decoded_before_method_dispatch,
 );
 
 /// Every (method, path) of keyd that takes a body.
@@ -67,6 +68,8 @@ fn api_version_handling(v: &'static str) {
         expect_err(&send(&format!("/nope?api-version={q}")), 400, &format!("invalid api-version {shown}"));
     }
 
+    expect_err(&send("/key?api-version"), 400, "invalid api-version \"\"");
+    expect_err(&send(&format!("/key?api-version={v}%20")), 400, &format!("invalid api-version \"{v} \""));
     // the last occurrence wins; other parameters are ignored; names are form-decoded
     assert_eq!(send(&format!("/key?api-version=2099-01-01&api-version={v}")).status, 200);
     expect_err(&send(&format!("/key?api-version={v}&api-version=x")), 400, "invalid api-version \"x\"");
@@ -151,6 +154,7 @@ fn bodies_and_content_types(v: &'static str) {
         ("whitespace in base64", json!({"keyId": "k", "usage": "sign", "keyBytes": "QU JD"})),
         ("newline in base64", json!({"keyId": "k", "usage": "sign", "keyBytes": "QUJD\n"})),
         ("url-safe base64", json!({"keyId": "k", "usage": "sign", "keyBytes": "_-8="})),
+        ("usage missing on import", json!({"keyId": "k", "keyBytes": "QUJD"})),
     ] {
         let r = api.post("/key", &body);
         assert_eq!(r.status, 422, "{what}\n{r}");
@@ -163,6 +167,20 @@ fn bodies_and_content_types(v: &'static str) {
         let r = api.post(path, &json!({"keyHandle": 42}));
         assert_eq!(r.status, 422, "{path}\n{r}");
     }
+}
+
+/// common-http.md §5 step 5 (and §9): PUT checks the content type (415) and decodes the JSON
+/// body (empty → 422) before the route's method table answers `method not allowed`.
+fn put_is_decoded_before_method_dispatch(v: &'static str) {
+    let keyd = Keyd::start("");
+    let api = keyd.api(v);
+    expect_err(&api.call("PUT", "/key", Some(&json!({}))), 400, "method not allowed");
+    let r = api.call_ct("PUT", "/key", b"{}", Some("text/plain"));
+    expect_err(&r, 415, "request body must be application/json");
+    let r = api.call_bytes("PUT", "/keypair", Some(b""));
+    assert_eq!(r.status, 422, "PUT with an empty JSON body\n{r}");
+    let r = api.call_bytes("PUT", "/sign", Some(b"{"));
+    assert_eq!(r.status, 422, "PUT with malformed JSON\n{r}");
 }
 
 fn forged_handles(v: &'static str) {
@@ -346,6 +364,29 @@ fn keep_alive_and_framing(v: &'static str) {
     conn.send_raw(&two).expect("pipelined");
     assert_eq!(conn.read_response().expect("first").status, 200);
     assert_eq!(conn.read_response().expect("second").status, 400);
+
+    // a GET with a body: the body is ignored (and drained: the connection stays usable)
+    let mut get_with_body = format!(
+        "GET {} HTTP/1.1\r\nHost: keyd.sock\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n",
+        t("/key/k")
+    )
+    .into_bytes();
+    get_with_body.extend_from_slice(b"{\"x\":1}");
+    conn.send_raw(&get_with_body).expect("GET with body");
+    assert_eq!(conn.read_response().expect("GET with body").status, 200);
+    let r = conn.request("GET", &t("/key/k"), None).expect("next request after a GET body");
+    assert_eq!(r.status, 200, "{r}");
+    // a chunked request body
+    let chunked = format!(
+        "POST {} HTTP/1.1\r\nHost: keyd.sock\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+         a\r\n{{\"keyId\":\"\r\n18\r\nchunked\",\"usage\":\"sign\"}}\r\n0\r\n\r\n",
+        t("/key")
+    );
+    conn.send_raw(chunked.as_bytes()).expect("chunked");
+    let r = conn.read_response().expect("chunked response");
+    check_envelope(&r, "chunked request");
+    assert_eq!(r.status, 200, "{r}");
+    api.get_key("chunked");
 
     // the synchronous upstream client: lowercase headers, no Host header
     let body = br#"{"keyId":"sync","usage":"sign"}"#;

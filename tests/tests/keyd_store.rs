@@ -494,3 +494,34 @@ fn hostile_ids_stay_inside_the_keys_dir() {
         assert!(after.contains_key(path), "removed: {}", path.display());
     }
 }
+
+/// create-if-not-exists under concurrency: every caller gets the same key (a caller that
+/// created a key and used it must never see it replaced by a concurrent create).
+#[test]
+fn concurrent_creates_agree() {
+    let keyd = Keyd::start("max_requests = 32\n");
+    let api = keyd.api(V2021);
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let api = api.clone();
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                let k = api.create_key("race-key", "sign");
+                let sig = api.sign_hmac(&k, b"m");
+                let p = api.create_keypair("race-pair", Some("ec-p256"));
+                let point = api.param(&p, "ec-point");
+                (sig, point)
+            })
+        })
+        .collect();
+    let results: Vec<(Vec<u8>, String)> = threads.into_iter().map(|t| t.join().expect("thread")).collect();
+    let final_sig = api.sign_hmac(&api.get_key("race-key"), b"m");
+    let final_point = api.param(&api.get_keypair("race-pair"), "ec-point");
+    for (sig, point) in &results {
+        assert_eq!(sig, &final_sig, "a concurrent create replaced a key another caller already used");
+        assert_eq!(point, &final_point, "a concurrent create replaced a key pair");
+    }
+    assert_eq!(list_keys(&keyd.keys_dir()).len(), 3, "{:?}", list_keys(&keyd.keys_dir()));
+}

@@ -47,7 +47,9 @@ pub enum DirAction {
 impl fmt::Display for DirAction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DirAction::CreateParent(p) => write!(f, "create directory {} (root:root 0755)", p.display()),
+            DirAction::CreateParent(p) => {
+                write!(f, "create directory {} (root:root 0755)", p.display())
+            }
             DirAction::CreateLeaf(p) => write!(f, "create directory {}", p.display()),
             DirAction::SecureLeaf(p) => {
                 write!(f, "set directory {} to aziotks, mode 0700", p.display())
@@ -91,7 +93,10 @@ pub fn plan(root: &Path, keyd: &ServiceUser) -> Result<Vec<DirAction>, SecretsDi
             Ok(_) => {
                 return Err(SecretsDirError::Create(
                     dir.clone(),
-                    io::Error::new(io::ErrorKind::AlreadyExists, "it exists and is not a directory"),
+                    io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "it exists and is not a directory",
+                    ),
                 ))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -106,7 +111,10 @@ pub fn plan(root: &Path, keyd: &ServiceUser) -> Result<Vec<DirAction>, SecretsDi
         Ok(_) => {
             return Err(SecretsDirError::Create(
                 leaf,
-                io::Error::new(io::ErrorKind::AlreadyExists, "it exists and is not a directory"),
+                io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "it exists and is not a directory",
+                ),
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {

@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use zeroize::Zeroizing;
 
 use crate::super_config::{
-    CertIssuanceOptions, DpsAttestation, EstAuth, EstX509, IssuanceMethod, LocalCa, ManualAuth,
-    PreloadedCert, Provisioning, Subject, SuperConfig, SymmetricKey, X509Identity, AutoRenew,
-    DEFAULT_AUTH_KEY_INDEX, DEFAULT_CLOUD_RETRIES, DEFAULT_CLOUD_TIMEOUT_SEC,
-    DEFAULT_MAX_REQUESTS, DEFAULT_TCTI,
+    AutoRenew, CertIssuanceOptions, DpsAttestation, EstAuth, EstX509, IssuanceMethod, LocalCa,
+    ManualAuth, PreloadedCert, Provisioning, Subject, SuperConfig, SymmetricKey, X509Identity,
+    DEFAULT_AUTH_KEY_INDEX, DEFAULT_CLOUD_RETRIES, DEFAULT_CLOUD_TIMEOUT_SEC, DEFAULT_MAX_REQUESTS,
+    DEFAULT_TCTI, KEYD_HOMEDIR,
 };
 use crate::warnings::Warnings;
 use output::{
@@ -32,7 +32,6 @@ const EST_ID: &str = "est-id";
 const EST_ID_TEMP: &str = "est-id-temp";
 const EST_BOOTSTRAP_ID: &str = "est-bootstrap-id";
 
-const KEYD_HOMEDIR: &str = "/var/lib/aziot/keyd";
 const CERTD_HOMEDIR: &str = "/var/lib/aziot/certd";
 const IDENTITYD_HOMEDIR: &str = "/var/lib/aziot/identityd";
 
@@ -93,8 +92,16 @@ pub fn render(
     };
 
     let provisioning = b.provisioning(config)?;
-    let est = config.cert_issuance.est.as_ref().map(|est| b.global_est(est));
-    let local_ca = config.cert_issuance.local_ca.as_ref().map(|ca| b.local_ca(ca));
+    let est = config
+        .cert_issuance
+        .est
+        .as_ref()
+        .map(|est| b.global_est(est));
+    let local_ca = config
+        .cert_issuance
+        .local_ca
+        .as_ref()
+        .map(|ca| b.local_ca(ca));
     b.warn_cross_references(config);
 
     let mut aziot_keys = config.aziot_keys.clone();
@@ -146,10 +153,9 @@ pub fn render(
         cloud_retries: (config.cloud_retries != DEFAULT_CLOUD_RETRIES)
             .then_some(config.cloud_retries),
         provisioning,
-        localid: config
-            .localid
-            .as_ref()
-            .map(|domain| LocalIdOut { domain: domain.clone() }),
+        localid: config.localid.as_ref().map(|domain| LocalIdOut {
+            domain: domain.clone(),
+        }),
     };
     let tpm = &config.tpm;
     let non_empty = |s: &String| (!s.is_empty()).then(|| s.clone());
@@ -196,7 +202,8 @@ impl Builder<'_> {
                  the rest of the configuration"
             ));
         }
-        self.preloaded_keys.insert(id.to_owned(), location.to_owned());
+        self.preloaded_keys
+            .insert(id.to_owned(), location.to_owned());
     }
 
     fn preload_cert(&mut self, id: &str, url: &str) {
@@ -243,7 +250,9 @@ impl Builder<'_> {
                                 self.certs.insert(DEVICE_ID.to_owned(), out);
                                 self.aziotid_certs.push(DEVICE_ID.to_owned());
                                 match &options.subject {
-                                    Some(Subject::Dn(dn)) => Some(identity_dn(device_id, dn, self.w)),
+                                    Some(Subject::Dn(dn)) => {
+                                        Some(identity_dn(device_id, dn, self.w))
+                                    }
                                     _ => None,
                                 }
                             }
@@ -278,7 +287,9 @@ impl Builder<'_> {
                     source: "dps",
                     global_endpoint: Some(global_endpoint.clone()),
                     scope_id: Some(id_scope.clone()),
-                    payload: payload_uri.as_ref().map(|uri| PayloadOut { uri: uri.clone() }),
+                    payload: payload_uri
+                        .as_ref()
+                        .map(|uri| PayloadOut { uri: uri.clone() }),
                     attestation: Some(self.dps_attestation(attestation)),
                     ..ProvisioningOut::default()
                 }
@@ -331,10 +342,13 @@ impl Builder<'_> {
                         self.aziotid_certs.push(DEVICE_ID.to_owned());
                         // Upstream drops `registration_id` when there is no subject; here it is
                         // written as a plain string, as with `common_name`.
-                        let registration_id = registration_id.as_ref().map(|id| match &options.subject {
-                            Some(Subject::Dn(dn)) => RegistrationIdOut::Dn(identity_dn(id, dn, self.w)),
-                            _ => RegistrationIdOut::Plain(id.clone()),
-                        });
+                        let registration_id =
+                            registration_id.as_ref().map(|id| match &options.subject {
+                                Some(Subject::Dn(dn)) => {
+                                    RegistrationIdOut::Dn(identity_dn(id, dn, self.w))
+                                }
+                                _ => RegistrationIdOut::Plain(id.clone()),
+                            });
                         (registration_id, options.auto_renew.map(AutoRenewOut::from))
                     }
                 };
@@ -468,8 +482,10 @@ impl Builder<'_> {
                     );
                 }
                 self.aziotcs_keys.push(LOCAL_CA.to_owned());
-                self.certs
-                    .insert(LOCAL_CA.to_owned(), cert_options(options, AuthOut::default()));
+                self.certs.insert(
+                    LOCAL_CA.to_owned(),
+                    cert_options(options, AuthOut::default()),
+                );
             }
             LocalCa::Preloaded { cert, pk } => {
                 self.preload_cert(LOCAL_CA, cert);
@@ -488,8 +504,10 @@ impl Builder<'_> {
         let est_urls = config.cert_issuance.est.as_ref().map(|e| &e.urls);
         for (id, options) in &self.certs {
             match options.method {
-                "est" if options.url.is_none()
-                    && !est_urls.is_some_and(|u| u.contains_key("default") || u.contains_key(id)) =>
+                "est"
+                    if options.url.is_none()
+                        && !est_urls
+                            .is_some_and(|u| u.contains_key("default") || u.contains_key(id)) =>
                 {
                     self.w.push(format!(
                         "cert `{id}` is issued with method = \"est\" but no EST URL is \

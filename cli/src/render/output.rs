@@ -270,11 +270,19 @@ pub struct HierarchyAuthOut {
     pub owner: Option<String>,
 }
 
-// Redaction, for `--dry-run`: every PIN, password and hierarchy authorization value is replaced.
+/// A service config: serializable, and redactable for `--dry-run`, where every PIN, password
+/// and hierarchy authorization value is replaced.
+pub trait ServiceConfig: Serialize {
+    fn redact(&mut self);
+}
 
-impl KeydConfig {
-    pub fn redact(&mut self) {
-        for value in self.aziot_keys.values_mut().chain(self.preloaded_keys.values_mut()) {
+impl ServiceConfig for KeydConfig {
+    fn redact(&mut self) {
+        for value in self
+            .aziot_keys
+            .values_mut()
+            .chain(self.preloaded_keys.values_mut())
+        {
             *value = redact_pin(value);
         }
     }
@@ -288,8 +296,8 @@ impl AuthOut {
     }
 }
 
-impl CertdConfig {
-    pub fn redact(&mut self) {
+impl ServiceConfig for CertdConfig {
+    fn redact(&mut self) {
         if let Some(est) = &mut self.cert_issuance.est {
             est.auth.redact();
         }
@@ -299,13 +307,13 @@ impl CertdConfig {
     }
 }
 
-impl IdentitydConfig {
+impl ServiceConfig for IdentitydConfig {
     /// identityd's config holds IDs and names only; nothing to redact.
-    pub fn redact(&mut self) {}
+    fn redact(&mut self) {}
 }
 
-impl TpmdConfig {
-    pub fn redact(&mut self) {
+impl ServiceConfig for TpmdConfig {
+    fn redact(&mut self) {
         if let Some(h) = &mut self.hierarchy_authorization {
             for v in [&mut h.endorsement, &mut h.owner].into_iter().flatten() {
                 *v = REDACTED.to_owned();

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use super::parse::{key_location, url, warn_if_http};
 use super::reader::{Field, SchemaError, Table};
 use super::{
-    AutoRenew, BasicAuth, CertIssuance, CertIssuanceOptions, Est, EstAuth, EstX509,
-    IssuanceMethod, LocalCa, Policy, Subject, X509Identity,
+    AutoRenew, BasicAuth, CertIssuance, CertIssuanceOptions, Est, EstAuth, EstX509, IssuanceMethod,
+    LocalCa, Policy, Subject, X509Identity,
 };
 use crate::warnings::Warnings;
 
@@ -241,11 +241,7 @@ pub fn cert_issuance(mut t: Table<'_>, w: &mut Warnings) -> Result<CertIssuance,
 
 fn est(mut t: Table<'_>, w: &mut Warnings) -> Result<Est, SchemaError> {
     let trusted_certs = match t.opt("trusted_certs") {
-        Some(f) => f
-            .array()?
-            .iter()
-            .map(url)
-            .collect::<Result<Vec<_>, _>>()?,
+        Some(f) => f.array()?.iter().map(url).collect::<Result<Vec<_>, _>>()?,
         None => Vec::new(),
     };
     let auth = match t.opt("auth") {

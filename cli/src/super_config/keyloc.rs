@@ -207,10 +207,16 @@ mod tests {
     #[test]
     fn pkcs11_canonical_form() {
         let c = canon("pkcs11:slot-id=0;object=est-id?pin-value=1234");
-        assert_eq!(c.location, "pkcs11:slot-id=0;object=est%2Did?pin-value=1234");
+        assert_eq!(
+            c.location,
+            "pkcs11:slot-id=0;object=est%2Did?pin-value=1234"
+        );
         assert!(c.dropped.is_empty());
         let c = canon("pkcs11:token=Key%20pairs;object=device%20id;id=%01;type=private?module-path=/x.so&pin-value=a-b");
-        assert_eq!(c.location, "pkcs11:token=Key%20pairs;object=device%20id?pin-value=a%2Db");
+        assert_eq!(
+            c.location,
+            "pkcs11:token=Key%20pairs;object=device%20id?pin-value=a%2Db"
+        );
         assert_eq!(c.dropped, ["id", "type", "module-path (query attribute)"]);
         let c = canon("pkcs11:token=t;slot-id=3");
         assert_eq!(c.location, "pkcs11:slot-id=3");
@@ -220,16 +226,34 @@ mod tests {
     #[test]
     fn pkcs11_errors() {
         let e = |s: &str| canonicalize(s).unwrap_err().to_string();
-        assert_eq!(e("pkcs11:object=x"), "URI has neither [slot-id] nor [token] components");
-        assert_eq!(e("pkcs11:slot-id=abc"), "pin-value path component has malformed value [abc]");
-        assert_eq!(e("pkcs11:token=%ff"), "URI component with key [token] is not valid UTF-8");
-        assert_eq!(e("pkcs11:token=%f"), "URI component with key [token] has an invalid percent-encoding");
-        assert_eq!(canonical_pkcs11("file:x").unwrap_err(), Pkcs11Error::NotPkcs11);
+        assert_eq!(
+            e("pkcs11:object=x"),
+            "URI has neither [slot-id] nor [token] components"
+        );
+        assert_eq!(
+            e("pkcs11:slot-id=abc"),
+            "pin-value path component has malformed value [abc]"
+        );
+        assert_eq!(
+            e("pkcs11:token=%ff"),
+            "URI component with key [token] is not valid UTF-8"
+        );
+        assert_eq!(
+            e("pkcs11:token=%f"),
+            "URI component with key [token] has an invalid percent-encoding"
+        );
+        assert_eq!(
+            canonical_pkcs11("file:x").unwrap_err(),
+            Pkcs11Error::NotPkcs11
+        );
     }
 
     #[test]
     fn file_locations() {
-        assert_eq!(canon("file:///var/secrets/k.pem").location, "file:///var/secrets/k.pem");
+        assert_eq!(
+            canon("file:///var/secrets/k.pem").location,
+            "file:///var/secrets/k.pem"
+        );
         assert_eq!(canon("file://localhost/a%20b").location, "file:///a%20b");
         assert_eq!(canon("FILE:/a b").location, "file:///a%20b");
         let e = |s: &str| canonicalize(s).unwrap_err().to_string();
@@ -244,7 +268,10 @@ mod tests {
             redact_pin("pkcs11:slot-id=0;object=a?pin-value=1234&x=y"),
             "pkcs11:slot-id=0;object=a?pin-value=<redacted>&x=y"
         );
-        assert_eq!(redact_pin("pkcs11:slot-id=0?pin-value=1"), "pkcs11:slot-id=0?pin-value=<redacted>");
+        assert_eq!(
+            redact_pin("pkcs11:slot-id=0?pin-value=1"),
+            "pkcs11:slot-id=0?pin-value=<redacted>"
+        );
         assert_eq!(redact_pin("/usr/lib/x.so"), "/usr/lib/x.so");
     }
 }

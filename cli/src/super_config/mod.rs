@@ -40,6 +40,8 @@ pub const DEFAULT_CLOUD_TIMEOUT_SEC: u64 = 70;
 pub const DEFAULT_CLOUD_RETRIES: u32 = 1;
 pub const DEFAULT_TCTI: &str = "device";
 pub const DEFAULT_AUTH_KEY_INDEX: u32 = 0x00_01_00;
+/// keyd's `aziot_keys.homedir_path`, which `config apply` always sets.
+pub const KEYD_HOMEDIR: &str = "/var/lib/aziot/keyd";
 
 pub struct MaxRequests {
     pub keyd: usize,

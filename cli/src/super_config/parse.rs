@@ -10,13 +10,12 @@ use super::values::{decode_key, ConnectionString};
 use super::{
     CertIssuance, DpsAttestation, ManualAuth, MaxRequests, PreloadedCert, Provisioning,
     SuperConfig, SymmetricKey, Tpm, DEFAULT_AUTH_KEY_INDEX, DEFAULT_CLOUD_RETRIES,
-    DEFAULT_CLOUD_TIMEOUT_SEC, DEFAULT_MAX_REQUESTS, DEFAULT_TCTI,
+    DEFAULT_CLOUD_TIMEOUT_SEC, DEFAULT_MAX_REQUESTS, DEFAULT_TCTI, KEYD_HOMEDIR,
 };
 use crate::warnings::Warnings;
 
 /// The keyd library parameters that keyd understands (spec keyd.md §2).
 const KNOWN_AZIOT_KEYS: [&str; 3] = ["homedir_path", "pkcs11_lib_path", "pkcs11_base_slot"];
-pub const KEYD_HOMEDIR: &str = "/var/lib/aziot/keyd";
 const MAX_AUTH_KEY_INDEX: u32 = 0x7F_FF_FF;
 
 /// Parses and validates a super-config.
@@ -134,7 +133,10 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> SchemaError {
             let before = &text.as_bytes()[..span.start.min(text.len())];
             let line = before.iter().filter(|b| **b == b'\n').count() + 1;
             let column = before.iter().rev().take_while(|b| **b != b'\n').count() + 1;
-            SchemaError::new("", format!("TOML error at line {line}, column {column}: {message}"))
+            SchemaError::new(
+                "",
+                format!("TOML error at line {line}, column {column}: {message}"),
+            )
         }
         None => SchemaError::new("", format!("TOML error: {message}")),
     }
@@ -327,8 +329,11 @@ fn symmetric_key(f: Field<'_>, w: &mut Warnings) -> Result<SymmetricKey, SchemaE
     let mut t = f.table()?;
     let key = if let Some(v) = t.opt("value") {
         let v = v.secret();
-        let key = decode_key(v.string()?)
-            .map_err(|e| v.err(format!("could not decode the symmetric key from base64: {e}")))?;
+        let key = decode_key(v.string()?).map_err(|e| {
+            v.err(format!(
+                "could not decode the symmetric key from base64: {e}"
+            ))
+        })?;
         t.ignore("uri", "`value` is set and takes precedence", w);
         SymmetricKey::Inline(key)
     } else if let Some(uri) = t.opt("uri") {
@@ -445,7 +450,10 @@ fn parse_integer_literal(s: &str) -> Option<i64> {
     } else {
         (s, 10)
     };
-    if digits.is_empty() || digits.starts_with('_') || digits.ends_with('_') || digits.contains("__")
+    if digits.is_empty()
+        || digits.starts_with('_')
+        || digits.ends_with('_')
+        || digits.contains("__")
     {
         return None;
     }

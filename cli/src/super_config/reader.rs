@@ -258,6 +258,10 @@ mod tests {
         assert_eq!(msg, "pin: invalid type: integer, expected a string");
         let v = Value::String("hunter2".into());
         let f = Field::new("pw".into(), &v).secret();
-        assert!(!f.integer::<u32>("u32").unwrap_err().to_string().contains("hunter2"));
+        assert!(!f
+            .integer::<u32>("u32")
+            .unwrap_err()
+            .to_string()
+            .contains("hunter2"));
     }
 }

@@ -101,7 +101,9 @@ pub struct ConnectionString {
 pub enum ConnectionStringError {
     #[error("required parameter \"{0}\" is missing")]
     Missing(&'static str),
-    #[error("connection string's \"SharedAccessKey\" parameter could not be decoded from base64: {0}")]
+    #[error(
+        "connection string's \"SharedAccessKey\" parameter could not be decoded from base64: {0}"
+    )]
     Base64(base64::DecodeError),
 }
 
@@ -177,9 +179,18 @@ mod tests {
         assert_eq!(cs.ignored, ["GatewayHostName"]);
         assert_eq!(cs.malformed_parts, 1);
         let e = |s: &str| ConnectionString::parse(s).err().unwrap().to_string();
-        assert_eq!(e("DeviceId=d;SharedAccessKey=YQ=="), "required parameter \"HostName\" is missing");
-        assert_eq!(e("HostName=h;SharedAccessKey=YQ=="), "required parameter \"DeviceId\" is missing");
-        assert_eq!(e("HostName=h;DeviceId=d"), "required parameter \"SharedAccessKey\" is missing");
+        assert_eq!(
+            e("DeviceId=d;SharedAccessKey=YQ=="),
+            "required parameter \"HostName\" is missing"
+        );
+        assert_eq!(
+            e("HostName=h;SharedAccessKey=YQ=="),
+            "required parameter \"DeviceId\" is missing"
+        );
+        assert_eq!(
+            e("HostName=h;DeviceId=d"),
+            "required parameter \"SharedAccessKey\" is missing"
+        );
         assert!(e("HostName=h;DeviceId=d;SharedAccessKey=*").starts_with(
             "connection string's \"SharedAccessKey\" parameter could not be decoded from base64: "
         ));

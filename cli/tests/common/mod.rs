@@ -46,7 +46,11 @@ aziottpm:x:5557:aziotid
 
 /// The shared conformance corpus (`../shared/conformance/` from the project root).
 pub fn conformance_dir() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/conformance")).to_owned()
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/conformance"
+    ))
+    .to_owned()
 }
 
 /// A temporary root file system, removed on drop.
@@ -60,14 +64,12 @@ impl Root {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let path = std::env::temp_dir().join(format!("aziotctl-test-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(path.join("etc")).unwrap();
-        for svc in ["keyd", "certd", "identityd", "tpmd"] {
-            fs::create_dir_all(path.join(format!("etc/aziot/{svc}/config.d"))).unwrap();
-        }
-        for dir in [&path, &path.join("etc"), &path.join("etc/aziot")] {
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
-        }
+        fs::create_dir(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
         let root = Root { path };
+        for svc in ["keyd", "certd", "identityd", "tpmd"] {
+            root.mkdirs(&format!("etc/aziot/{svc}/config.d"));
+        }
         root.write("etc/passwd", PASSWD);
         root.write("etc/group", GROUP);
         root.write("etc/hostname", "my-device\n");
@@ -78,10 +80,27 @@ impl Root {
         self.path.join(rel.trim_start_matches('/'))
     }
 
+    /// Creates `rel` and its missing parents, each `0755` whatever the umask.
+    pub fn mkdirs(&self, rel: &str) {
+        let mut path = self.path.clone();
+        for component in Path::new(rel).components() {
+            path.push(component);
+            if !path.exists() {
+                fs::create_dir(&path).unwrap();
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+            }
+        }
+    }
+
+    /// Writes a file (`0644` whatever the umask), creating its parents.
     pub fn write(&self, rel: &str, contents: impl AsRef<[u8]>) {
+        let rel = rel.trim_start_matches('/');
+        if let Some(parent) = Path::new(rel).parent() {
+            self.mkdirs(parent.to_str().unwrap());
+        }
         let path = self.join(rel);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(path, contents).unwrap();
+        fs::write(&path, contents).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
     }
 
     /// Writes the super-config at its default place, `etc/aziot/config.toml`.
@@ -92,7 +111,9 @@ impl Root {
     /// Runs `aziotctl config apply --root <root>` plus `extra` arguments.
     pub fn apply(&self, extra: &[&str]) -> Output {
         let mut cmd = Command::new(BIN);
-        cmd.args(["config", "apply", "--root"]).arg(&self.path).args(extra);
+        cmd.args(["config", "apply", "--root"])
+            .arg(&self.path)
+            .args(extra);
         cmd.output().unwrap()
     }
 
@@ -143,7 +164,10 @@ impl Drop for Root {
 }
 
 fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
-    let mut entries: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     entries.sort();
     for p in entries {
         f(&p);
@@ -155,8 +179,7 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
 
 /// `(uid, gid, mode & 0o7777)` of a path.
 pub fn owner_mode(path: &Path) -> (u32, u32, u32) {
-    let meta = fs::symlink_metadata(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let meta = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     (meta.uid(), meta.gid(), meta.mode() & 0o7777)
 }
 
@@ -200,10 +223,18 @@ pub fn assert_fails(o: &Output) -> String {
 #[track_caller]
 pub fn assert_file_modes(root: &Root) {
     for (svc, (uid, gid)) in SERVICES {
-        assert_eq!(owner_mode(&root.service_path(svc)), (uid, gid, 0o600), "{svc}");
+        assert_eq!(
+            owner_mode(&root.service_path(svc)),
+            (uid, gid, 0o600),
+            "{svc}"
+        );
     }
     if root.key_path().exists() {
-        assert_eq!(owner_mode(&root.key_path()), (KS.0, KS.1, 0o600), "device-id");
+        assert_eq!(
+            owner_mode(&root.key_path()),
+            (KS.0, KS.1, 0o600),
+            "device-id"
+        );
         let dir = root.key_path().parent().unwrap().to_owned();
         assert_eq!(owner_mode(&dir), (KS.0, KS.1, 0o700), "key directory");
     }
