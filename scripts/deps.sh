@@ -4,7 +4,7 @@
 set -euo pipefail
 
 AZIOT_DEBIAN_PACKAGES=(
-  build-essential pkg-config libssl-dev openssl curl ca-certificates
+  build-essential pkg-config libssl-dev openssl curl ca-certificates systemd strace
 )
 
 aziot_install_deps() {

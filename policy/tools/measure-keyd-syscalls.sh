@@ -60,8 +60,9 @@ for round in 1 2 3; do
   call POST /sign '{"keyHandle":"garbage"}' >/dev/null
   curl -sS --max-time 5 --unix-socket "$sock" "http://keyd.sock/key/x" >/dev/null || true
   # concurrency: several clients at once, some slow (idle keep-alive) ones
-  for i in $(seq 12); do call GET "/key/sym$round" >/dev/null & done
-  wait
+  kids=()
+  for i in $(seq 12); do call GET "/key/sym$round" >/dev/null & kids+=($!); done
+  wait "${kids[@]}"
   sleep 1.5
 done
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true

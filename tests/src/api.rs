@@ -17,8 +17,10 @@ pub const VERSIONS: [&str; 2] = [V2020, V2021];
 /// Message of "400 lib" (keyd.md §5.15).
 pub const LIB_INVALID: &str = "a parameter has an invalid value";
 /// Message of a forged/garbage handle (keyd.md §4.3).
-pub const INVALID_HANDLE: &str = "parameter \"handle\" has an invalid value\ncaused by: invalid handle";
-pub const NOT_FOR_KEY: &str = "parameter \"handle\" has an invalid value\ncaused by: handle is not for a key";
+pub const INVALID_HANDLE: &str =
+    "parameter \"handle\" has an invalid value\ncaused by: invalid handle";
+pub const NOT_FOR_KEY: &str =
+    "parameter \"handle\" has an invalid value\ncaused by: handle is not for a key";
 pub const NOT_FOR_KEY_PAIR: &str =
     "parameter \"handle\" has an invalid value\ncaused by: handle is not for a key pair";
 pub const NOT_FOR_DERIVED: &str =
@@ -34,22 +36,36 @@ pub fn unauthorized(uid: u32, id: &str) -> String {
 /// Check the response envelope (common-http.md §4.3, §4.4, §6.1). Panics with details.
 pub fn check_envelope(r: &Response, what: &str) {
     assert_eq!(r.version, "HTTP/1.1", "{what}: response version\n{r}");
-    assert!(r.headers.len() <= 16, "{what}: more than 16 response headers\n{r}");
+    assert!(
+        r.headers.len() <= 16,
+        "{what}: more than 16 response headers\n{r}"
+    );
     if r.status == 204 {
         assert!(r.body.is_empty(), "{what}: 204 with a body\n{r}");
         return;
     }
-    assert_eq!(r.header_count("content-type"), 1, "{what}: exactly one Content-Type\n{r}");
+    assert_eq!(
+        r.header_count("content-type"),
+        1,
+        "{what}: exactly one Content-Type\n{r}"
+    );
     assert_eq!(
         r.header("content-type"),
         Some("application/json"),
         "{what}: Content-Type must be exactly application/json\n{r}"
     );
-    assert!(!r.chunked, "{what}: JSON body must be Content-Length delimited, not chunked\n{r}");
+    assert!(
+        !r.chunked,
+        "{what}: JSON body must be Content-Length delimited, not chunked\n{r}"
+    );
     let cl = r
         .header("content-length")
         .unwrap_or_else(|| panic!("{what}: no Content-Length\n{r}"));
-    assert_eq!(cl.parse::<usize>().ok(), Some(r.body.len()), "{what}: Content-Length\n{r}");
+    assert_eq!(
+        cl.parse::<usize>().ok(),
+        Some(r.body.len()),
+        "{what}: Content-Length\n{r}"
+    );
     let v: Value = serde_json::from_slice(&r.body)
         .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e})\n{r}"));
     let obj = v
@@ -95,10 +111,14 @@ impl Api {
     /// Send exact request bytes (as this client's uid) on a fresh connection.
     pub fn exchange(&self, req: &[u8]) -> Response {
         match self.uid {
-            None => http::raw_once(&self.sock, req)
-                .unwrap_or_else(|e| panic!("request failed: {e}\n{}", String::from_utf8_lossy(req))),
+            None => http::raw_once(&self.sock, req).unwrap_or_else(|e| {
+                panic!("request failed: {e}\n{}", String::from_utf8_lossy(req))
+            }),
             Some(uid) => exchange_as(uid, &self.sock, req).unwrap_or_else(|e| {
-                panic!("request as uid {uid} failed: {e}\n{}", String::from_utf8_lossy(req))
+                panic!(
+                    "request as uid {uid} failed: {e}\n{}",
+                    String::from_utf8_lossy(req)
+                )
             }),
         }
     }
@@ -145,7 +165,10 @@ impl Api {
     }
 
     pub fn import_key(&self, id: &str, bytes: &[u8]) -> String {
-        let r = self.post("/key", &json!({"keyId": id, "usage": "derive,sign", "keyBytes": b64(bytes)}));
+        let r = self.post(
+            "/key",
+            &json!({"keyId": id, "usage": "derive,sign", "keyBytes": b64(bytes)}),
+        );
         handle_of(&r, &format!("POST /key (import) {id}"))
     }
 
@@ -169,7 +192,10 @@ impl Api {
     }
 
     pub fn param_resp(&self, handle: &str, name: &str) -> Response {
-        self.post(&format!("/parameters/{name}"), &json!({"keyHandle": handle}))
+        self.post(
+            &format!("/parameters/{name}"),
+            &json!({"keyHandle": handle}),
+        )
     }
 
     pub fn param(&self, handle: &str, name: &str) -> String {
@@ -232,7 +258,10 @@ impl Api {
     }
 
     pub fn encrypt_rsa_resp(&self, handle: &str, alg: &str, pt: &[u8]) -> Response {
-        self.post("/encrypt", &json!({"keyHandle": handle, "algorithm": alg, "plaintext": b64(pt)}))
+        self.post(
+            "/encrypt",
+            &json!({"keyHandle": handle, "algorithm": alg, "plaintext": b64(pt)}),
+        )
     }
 
     pub fn encrypt_rsa(&self, handle: &str, alg: &str, pt: &[u8]) -> Vec<u8> {
@@ -241,7 +270,10 @@ impl Api {
     }
 
     pub fn derive_resp(&self, base: &str, data: &[u8]) -> Response {
-        self.post("/derivedkey", &json!({"baseKeyHandle": base, "derivationData": b64(data)}))
+        self.post(
+            "/derivedkey",
+            &json!({"baseKeyHandle": base, "derivationData": b64(data)}),
+        )
     }
 
     pub fn derive(&self, base: &str, data: &[u8]) -> String {
@@ -303,7 +335,10 @@ pub fn expect_err(r: &Response, status: u16, message: &str) {
 pub fn expect_err_prefix(r: &Response, status: u16, prefix: &str) {
     assert_eq!(r.status, status, "unexpected status\n{r}");
     let m = r.message();
-    assert!(m.starts_with(prefix), "message {m:?} should start with {prefix:?}\n{r}");
+    assert!(
+        m.starts_with(prefix),
+        "message {m:?} should start with {prefix:?}\n{r}"
+    );
 }
 
 pub fn handle_of(r: &Response, what: &str) -> String {

@@ -61,7 +61,13 @@ pub fn aes_gcm_encrypt(key: &[u8], iv: &[u8], aad: &[u8], pt: &[u8]) -> (Vec<u8>
     (ct, tag)
 }
 
-pub fn aes_gcm_decrypt(key: &[u8], iv: &[u8], aad: &[u8], ct: &[u8], tag: &[u8]) -> Option<Vec<u8>> {
+pub fn aes_gcm_decrypt(
+    key: &[u8],
+    iv: &[u8],
+    aad: &[u8],
+    ct: &[u8],
+    tag: &[u8],
+) -> Option<Vec<u8>> {
     openssl::symm::decrypt_aead(Cipher::aes_256_gcm(), key, Some(iv), aad, ct, tag).ok()
 }
 
@@ -88,7 +94,11 @@ pub fn ecdsa_verify(point: &[u8], digest: &[u8], der_sig: &[u8]) -> bool {
 pub fn ec_compressed_point(key: &EcKey<Private>) -> Vec<u8> {
     let mut ctx = BigNumContext::new().expect("bn ctx");
     key.public_key()
-        .to_bytes(key.group(), openssl::ec::PointConversionForm::COMPRESSED, &mut ctx)
+        .to_bytes(
+            key.group(),
+            openssl::ec::PointConversionForm::COMPRESSED,
+            &mut ctx,
+        )
         .expect("point bytes")
 }
 
@@ -127,8 +137,12 @@ impl Handle {
             .split_once("&sig=")
             .unwrap_or_else(|| panic!("handle lacks &sig=: {h:?}"));
         let sr_raw = unb64(sr_b64);
-        let sr = serde_json::from_slice(&sr_raw)
-            .unwrap_or_else(|e| panic!("sr is not JSON ({e}): {:?}", String::from_utf8_lossy(&sr_raw)));
+        let sr = serde_json::from_slice(&sr_raw).unwrap_or_else(|e| {
+            panic!(
+                "sr is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&sr_raw)
+            )
+        });
         Handle {
             sr_raw,
             sr,
@@ -139,7 +153,12 @@ impl Handle {
     /// `"Key"`, `"KeyPair"` or `"Derived"`.
     pub fn kind(&self) -> String {
         let obj = self.sr["key_id"].as_object().expect("key_id object");
-        assert_eq!(obj.len(), 1, "key_id must be an externally tagged enum: {}", self.sr);
+        assert_eq!(
+            obj.len(),
+            1,
+            "key_id must be an externally tagged enum: {}",
+            self.sr
+        );
         obj.keys().next().expect("one key").clone()
     }
 
@@ -165,7 +184,10 @@ pub fn make_handle(sr: &[u8], sig: &[u8]) -> String {
 /// Mint a handle the way upstream does with a known handle-validation key
 /// (used to prove compatibility with upstream-issued handles).
 pub fn mint_handle(hvk: &[u8], key_id_json: &str) -> String {
-    let sr = format!(r#"{{"key_id":{key_id_json},"nonce":"{}"}}"#, b64(&random(64)));
+    let sr = format!(
+        r#"{{"key_id":{key_id_json},"nonce":"{}"}}"#,
+        b64(&random(64))
+    );
     let sig = hmac_sha256(hvk, sr.as_bytes());
     make_handle(sr.as_bytes(), &sig)
 }
@@ -175,7 +197,9 @@ pub fn mint_handle(hvk: &[u8], key_id_json: &str) -> String {
 pub fn tamper(handle: &str, part: &str) -> String {
     let marker = format!("{part}=");
     let start = handle.find(&marker).expect("part present") + marker.len();
-    let end = handle[start..].find('&').map_or(handle.len(), |e| start + e);
+    let end = handle[start..]
+        .find('&')
+        .map_or(handle.len(), |e| start + e);
     let mut bytes = handle.as_bytes().to_vec();
     // pick a character in the middle of the part (never padding)
     let pos = start + (end - start) / 3;

@@ -150,7 +150,12 @@ impl Conn {
     }
 
     /// Send a JSON (or bodiless) request and read its response.
-    pub fn request(&mut self, method: &str, target: &str, body: Option<&[u8]>) -> io::Result<Response> {
+    pub fn request(
+        &mut self,
+        method: &str,
+        target: &str,
+        body: Option<&[u8]>,
+    ) -> io::Result<Response> {
         let req = build_request(method, target, body);
         self.stream.write_all(&req)?;
         self.read_response()
@@ -193,7 +198,10 @@ impl Conn {
                 break pos;
             }
             if self.buf.len() > MAX_HEAD {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "response head too large"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "response head too large",
+                ));
             }
             if self.fill()? == 0 {
                 return Err(io::Error::new(
@@ -288,7 +296,12 @@ impl Conn {
             };
             let line: Vec<u8> = self.buf.drain(..line_end + 2).collect();
             let size_str = String::from_utf8_lossy(&line[..line_end]).to_string();
-            let size_str = size_str.split(';').next().unwrap_or_default().trim().to_owned();
+            let size_str = size_str
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
             let size = usize::from_str_radix(&size_str, 16)
                 .map_err(|_| invalid(&format!("bad chunk size {size_str:?}")))?;
             if size == 0 {

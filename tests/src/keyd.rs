@@ -78,7 +78,13 @@ impl TempDir {
             .unwrap_or(0);
         let tag: String = tag
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .take(40)
             .collect();
         let path = PathBuf::from(format!(
@@ -105,7 +111,10 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("(test failed: keeping {} for inspection)", self.path.display());
+            eprintln!(
+                "(test failed: keeping {} for inspection)",
+                self.path.display()
+            );
         } else {
             let _ = fs::remove_dir_all(&self.path);
         }
@@ -181,7 +190,11 @@ impl Builder {
         keyd.spawn();
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(status) = keyd.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = keyd
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 keyd.child = None;
                 return (status, keyd.log());
             }
@@ -301,7 +314,10 @@ impl Keyd {
             cmd.arg("aziot-keyd");
         }
         cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
             .env("AZIOT_KEYD_CONFIG", root.join("config.toml"))
             .env("AZIOT_KEYD_CONFIG_DIR", root.join("config.d"))
             .env("AZIOT_LOG", &self.log_level)
@@ -436,7 +452,10 @@ impl Keyd {
     pub fn kill9(&mut self) {
         let pgid = self.last_pgid();
         self.signal_group(libc::SIGKILL);
-        assert!(self.reap(Duration::from_secs(10)), "keyd did not die after SIGKILL");
+        assert!(
+            self.reap(Duration::from_secs(10)),
+            "keyd did not die after SIGKILL"
+        );
         // Make sure no other member of the group survives (e.g. a worker).
         wait_group_gone(pgid);
     }
@@ -527,8 +546,7 @@ impl Keyd {
     }
 
     pub fn conn(&self) -> Conn {
-        Conn::connect(&self.sock)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", self.sock.display()))
+        Conn::connect(&self.sock).unwrap_or_else(|e| panic!("connect {}: {e}", self.sock.display()))
     }
 
     /// API client (as root, in-process) for one api-version.

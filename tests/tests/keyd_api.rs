@@ -30,12 +30,19 @@ fn key_create_is_idempotent_and_handle_is_well_formed(v: &'static str) {
     assert_eq!(parsed.id(), "k1");
     // exact SR layout: compact JSON, members key_id then nonce, 64-byte nonce
     let sr = parsed.sr_text();
-    assert!(sr.starts_with(r#"{"key_id":{"Key":"k1"},"nonce":""#), "sr layout: {sr}");
+    assert!(
+        sr.starts_with(r#"{"key_id":{"Key":"k1"},"nonce":""#),
+        "sr layout: {sr}"
+    );
     assert!(sr.ends_with("\"}") && !sr.contains(' '), "sr layout: {sr}");
     let nonce = parsed.sr["nonce"].as_str().expect("nonce string");
     assert_eq!(nonce.len(), 88, "nonce is 64 bytes in base64: {nonce}");
     assert_eq!(unb64(nonce).len(), 64);
-    assert_eq!(parsed.sr.as_object().expect("object").len(), 2, "sr members: {sr}");
+    assert_eq!(
+        parsed.sr.as_object().expect("object").len(),
+        2,
+        "sr members: {sr}"
+    );
     assert_eq!(parsed.sig.len(), 32, "sig is an HMAC-SHA256");
 
     // the generated key is 32 random bytes stored raw (keyd.md §7.3)
@@ -49,17 +56,31 @@ fn key_create_is_idempotent_and_handle_is_well_formed(v: &'static str) {
     let h2 = api.create_key("k1", "encrypt");
     assert_ne!(h1, h2, "every mint has a fresh nonce");
     assert_eq!(api.sign_hmac(&h2, msg), api.sign_hmac(&h1, msg));
-    assert_eq!(std::fs::read(&file).expect("key file"), bytes, "existing key kept");
+    assert_eq!(
+        std::fs::read(&file).expect("key file"),
+        bytes,
+        "existing key kept"
+    );
 
     // keyBytes: null is "absent" → create-if-not-exists
-    let r = api.post("/key", &json!({"keyId": "k1", "usage": "sign", "keyBytes": null}));
+    let r = api.post(
+        "/key",
+        &json!({"keyId": "k1", "usage": "sign", "keyBytes": null}),
+    );
     let h3 = handle_of(&r, "keyBytes null");
     assert_eq!(api.sign_hmac(&h3, msg), hmac_sha256(&bytes, msg));
 
     // every valid usage spelling
-    for (i, usage) in ["derive", "sign", "encrypt", "derive,sign", "sign,encrypt", "encrypt,derive,sign"]
-        .iter()
-        .enumerate()
+    for (i, usage) in [
+        "derive",
+        "sign",
+        "encrypt",
+        "derive,sign",
+        "sign,encrypt",
+        "encrypt,derive,sign",
+    ]
+    .iter()
+    .enumerate()
     {
         let h = api.create_key(&format!("usage-{i}"), usage);
         assert_eq!(Handle::parse(&h).id(), format!("usage-{i}"));
@@ -76,13 +97,21 @@ fn key_import_overwrites(v: &'static str) {
     let h1 = api.import_key("imp", &k1);
     assert_eq!(Handle::parse(&h1).kind(), "Key");
     assert_eq!(api.sign_hmac(&h1, msg), hmac_sha256(&k1, msg));
-    assert_eq!(std::fs::read(&file).expect("file"), k1, "imported bytes stored as given");
+    assert_eq!(
+        std::fs::read(&file).expect("file"),
+        k1,
+        "imported bytes stored as given"
+    );
 
     // import again: always overwrites; any length is accepted and stored as given
     let k2 = random(48);
     let h2 = api.import_key("imp", &k2);
     assert_eq!(api.sign_hmac(&h2, msg), hmac_sha256(&k2, msg));
-    assert_eq!(api.sign_hmac(&h1, msg), hmac_sha256(&k2, msg), "old handle → new key");
+    assert_eq!(
+        api.sign_hmac(&h1, msg),
+        hmac_sha256(&k2, msg),
+        "old handle → new key"
+    );
     assert_eq!(std::fs::read(&file).expect("file"), k2);
 
     // create-if-not-exists keeps the imported key
@@ -90,7 +119,10 @@ fn key_import_overwrites(v: &'static str) {
     assert_eq!(api.sign_hmac(&h3, msg), hmac_sha256(&k2, msg));
 
     // a one-byte key and every usage form with keyBytes
-    let r = api.post("/key", &json!({"keyId": "tiny", "usage": "encrypt", "keyBytes": b64(&[7])}));
+    let r = api.post(
+        "/key",
+        &json!({"keyId": "tiny", "usage": "encrypt", "keyBytes": b64(&[7])}),
+    );
     let h = handle_of(&r, "import 1 byte");
     assert_eq!(api.sign_hmac(&h, msg), hmac_sha256(&[7], msg));
 }
@@ -120,8 +152,14 @@ fn key_get(v: &'static str) {
     expect_err(&api.get("/key/%FF%FE"), 404, "not found");
     // in a path '+' is a literal plus (no form decoding); %20 is a space
     let plus = api.create_key("a+b", "sign");
-    assert_eq!(Handle::parse(&handle_of(&api.get("/key/a+b"), "GET /key/a+b")).id(), "a+b");
-    assert_eq!(api.sign_hmac(&plus, b"m"), api.sign_hmac(&api.get_key("a+b"), b"m"));
+    assert_eq!(
+        Handle::parse(&handle_of(&api.get("/key/a+b"), "GET /key/a+b")).id(),
+        "a+b"
+    );
+    assert_eq!(
+        api.sign_hmac(&plus, b"m"),
+        api.sign_hmac(&api.get_key("a+b"), b"m")
+    );
     expect_err(&api.get("/key/a%20b"), 400, LIB_INVALID);
     // NUL in a decoded id
     for path in ["/key/a%00b", "/keypair/a%00b"] {
@@ -151,7 +189,11 @@ fn key_delete(v: &'static str) {
     expect_err(&api.sign_hmac_resp(&h, b"m"), 400, LIB_INVALID);
     // idempotent
     assert_eq!(api.delete_key(&h).status, 204);
-    expect_err(&api.call("DELETE", "/key", None), 400, "missing request body");
+    expect_err(
+        &api.call("DELETE", "/key", None),
+        400,
+        "missing request body",
+    );
     // the key pair was not touched
     assert_eq!(api.param(&pair, "algorithm"), "ECDSA");
 }
@@ -165,11 +207,31 @@ fn key_post_with_id_is_always_400(v: &'static str) {
         400,
         "source and destination for move are identical",
     );
-    expect_err(&api.post("/key/x", &json!({"from": "y"})), 400, "invalid type \"key\"");
-    expect_err(&api.post("/key/nope", &json!({"from": "y"})), 400, "invalid type \"key\"");
-    expect_err(&api.call("POST", "/key/x", None), 400, "missing request body");
-    expect_err(&api.delete("/key/x", &json!({"from": "y"})), 400, "method not allowed");
-    expect_err(&api.call("PUT", "/key/x", Some(&json!({}))), 400, "method not allowed");
+    expect_err(
+        &api.post("/key/x", &json!({"from": "y"})),
+        400,
+        "invalid type \"key\"",
+    );
+    expect_err(
+        &api.post("/key/nope", &json!({"from": "y"})),
+        400,
+        "invalid type \"key\"",
+    );
+    expect_err(
+        &api.call("POST", "/key/x", None),
+        400,
+        "missing request body",
+    );
+    expect_err(
+        &api.delete("/key/x", &json!({"from": "y"})),
+        400,
+        "method not allowed",
+    );
+    expect_err(
+        &api.call("PUT", "/key/x", Some(&json!({}))),
+        400,
+        "method not allowed",
+    );
     // the key is still there
     api.get_key("x");
 }
@@ -181,10 +243,18 @@ fn keypair_create_algorithms(v: &'static str) {
     let ec = api.create_keypair("ec", Some("ec-p256"));
     let p = Handle::parse(&ec);
     assert_eq!((p.kind().as_str(), p.id().as_str()), ("KeyPair", "ec"));
-    assert!(p.sr_text().starts_with(r#"{"key_id":{"KeyPair":"ec"},"nonce":""#), "{}", p.sr_text());
+    assert!(
+        p.sr_text()
+            .starts_with(r#"{"key_id":{"KeyPair":"ec"},"nonce":""#),
+        "{}",
+        p.sr_text()
+    );
     assert_eq!(api.param(&ec, "algorithm"), "ECDSA");
     let pem = std::fs::read_to_string(keyd.keys_dir().join(key_file_name("ec"))).expect("pem");
-    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "generated pairs are PKCS#8: {pem}");
+    assert!(
+        pem.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "generated pairs are PKCS#8: {pem}"
+    );
     let local = openssl::pkey::PKey::private_key_from_pem(pem.as_bytes()).expect("parse pem");
     assert_eq!(
         unb64(&api.param(&ec, "ec-point")),
@@ -199,10 +269,19 @@ fn keypair_create_algorithms(v: &'static str) {
     // default / null / "*" → ec-p256 first
     for (id, body) in [
         ("default", json!({"keyId": "default"})),
-        ("null", json!({"keyId": "null", "preferredAlgorithms": null})),
+        (
+            "null",
+            json!({"keyId": "null", "preferredAlgorithms": null}),
+        ),
         ("star", json!({"keyId": "star", "preferredAlgorithms": "*"})),
-        ("unknown-first", json!({"keyId": "unknown-first", "preferredAlgorithms": "foo:ec-p256"})),
-        ("dup", json!({"keyId": "dup", "preferredAlgorithms": "ec-p256:ec-p256:rsa-2048"})),
+        (
+            "unknown-first",
+            json!({"keyId": "unknown-first", "preferredAlgorithms": "foo:ec-p256"}),
+        ),
+        (
+            "dup",
+            json!({"keyId": "dup", "preferredAlgorithms": "ec-p256:ec-p256:rsa-2048"}),
+        ),
     ] {
         let h = handle_of(&api.post("/keypair", &body), id);
         assert_eq!(api.param(&h, "algorithm"), "ECDSA", "{id}");
@@ -213,11 +292,17 @@ fn keypair_create_algorithms(v: &'static str) {
 
     // nothing recognised → 400 lib
     for algs in ["ed25519", "", "rsa-1024:p384"] {
-        let r = api.post("/keypair", &json!({"keyId": "bad", "preferredAlgorithms": algs}));
+        let r = api.post(
+            "/keypair",
+            &json!({"keyId": "bad", "preferredAlgorithms": algs}),
+        );
         expect_err(&r, 400, LIB_INVALID);
     }
     assert!(!keyd.keys_dir().join(key_file_name("bad")).exists());
-    let r = api.post("/keypair", &json!({"keyId": "bad", "preferredAlgorithms": 5}));
+    let r = api.post(
+        "/keypair",
+        &json!({"keyId": "bad", "preferredAlgorithms": 5}),
+    );
     assert_eq!(r.status, 422, "{r}");
 
     // create again with another algorithm: the existing pair is returned unchanged
@@ -240,7 +325,11 @@ fn keypair_rsa_4096() {
     assert!(n[0] & 0x80 != 0, "modulus has full length");
     assert_eq!(api.param(&h, "rsa-exponent"), "AQAB");
     let pk = rsa_public(&n, &unb64(&api.param(&h, "rsa-exponent")));
-    let digest_info = [&b"\x30\x31\x30\x0d\x06\x09\x60\x86\x48\x01\x65\x03\x04\x02\x01\x05\x00\x04\x20"[..], &sha256(b"x")].concat();
+    let digest_info = [
+        &b"\x30\x31\x30\x0d\x06\x09\x60\x86\x48\x01\x65\x03\x04\x02\x01\x05\x00\x04\x20"[..],
+        &sha256(b"x"),
+    ]
+    .concat();
     let sig = api.encrypt_rsa(&h, "RSA-PKCS1", &digest_info);
     assert_eq!(sig.len(), 512);
     assert_eq!(
@@ -263,8 +352,16 @@ fn keypair_get_and_delete(v: &'static str) {
 
     let key = api.create_key("sym", "sign");
     expect_err(&api.delete_keypair(&key), 400, NOT_FOR_KEY_PAIR);
-    expect_err(&api.delete_keypair(&api.derive(&key, b"d")), 400, NOT_FOR_KEY_PAIR);
-    expect_err(&api.call("DELETE", "/keypair", None), 400, "missing request body");
+    expect_err(
+        &api.delete_keypair(&api.derive(&key, b"d")),
+        400,
+        NOT_FOR_KEY_PAIR,
+    );
+    expect_err(
+        &api.call("DELETE", "/keypair", None),
+        400,
+        "missing request body",
+    );
 
     let r = api.delete_keypair(&h);
     assert_eq!(r.status, 204, "{r}");
@@ -286,11 +383,17 @@ fn keypair_and_key_share_one_namespace(v: &'static str) {
     // GET /keypair on raw symmetric bytes: keyd.md §5.15 → 500
     expect_err(&api.get("/keypair/shared"), 500, "internal error");
     // creating a pair over a symmetric key is refused (deliberate difference) ...
-    let r = api.post("/keypair", &json!({"keyId": "shared", "preferredAlgorithms": "ec-p256"}));
+    let r = api.post(
+        "/keypair",
+        &json!({"keyId": "shared", "preferredAlgorithms": "ec-p256"}),
+    );
     assert_eq!(r.status, 400, "pair over an existing symmetric key\n{r}");
     // ... and the symmetric key survives
     assert_eq!(api.sign_hmac(&kh, b"m"), hmac_sha256(&bytes, b"m"));
-    assert_eq!(std::fs::read(keyd.keys_dir().join(key_file_name("shared"))).expect("file"), bytes);
+    assert_eq!(
+        std::fs::read(keyd.keys_dir().join(key_file_name("shared"))).expect("file"),
+        bytes
+    );
 
     // GET /key on a key pair is refused (deliberate difference)
     api.create_keypair("pair", Some("ec-p256"));
@@ -304,10 +407,22 @@ fn keypair_move(v: &'static str) {
     let src = api.create_keypair("src", Some("ec-p256"));
     let point = unb64(&api.param(&src, "ec-point"));
 
-    expect_err(&api.move_keypair("src", "src"), 400, "source and destination for move are identical");
+    expect_err(
+        &api.move_keypair("src", "src"),
+        400,
+        "source and destination for move are identical",
+    );
     // compared after percent-decoding the destination
-    expect_err(&api.post("/keypair/s%72c", &json!({"from": "src"})), 400, "source and destination for move are identical");
-    expect_err(&api.call("POST", "/keypair/dst", None), 400, "missing request body");
+    expect_err(
+        &api.post("/keypair/s%72c", &json!({"from": "src"})),
+        400,
+        "source and destination for move are identical",
+    );
+    expect_err(
+        &api.call("POST", "/keypair/dst", None),
+        400,
+        "missing request body",
+    );
     let r = api.post("/keypair/dst", &json!({"source": "src"}));
     assert_eq!(r.status, 422, "missing `from`\n{r}");
 
@@ -320,7 +435,11 @@ fn keypair_move(v: &'static str) {
     let dst = api.get_keypair("dst");
     assert_eq!(unb64(&api.param(&dst, "ec-point")), point);
     let digest = sha256(b"moved");
-    assert!(ecdsa_verify(&point, &digest, &api.sign_ecdsa(&dst, &digest)));
+    assert!(ecdsa_verify(
+        &point,
+        &digest,
+        &api.sign_ecdsa(&dst, &digest)
+    ));
 
     // the destination is replaced if it exists
     let other = api.create_keypair("other", Some("rsa-2048"));
@@ -332,10 +451,17 @@ fn keypair_move(v: &'static str) {
 
     // ids in the path are percent-decoded
     assert_eq!(api.move_keypair("other", "x/y").status, 204);
-    assert_eq!(unb64(&api.param(&api.get_keypair("x/y"), "ec-point")), point);
+    assert_eq!(
+        unb64(&api.param(&api.get_keypair("x/y"), "ec-point")),
+        point
+    );
 
     // missing source on the filesystem → 500 (keyd.md §5.7)
-    expect_err(&api.move_keypair("never-existed", "z"), 500, "internal error");
+    expect_err(
+        &api.move_keypair("never-existed", "z"),
+        500,
+        "internal error",
+    );
 }
 
 fn parameters_ec(v: &'static str) {
@@ -346,20 +472,31 @@ fn parameters_ec(v: &'static str) {
     assert_eq!(api.param(&h, "ec-curve-oid"), "BggqhkjOPQMBBw==");
     let point = unb64(&api.param(&h, "ec-point"));
     assert_eq!(point.len(), 33, "compressed P-256 point");
-    assert!(point[0] == 2 || point[0] == 3, "compressed form: {:02x}", point[0]);
+    assert!(
+        point[0] == 2 || point[0] == 3,
+        "compressed form: {:02x}",
+        point[0]
+    );
     // the parameter name is percent-decoded
     assert_eq!(unb64(&api.param(&h, "ec%2Dpoint")), point);
 
     // ECDSA signature from /sign verifies against the public key built from ec-point
     let digest = sha256(b"hello");
     let sig = api.sign_ecdsa(&h, &digest);
-    assert!(ecdsa_verify(&point, &digest, &sig), "ECDSA signature must verify");
+    assert!(
+        ecdsa_verify(&point, &digest, &sig),
+        "ECDSA signature must verify"
+    );
     assert!(!ecdsa_verify(&point, &sha256(b"other"), &sig));
 
     for name in ["rsa-modulus", "rsa-exponent", "foo", "ALGORITHM"] {
         expect_err(&api.param_resp(&h, name), 400, LIB_INVALID);
     }
-    expect_err(&api.call("POST", "/parameters/algorithm", None), 400, "missing request body");
+    expect_err(
+        &api.call("POST", "/parameters/algorithm", None),
+        400,
+        "missing request body",
+    );
     // symmetric / derived handles: deliberate difference, 400 instead of 500
     let key = api.create_key("sym", "sign");
     expect_err(&api.param_resp(&key, "algorithm"), 400, NOT_FOR_KEY_PAIR);
@@ -378,7 +515,11 @@ fn parameters_rsa(v: &'static str) {
     assert_eq!(api.param(&h, "rsa-exponent"), "AQAB");
     let pem = std::fs::read(keyd.keys_dir().join(key_file_name("rsa"))).expect("pem");
     let local = openssl::pkey::PKey::private_key_from_pem(&pem).expect("pem");
-    assert_eq!(local.rsa().expect("rsa").n().to_vec(), n, "file and modulus agree");
+    assert_eq!(
+        local.rsa().expect("rsa").n().to_vec(),
+        n,
+        "file and modulus agree"
+    );
     for name in ["ec-point", "ec-curve-oid", "rsa"] {
         expect_err(&api.param_resp(&h, name), 400, LIB_INVALID);
     }

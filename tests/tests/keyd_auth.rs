@@ -12,7 +12,11 @@ use aziot_tests::keyd::{exchange_as, TEST_GID};
 use aziot_tests::{both_versions, Keyd};
 use serde_json::json;
 
-both_versions!(principals, move_authorization, handle_validation_key_is_reserved);
+both_versions!(
+    principals,
+    move_authorization,
+    handle_validation_key_is_reserved
+);
 
 const APP: u32 = 4242;
 const OTHER: u32 = 4343;
@@ -27,27 +31,56 @@ fn principals(v: &'static str) {
              [[principal]]\nuid = {APP}\nkeys = [\"second-*\"]\n"
         ))
         // drop-ins accumulate [[principal]] arrays; only regular *.toml files count
-        .drop_in("10-more.toml", &format!("[[principal]]\nuid = {OTHER}\nkeys = [\"dropin-*\"]\n"))
-        .drop_in("20-ignored.txt", &format!("[[principal]]\nuid = {IGNORED}\nkeys = [\"*\"]\n"))
-        .drop_in("30-ignored.TOML", &format!("[[principal]]\nuid = {IGNORED}\nkeys = [\"*\"]\n"))
+        .drop_in(
+            "10-more.toml",
+            &format!("[[principal]]\nuid = {OTHER}\nkeys = [\"dropin-*\"]\n"),
+        )
+        .drop_in(
+            "20-ignored.txt",
+            &format!("[[principal]]\nuid = {IGNORED}\nkeys = [\"*\"]\n"),
+        )
+        .drop_in(
+            "30-ignored.TOML",
+            &format!("[[principal]]\nuid = {IGNORED}\nkeys = [\"*\"]\n"),
+        )
         .start();
     let root = keyd.api(v);
     let app = root.as_uid(APP);
     let other = root.as_uid(OTHER);
 
     // globs: `*` any sequence (also empty), `?` exactly one Unicode scalar, case-sensitive
-    for id in ["app-1", "app-", "app-ключ", "dev1ce", "dev🔑ce", "exact", "second-x"] {
+    for id in [
+        "app-1",
+        "app-",
+        "app-ключ",
+        "dev1ce",
+        "dev🔑ce",
+        "exact",
+        "second-x",
+    ] {
         let h = app.create_key(id, "sign");
         assert_eq!(Handle::parse(&h).id(), id);
     }
-    for id in ["App-1", "devce", "dev12ce", "exact2", "xexact", "other-1", "dropin-1", "ap"] {
-        expect_err(&app.post("/key", &json!({"keyId": id, "usage": "sign"})), 401, &unauthorized(APP, id));
+    for id in [
+        "App-1", "devce", "dev12ce", "exact2", "xexact", "other-1", "dropin-1", "ap",
+    ] {
+        expect_err(
+            &app.post("/key", &json!({"keyId": id, "usage": "sign"})),
+            401,
+            &unauthorized(APP, id),
+        );
     }
     other.create_key("other-1", "sign");
     other.create_key("dropin-1", "sign");
-    expect_err(&other.post("/key", &json!({"keyId": "app-9", "usage": "sign"})), 401, &unauthorized(OTHER, "app-9"));
+    expect_err(
+        &other.post("/key", &json!({"keyId": "app-9", "usage": "sign"})),
+        401,
+        &unauthorized(OTHER, "app-9"),
+    );
     for uid in [IGNORED, NOBODY] {
-        let r = root.as_uid(uid).post("/key", &json!({"keyId": "app-1", "usage": "sign"}));
+        let r = root
+            .as_uid(uid)
+            .post("/key", &json!({"keyId": "app-1", "usage": "sign"}));
         expect_err(&r, 401, &unauthorized(uid, "app-1"));
     }
 
@@ -55,14 +88,21 @@ fn principals(v: &'static str) {
     root.create_key("secret", "sign");
     root.create_keypair("secret-pair", Some("ec-p256"));
     expect_err(&app.get("/key/secret"), 401, &unauthorized(APP, "secret"));
-    expect_err(&app.get("/keypair/secret-pair"), 401, &unauthorized(APP, "secret-pair"));
+    expect_err(
+        &app.get("/keypair/secret-pair"),
+        401,
+        &unauthorized(APP, "secret-pair"),
+    );
     expect_err(
         &app.post("/keypair", &json!({"keyId": "secret-pair"})),
         401,
         &unauthorized(APP, "secret-pair"),
     );
     expect_err(
-        &app.post("/key", &json!({"keyId": "secret", "usage": "sign", "keyBytes": b64(b"overwrite")})),
+        &app.post(
+            "/key",
+            &json!({"keyId": "secret", "usage": "sign", "keyBytes": b64(b"overwrite")}),
+        ),
         401,
         &unauthorized(APP, "secret"),
     );
@@ -104,12 +144,28 @@ fn move_authorization(v: &'static str) {
     root.create_keypair("mv-a", Some("ec-p256"));
     root.create_keypair("other-b", Some("ec-p256"));
 
-    expect_err(&app.move_keypair("other-b", "mv-c"), 401, &unauthorized(APP, "other-b"));
-    expect_err(&app.move_keypair("mv-a", "other-c"), 401, &unauthorized(APP, "other-c"));
+    expect_err(
+        &app.move_keypair("other-b", "mv-c"),
+        401,
+        &unauthorized(APP, "other-b"),
+    );
+    expect_err(
+        &app.move_keypair("mv-a", "other-c"),
+        401,
+        &unauthorized(APP, "other-c"),
+    );
     // `from` is checked first
-    expect_err(&app.move_keypair("other-b", "other-c"), 401, &unauthorized(APP, "other-b"));
+    expect_err(
+        &app.move_keypair("other-b", "other-c"),
+        401,
+        &unauthorized(APP, "other-b"),
+    );
     // identical ids are refused before any authorization
-    expect_err(&app.move_keypair("other-b", "other-b"), 400, "source and destination for move are identical");
+    expect_err(
+        &app.move_keypair("other-b", "other-b"),
+        400,
+        "source and destination for move are identical",
+    );
     // nothing moved
     root.get_keypair("mv-a");
     root.get_keypair("other-b");
@@ -131,9 +187,16 @@ fn handle_validation_key_is_reserved(v: &'static str) {
 
     for (uid, api) in [(0, root.clone()), (APP, root.as_uid(APP))] {
         let denied = unauthorized(uid, HVK);
-        expect_err(&api.post("/key", &json!({"keyId": HVK, "usage": "sign"})), 401, &denied);
         expect_err(
-            &api.post("/key", &json!({"keyId": HVK, "usage": "sign", "keyBytes": b64(&[0u8; 32])})),
+            &api.post("/key", &json!({"keyId": HVK, "usage": "sign"})),
+            401,
+            &denied,
+        );
+        expect_err(
+            &api.post(
+                "/key",
+                &json!({"keyId": HVK, "usage": "sign", "keyBytes": b64(&[0u8; 32])}),
+            ),
             401,
             &denied,
         );
@@ -154,7 +217,9 @@ fn handle_validation_key_is_reserved(v: &'static str) {
 /// without an HTTP response; other uids are unaffected; the slot comes back on close.
 #[test]
 fn throttling_per_uid() {
-    let keyd = Keyd::start(&format!("max_requests = 10\n[[principal]]\nuid = {APP}\nkeys = [\"thr-*\"]\n"));
+    let keyd = Keyd::start(&format!(
+        "max_requests = 10\n[[principal]]\nuid = {APP}\nkeys = [\"thr-*\"]\n"
+    ));
     let api = keyd.api(V2021);
     api.create_key("thr-1", "sign");
     std::thread::sleep(Duration::from_millis(300)); // let the readiness probe's slot come back
@@ -163,13 +228,16 @@ fn throttling_per_uid() {
     let mut held = Vec::new();
     for i in 0..10 {
         let mut c = keyd.conn();
-        let r = c.request("GET", &target, None).expect("request on a held connection");
+        let r = c
+            .request("GET", &target, None)
+            .expect("request on a held connection");
         assert_eq!(r.status, 200, "connection {i}\n{r}");
         held.push(c);
     }
     // the 11th connection from root: closed, no response at all
     let mut c11 = keyd.conn();
-    c11.set_read_timeout(Duration::from_secs(10)).expect("timeout");
+    c11.set_read_timeout(Duration::from_secs(10))
+        .expect("timeout");
     let _ = c11.send_raw(&aziot_tests::http::build_request("GET", &target, None));
     match c11.read_until_close() {
         Ok(bytes) => assert!(
@@ -180,15 +248,24 @@ fn throttling_per_uid() {
         Err(e) => panic!("11th connection was neither closed nor answered within 10 s: {e}"),
     }
     assert!(
-        keyd.wait_log("Max simultaneous connections reached for user 0", Duration::from_secs(5)),
+        keyd.wait_log(
+            "Max simultaneous connections reached for user 0",
+            Duration::from_secs(5)
+        ),
         "log must say `Max simultaneous connections reached for user 0`"
     );
     // another (authorized) uid is still served
-    let r = exchange_as(APP, keyd.socket(), &aziot_tests::http::build_request("GET", &target, None))
-        .expect("uid 4242 must be served while root is throttled");
+    let r = exchange_as(
+        APP,
+        keyd.socket(),
+        &aziot_tests::http::build_request("GET", &target, None),
+    )
+    .expect("uid 4242 must be served while root is throttled");
     assert_eq!(r.status, 200, "{r}");
     // the held connections still work
-    let r = held[3].request("GET", &target, None).expect("held connection");
+    let r = held[3]
+        .request("GET", &target, None)
+        .expect("held connection");
     assert_eq!(r.status, 200);
 
     // free one slot: root is served again
@@ -202,20 +279,27 @@ fn throttling_per_uid() {
                 assert_eq!(r.status, 200, "{r}");
                 break;
             }
-            Err(e) => assert!(Instant::now() < deadline, "root not served after a slot was freed: {e}"),
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "root not served after a slot was freed: {e}"
+            ),
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     // every slot comes back when the connections go away (abruptly, mid-request too)
     for mut c in held.drain(..) {
-        let _ = c.send_raw(b"POST /key?api-version=2021-05-01 HTTP/1.1\r\nContent-Length: 100\r\n\r\n{");
+        let _ = c
+            .send_raw(b"POST /key?api-version=2021-05-01 HTTP/1.1\r\nContent-Length: 100\r\n\r\n{");
     }
     std::thread::sleep(Duration::from_millis(300));
     let mut again = Vec::new();
     for i in 0..10 {
         let mut c = keyd.conn();
-        c.set_read_timeout(Duration::from_secs(10)).expect("timeout");
-        let r = c.request("GET", &target, None).unwrap_or_else(|e| panic!("slot {i} not returned: {e}"));
+        c.set_read_timeout(Duration::from_secs(10))
+            .expect("timeout");
+        let r = c
+            .request("GET", &target, None)
+            .unwrap_or_else(|e| panic!("slot {i} not returned: {e}"));
         assert_eq!(r.status, 200, "{r}");
         again.push(c);
     }
@@ -225,10 +309,19 @@ fn throttling_per_uid() {
 fn max_requests_zero_rejects_everything() {
     let keyd = Keyd::start("max_requests = 0\n");
     let mut c = keyd.conn();
-    c.set_read_timeout(Duration::from_secs(10)).expect("timeout");
-    let _ = c.send_raw(&aziot_tests::http::build_request("GET", "/key/x?api-version=2021-05-01", None));
+    c.set_read_timeout(Duration::from_secs(10))
+        .expect("timeout");
+    let _ = c.send_raw(&aziot_tests::http::build_request(
+        "GET",
+        "/key/x?api-version=2021-05-01",
+        None,
+    ));
     let bytes = c.read_until_close().expect("closed, not timed out");
-    assert!(bytes.is_empty(), "got {:?}", String::from_utf8_lossy(&bytes));
+    assert!(
+        bytes.is_empty(),
+        "got {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
 }
 
 /// The socket is the first access gate: 0660, owned by the service's uid/gid.
@@ -241,13 +334,22 @@ fn socket_mode_and_owner() {
     let meta = std::fs::metadata(keyd.socket()).expect("socket");
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660, "socket mode");
-    assert_eq!((meta.uid(), meta.gid()), (0, 0), "socket owner = the process's uid/gid (root)");
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (0, 0),
+        "socket owner = the process's uid/gid (root)"
+    );
     // a uid outside the socket's group cannot even connect
     let req = aziot_tests::http::build_request("GET", "/key/x?api-version=2021-05-01", None);
     let err = exchange_as(APP, keyd.socket(), &req).expect_err("connect must be refused");
     assert!(err.contains("ermission denied"), "{err}");
     // in the group: reaches keyd (which answers on its own terms)
-    nix::unistd::chown(keyd.socket(), None, Some(nix::unistd::Gid::from_raw(TEST_GID))).expect("chgrp");
+    nix::unistd::chown(
+        keyd.socket(),
+        None,
+        Some(nix::unistd::Gid::from_raw(TEST_GID)),
+    )
+    .expect("chgrp");
     let r = exchange_as(APP, keyd.socket(), &req).expect("connects now");
     expect_err(&r, 400, LIB_INVALID);
 }
@@ -255,23 +357,38 @@ fn socket_mode_and_owner() {
 /// A standard client (curl --unix-socket) running as another uid.
 #[test]
 fn curl_as_another_uid() {
-    let keyd = Keyd::start(&format!("[[principal]]\nuid = {APP}\nkeys = [\"curl-*\"]\n"));
+    let keyd = Keyd::start(&format!(
+        "[[principal]]\nuid = {APP}\nkeys = [\"curl-*\"]\n"
+    ));
     let curl = |body: &str, path: &str| {
         let out = Command::new("curl")
             .args(["-sS", "--unix-socket"])
             .arg(keyd.socket())
-            .args(["-H", "Content-Type: application/json", "--data-binary", body])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+            ])
             .args(["-w", "\n%{http_code}\n%{content_type}"])
             .arg(format!("http://keyd.sock{path}?api-version=2021-05-01"))
             .uid(APP)
             .gid(TEST_GID)
             .output()
             .expect("curl must be installed (apt-get install curl)");
-        assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8(out.stdout).expect("utf8");
         let mut lines: Vec<&str> = text.rsplitn(3, '\n').collect();
         lines.reverse();
-        (lines[1].parse::<u16>().expect("code"), lines[2].to_owned(), lines[0].to_owned())
+        (
+            lines[1].parse::<u16>().expect("code"),
+            lines[2].to_owned(),
+            lines[0].to_owned(),
+        )
     };
     let (code, ct, body) = curl(r#"{"keyId":"curl-1","usage":"sign"}"#, "/key");
     assert_eq!((code, ct.as_str()), (200, "application/json"), "{body}");
@@ -294,7 +411,11 @@ fn principals_hot_reload() {
     let keyd = Keyd::start(&format!("[[principal]]\nuid = {APP}\nkeys = [\"a-*\"]\n"));
     let app = keyd.api(V2021).as_uid(APP);
     app.create_key("a-1", "sign");
-    expect_err(&app.post("/key", &json!({"keyId": "b-1", "usage": "sign"})), 401, &unauthorized(APP, "b-1"));
+    expect_err(
+        &app.post("/key", &json!({"keyId": "b-1", "usage": "sign"})),
+        401,
+        &unauthorized(APP, "b-1"),
+    );
     std::fs::write(
         keyd.config_dir().join("50-reload.toml"),
         format!("[[principal]]\nuid = {APP}\nkeys = [\"b-*\"]\n"),
@@ -304,13 +425,18 @@ fn principals_hot_reload() {
         keyd.wait_log("Config update finished.", Duration::from_secs(30)),
         "no `Config update finished.` within 30 s"
     );
-    assert!(keyd.log().contains("Detected change in config files. Updating config."));
+    assert!(keyd
+        .log()
+        .contains("Detected change in config files. Updating config."));
     app.create_key("b-1", "sign");
     app.create_key("a-2", "sign");
     // a broken drop-in keeps the old principals in force
     std::fs::write(keyd.config_dir().join("60-broken.toml"), "not = = toml").expect("write");
     assert!(
-        keyd.wait_log("Detected config file update, but new config failed to parse", Duration::from_secs(30)),
+        keyd.wait_log(
+            "Detected config file update, but new config failed to parse",
+            Duration::from_secs(30)
+        ),
         "a WARN about the unparsable update"
     );
     app.create_key("b-2", "sign");

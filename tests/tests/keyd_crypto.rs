@@ -105,20 +105,29 @@ fn encrypt_rsa(v: &'static str) {
     let keyd = Keyd::start("");
     let api = keyd.api(v);
     let h = api.create_keypair("rsa", Some("rsa-2048"));
-    let pk = rsa_public(&unb64(&api.param(&h, "rsa-modulus")), &unb64(&api.param(&h, "rsa-exponent")));
+    let pk = rsa_public(
+        &unb64(&api.param(&h, "rsa-modulus")),
+        &unb64(&api.param(&h, "rsa-exponent")),
+    );
 
     // RSA-PKCS1 = private-key operation with type-1 padding over a caller-made DigestInfo
     let msg = b"signed with RSA through /encrypt";
     let digest_info = [SHA256_DIGEST_INFO_PREFIX, &sha256(msg)].concat();
     let sig = api.encrypt_rsa(&h, "RSA-PKCS1", &digest_info);
     assert_eq!(sig.len(), 256);
-    assert_eq!(rsa_public_decrypt(&pk, &sig, Padding::PKCS1), Some(digest_info.clone()));
+    assert_eq!(
+        rsa_public_decrypt(&pk, &sig, Padding::PKCS1),
+        Some(digest_info.clone())
+    );
     // it is a standard RSASSA-PKCS1-v1_5 SHA-256 signature
     let pkey = openssl::pkey::PKey::from_rsa(pk.clone()).expect("pkey");
-    let mut verifier =
-        openssl::sign::Verifier::new(openssl::hash::MessageDigest::sha256(), &pkey).expect("verifier");
+    let mut verifier = openssl::sign::Verifier::new(openssl::hash::MessageDigest::sha256(), &pkey)
+        .expect("verifier");
     verifier.update(msg).expect("update");
-    assert!(verifier.verify(&sig).expect("verify"), "PKCS#1 v1.5 signature verifies");
+    assert!(
+        verifier.verify(&sig).expect("verify"),
+        "PKCS#1 v1.5 signature verifies"
+    );
     // "parameters": null is the same as absent
     let r = api.post(
         "/encrypt",
@@ -141,13 +150,36 @@ fn encrypt_rsa(v: &'static str) {
 
     // wrong kinds
     let ec = api.create_keypair("ec", Some("ec-p256"));
-    expect_err(&api.encrypt_rsa_resp(&ec, "RSA-PKCS1", &digest_info), 400, LIB_INVALID);
+    expect_err(
+        &api.encrypt_rsa_resp(&ec, "RSA-PKCS1", &digest_info),
+        400,
+        LIB_INVALID,
+    );
     let key = api.create_key("k", "encrypt");
-    expect_err(&api.encrypt_rsa_resp(&key, "RSA-PKCS1", &digest_info), 400, BAD_MECHANISM);
-    expect_err(&api.encrypt_rsa_resp(&key, "RSA-NO-PADDING", &digest_info), 400, BAD_MECHANISM);
-    expect_err(&api.encrypt_aead_resp(&h, b"123456789012", b"", b"pt"), 400, BAD_MECHANISM);
-    expect_err(&api.encrypt_aead_resp(&ec, b"123456789012", b"", b"pt"), 400, BAD_MECHANISM);
-    let r = api.post("/encrypt", &json!({"keyHandle": h, "algorithm": "RSA-OAEP", "plaintext": "AA=="}));
+    expect_err(
+        &api.encrypt_rsa_resp(&key, "RSA-PKCS1", &digest_info),
+        400,
+        BAD_MECHANISM,
+    );
+    expect_err(
+        &api.encrypt_rsa_resp(&key, "RSA-NO-PADDING", &digest_info),
+        400,
+        BAD_MECHANISM,
+    );
+    expect_err(
+        &api.encrypt_aead_resp(&h, b"123456789012", b"", b"pt"),
+        400,
+        BAD_MECHANISM,
+    );
+    expect_err(
+        &api.encrypt_aead_resp(&ec, b"123456789012", b"", b"pt"),
+        400,
+        BAD_MECHANISM,
+    );
+    let r = api.post(
+        "/encrypt",
+        &json!({"keyHandle": h, "algorithm": "RSA-OAEP", "plaintext": "AA=="}),
+    );
     assert_eq!(r.status, 422, "{r}");
 }
 
@@ -164,7 +196,11 @@ fn aead_round_trip_and_format(v: &'static str) {
     assert_eq!(ct.len(), 1 + pt.len() + 16, "0x02 ‖ ct ‖ tag");
     assert_eq!(ct[0], 0x02);
     let (body, tag) = ct[1..].split_at(pt.len());
-    assert_eq!(aes_gcm_decrypt(&key, &iv, aad, body, tag), Some(pt.clone()), "AES-256-GCM");
+    assert_eq!(
+        aes_gcm_decrypt(&key, &iv, aad, body, tag),
+        Some(pt.clone()),
+        "AES-256-GCM"
+    );
     assert_eq!(api.decrypt_aead(&h, &iv, aad, &ct), pt);
 
     // a locally made v2 ciphertext decrypts
@@ -182,7 +218,13 @@ fn aead_round_trip_and_format(v: &'static str) {
     let iv16 = random(16);
     let c16 = api.encrypt_aead(&h, &iv16, b"", b"sixteen byte iv");
     assert_eq!(
-        aes_gcm_decrypt(&key, &iv16, b"", &c16[1..c16.len() - 16], &c16[c16.len() - 16..]),
+        aes_gcm_decrypt(
+            &key,
+            &iv16,
+            b"",
+            &c16[1..c16.len() - 16],
+            &c16[c16.len() - 16..]
+        ),
         Some(b"sixteen byte iv".to_vec())
     );
 
@@ -203,15 +245,35 @@ fn aead_errors(v: &'static str) {
     let ct = api.encrypt_aead(&h, &iv, b"aad", b"secret plaintext");
 
     // short input, unknown version byte, empty input → 400 lib
-    expect_err(&api.decrypt_aead_resp(&h, &iv, b"aad", &ct[..16]), 400, LIB_INVALID);
-    expect_err(&api.decrypt_aead_resp(&h, &iv, b"aad", &[2u8; 1]), 400, LIB_INVALID);
-    expect_err(&api.decrypt_aead_resp(&h, &iv, b"aad", b""), 400, LIB_INVALID);
+    expect_err(
+        &api.decrypt_aead_resp(&h, &iv, b"aad", &ct[..16]),
+        400,
+        LIB_INVALID,
+    );
+    expect_err(
+        &api.decrypt_aead_resp(&h, &iv, b"aad", &[2u8; 1]),
+        400,
+        LIB_INVALID,
+    );
+    expect_err(
+        &api.decrypt_aead_resp(&h, &iv, b"aad", b""),
+        400,
+        LIB_INVALID,
+    );
     let mut v3 = ct.clone();
     v3[0] = 3;
-    expect_err(&api.decrypt_aead_resp(&h, &iv, b"aad", &v3), 400, LIB_INVALID);
+    expect_err(
+        &api.decrypt_aead_resp(&h, &iv, b"aad", &v3),
+        400,
+        LIB_INVALID,
+    );
     let mut v0 = ct.clone();
     v0[0] = 0;
-    expect_err(&api.decrypt_aead_resp(&h, &iv, b"aad", &v0), 400, LIB_INVALID);
+    expect_err(
+        &api.decrypt_aead_resp(&h, &iv, b"aad", &v0),
+        400,
+        LIB_INVALID,
+    );
 
     // authentication failures → 400 (deliberate difference), generic message
     let mut bad_tag = ct.clone();
@@ -220,7 +282,10 @@ fn aead_errors(v: &'static str) {
     bad_body[3] ^= 0x80;
     for (what, r) in [
         ("tag", api.decrypt_aead_resp(&h, &iv, b"aad", &bad_tag)),
-        ("ciphertext", api.decrypt_aead_resp(&h, &iv, b"aad", &bad_body)),
+        (
+            "ciphertext",
+            api.decrypt_aead_resp(&h, &iv, b"aad", &bad_body),
+        ),
         ("aad", api.decrypt_aead_resp(&h, &iv, b"other aad", &ct)),
         ("iv", api.decrypt_aead_resp(&h, &random(12), b"aad", &ct)),
     ] {
@@ -242,11 +307,18 @@ fn aead_errors(v: &'static str) {
     let pair = api.create_keypair("rsa", Some("rsa-2048"));
     for handle in [&h, &pair] {
         for alg in ["RSA-PKCS1", "RSA-NO-PADDING"] {
-            let r = api.post("/decrypt", &json!({"keyHandle": handle, "algorithm": alg, "ciphertext": b64(&ct)}));
+            let r = api.post(
+                "/decrypt",
+                &json!({"keyHandle": handle, "algorithm": alg, "ciphertext": b64(&ct)}),
+            );
             expect_err(&r, 400, BAD_MECHANISM);
         }
     }
-    expect_err(&api.decrypt_aead_resp(&pair, &iv, b"aad", &ct), 400, BAD_MECHANISM);
+    expect_err(
+        &api.decrypt_aead_resp(&pair, &iv, b"aad", &ct),
+        400,
+        BAD_MECHANISM,
+    );
     // schema errors
     for body in [
         json!({"keyHandle": h, "algorithm": "AEAD", "ciphertext": b64(&ct)}),
@@ -257,7 +329,10 @@ fn aead_errors(v: &'static str) {
         let r = api.post("/decrypt", &body);
         assert_eq!(r.status, 422, "{body}\n{r}");
     }
-    let r = api.post("/encrypt", &json!({"keyHandle": h, "algorithm": "AEAD", "plaintext": "AA=="}));
+    let r = api.post(
+        "/encrypt",
+        &json!({"keyHandle": h, "algorithm": "AEAD", "plaintext": "AA=="}),
+    );
     assert_eq!(r.status, 422, "{r}");
 }
 
@@ -271,9 +346,15 @@ fn derived_keys(v: &'static str) {
     let d = api.derive(&base, data);
     let p = Handle::parse(&d);
     assert_eq!(p.kind(), "Derived");
-    let arr = p.sr["key_id"]["Derived"].as_array().expect("Derived is [base, data]");
+    let arr = p.sr["key_id"]["Derived"]
+        .as_array()
+        .expect("Derived is [base, data]");
     assert_eq!(arr.len(), 2);
-    assert_eq!(arr[0].as_str(), Some(base.as_str()), "embeds the complete base handle");
+    assert_eq!(
+        arr[0].as_str(),
+        Some(base.as_str()),
+        "embeds the complete base handle"
+    );
     let embedded: Vec<u8> = arr[1]
         .as_array()
         .expect("data as array of integers")
@@ -293,26 +374,42 @@ fn derived_keys(v: &'static str) {
     let ct = api.encrypt_aead(&d, &iv, b"a", b"derived plaintext");
     assert_eq!(ct[0], 2);
     assert_eq!(
-        aes_gcm_decrypt(&derived, &iv, b"a", &ct[1..ct.len() - 16], &ct[ct.len() - 16..]),
+        aes_gcm_decrypt(
+            &derived,
+            &iv,
+            b"a",
+            &ct[1..ct.len() - 16],
+            &ct[ct.len() - 16..]
+        ),
         Some(b"derived plaintext".to_vec())
     );
     assert_eq!(api.decrypt_aead(&d, &iv, b"a", &ct), b"derived plaintext");
     // legacy layout works for derived keys too
     let (lct, ltag) = aes_gcm_encrypt(&derived, &iv, b"", b"legacy");
-    assert_eq!(api.decrypt_aead(&d, &iv, b"", &[&[1u8][..], &ltag, &lct].concat()), b"legacy");
+    assert_eq!(
+        api.decrypt_aead(&d, &iv, b"", &[&[1u8][..], &ltag, &lct].concat()),
+        b"legacy"
+    );
 
     // same data again: another handle, same key; other data: another key; empty data is data
     let d2 = api.derive(&base, data);
     assert_ne!(d2, d);
     assert_eq!(api.export(&d2), derived);
-    assert_eq!(api.export(&api.derive(&base, b"other")), hmac_sha256(&base_bytes, b"other"));
-    assert_eq!(api.export(&api.derive(&base, b"")), hmac_sha256(&base_bytes, b""));
+    assert_eq!(
+        api.export(&api.derive(&base, b"other")),
+        hmac_sha256(&base_bytes, b"other")
+    );
+    assert_eq!(
+        api.export(&api.derive(&base, b"")),
+        hmac_sha256(&base_bytes, b"")
+    );
 
     // errors
     let r = api.derive_resp(&d, b"x");
     expect_err_prefix(&r, 400, HANDLE_PREFIX);
     assert!(
-        r.message().contains("nested derived keys are not supported, import the outer derived key first"),
+        r.message()
+            .contains("nested derived keys are not supported, import the outer derived key first"),
         "{r}"
     );
     let pair = api.create_keypair("pair", Some("ec-p256"));
@@ -320,13 +417,28 @@ fn derived_keys(v: &'static str) {
     expect_err(&api.export_resp(&base), 400, NOT_FOR_DERIVED);
     expect_err(&api.export_resp(&pair), 400, NOT_FOR_DERIVED);
     expect_err(&api.sign_ecdsa_resp(&d, &sha256(b"x")), 400, BAD_MECHANISM);
-    expect_err(&api.encrypt_rsa_resp(&d, "RSA-PKCS1", b"x"), 400, BAD_MECHANISM);
-    let r = api.post("/derivedkey", &json!({"baseKeyHandle": base, "derivationData": "not base64"}));
+    expect_err(
+        &api.encrypt_rsa_resp(&d, "RSA-PKCS1", b"x"),
+        400,
+        BAD_MECHANISM,
+    );
+    let r = api.post(
+        "/derivedkey",
+        &json!({"baseKeyHandle": base, "derivationData": "not base64"}),
+    );
     assert_eq!(r.status, 422, "{r}");
     let r = api.post("/derivedkey", &json!({"baseKeyHandle": base}));
     assert_eq!(r.status, 422, "{r}");
-    expect_err(&api.call("POST", "/derivedkey", None), 400, "missing request body");
-    expect_err(&api.call("POST", "/derivedkey/export", None), 400, "missing request body");
+    expect_err(
+        &api.call("POST", "/derivedkey", None),
+        400,
+        "missing request body",
+    );
+    expect_err(
+        &api.call("POST", "/derivedkey/export", None),
+        400,
+        "missing request body",
+    );
 
     // base deleted: the derived handle still validates but the key is gone → 400 lib
     assert_eq!(api.delete_key(&base).status, 204);

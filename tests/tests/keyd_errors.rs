@@ -48,7 +48,13 @@ fn api_version_handling(v: &'static str) {
     };
 
     // missing: checked before routing
-    for target in ["/key", "/key?foo=bar", "/nonexistent", "/keypair/", "/key?api_version=2021-05-01"] {
+    for target in [
+        "/key",
+        "/key?foo=bar",
+        "/nonexistent",
+        "/keypair/",
+        "/key?api_version=2021-05-01",
+    ] {
         expect_err(&send(target), 400, "api-version not specified");
     }
     let r = root.exchange(&build_request("GET", "/unknown/path", None));
@@ -63,18 +69,40 @@ fn api_version_handling(v: &'static str) {
         ("a+b", "\"a b\""),
         ("a%5Cb", "\"a\\\\b\""),
     ] {
-        expect_err(&send(&format!("/key?api-version={q}")), 400, &format!("invalid api-version {shown}"));
+        expect_err(
+            &send(&format!("/key?api-version={q}")),
+            400,
+            &format!("invalid api-version {shown}"),
+        );
         // also before routing
-        expect_err(&send(&format!("/nope?api-version={q}")), 400, &format!("invalid api-version {shown}"));
+        expect_err(
+            &send(&format!("/nope?api-version={q}")),
+            400,
+            &format!("invalid api-version {shown}"),
+        );
     }
 
     expect_err(&send("/key?api-version"), 400, "invalid api-version \"\"");
-    expect_err(&send(&format!("/key?api-version={v}%20")), 400, &format!("invalid api-version \"{v} \""));
+    expect_err(
+        &send(&format!("/key?api-version={v}%20")),
+        400,
+        &format!("invalid api-version \"{v} \""),
+    );
     // the last occurrence wins; other parameters are ignored; names are form-decoded
-    assert_eq!(send(&format!("/key?api-version=2099-01-01&api-version={v}")).status, 200);
-    expect_err(&send(&format!("/key?api-version={v}&api-version=x")), 400, "invalid api-version \"x\"");
+    assert_eq!(
+        send(&format!("/key?api-version=2099-01-01&api-version={v}")).status,
+        200
+    );
+    expect_err(
+        &send(&format!("/key?api-version={v}&api-version=x")),
+        400,
+        "invalid api-version \"x\"",
+    );
     assert_eq!(send(&format!("/key?x=1&api-version={v}&y=2")).status, 200);
-    assert_eq!(send(&format!("/key?api%2Dversion={}", v.replace('-', "%2D"))).status, 200);
+    assert_eq!(
+        send(&format!("/key?api%2Dversion={}", v.replace('-', "%2D"))).status,
+        200
+    );
 }
 
 fn routing_and_methods(v: &'static str) {
@@ -83,8 +111,19 @@ fn routing_and_methods(v: &'static str) {
     let body = json!({"keyHandle": "x"});
 
     for path in [
-        "/foo", "/keypair/", "/key/", "/parameters/", "/sign/", "/derivedkey/export/", "/KEY",
-        "/key/a/b", "//key", "/keys", "/", "/key/%FF", "/parameters/a/b",
+        "/foo",
+        "/keypair/",
+        "/key/",
+        "/parameters/",
+        "/sign/",
+        "/derivedkey/export/",
+        "/KEY",
+        "/key/a/b",
+        "//key",
+        "/keys",
+        "/",
+        "/key/%FF",
+        "/parameters/a/b",
     ] {
         expect_err(&api.call("POST", path, Some(&body)), 404, "not found");
     }
@@ -115,16 +154,42 @@ fn bodies_and_content_types(v: &'static str) {
 
     for &(method, path) in BODY_ROUTES {
         expect_err(&api.call(method, path, None), 400, "missing request body");
-        expect_err(&api.call_bytes(method, path, Some(b"")), 400, "missing request body");
+        expect_err(
+            &api.call_bytes(method, path, Some(b"")),
+            400,
+            "missing request body",
+        );
         // a non-JSON content type makes the body "absent"
-        let r = api.call_ct(method, path, br#"{"keyId":"k","usage":"sign"}"#, Some("text/plain"));
+        let r = api.call_ct(
+            method,
+            path,
+            br#"{"keyId":"k","usage":"sign"}"#,
+            Some("text/plain"),
+        );
         expect_err(&r, 400, "missing request body");
-        let r = api.call_ct(method, path, br#"{"keyId":"k","usage":"sign"}"#, Some("Application/JSON"));
+        let r = api.call_ct(
+            method,
+            path,
+            br#"{"keyId":"k","usage":"sign"}"#,
+            Some("Application/JSON"),
+        );
         expect_err(&r, 400, "missing request body");
         // malformed / mistyped JSON → 422 with a parser message
-        for bad in [&b"{"[..], b"nul", b"[]", b"null", b"\"str\"", br#"{"keyHandle": 5, "keyId": 5, "from": 5}"#] {
+        for bad in [
+            &b"{"[..],
+            b"nul",
+            b"[]",
+            b"null",
+            b"\"str\"",
+            br#"{"keyHandle": 5, "keyId": 5, "from": 5}"#,
+        ] {
             let r = api.call_bytes(method, path, Some(bad));
-            assert_eq!(r.status, 422, "{method} {path} {:?}\n{r}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                r.status,
+                422,
+                "{method} {path} {:?}\n{r}",
+                String::from_utf8_lossy(bad)
+            );
             assert!(!r.message().is_empty());
         }
     }
@@ -132,8 +197,21 @@ fn bodies_and_content_types(v: &'static str) {
     // Content-Type absent or with parameters → JSON
     let body = br#"{"keyId":"ct","usage":"sign"}"#;
     assert_eq!(api.call_ct("POST", "/key", body, None).status, 200);
-    assert_eq!(api.call_ct("POST", "/key", body, Some("application/json; charset=utf-8")).status, 200);
-    assert_eq!(api.call_ct("POST", "/key", body, Some(" application/json ;x=y")).status, 200);
+    assert_eq!(
+        api.call_ct(
+            "POST",
+            "/key",
+            body,
+            Some("application/json; charset=utf-8")
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        api.call_ct("POST", "/key", body, Some(" application/json ;x=y"))
+            .status,
+        200
+    );
 
     // POST /key schema
     let r = api.post("/key", &json!({"usage": "sign"}));
@@ -142,19 +220,46 @@ fn bodies_and_content_types(v: &'static str) {
     let r = api.post("/key", &json!({"keyId": "k"}));
     assert_eq!(r.status, 422, "{r}");
     assert!(r.message().contains("usage"), "{r}");
-    for usage in ["", "Sign", "sign,", ",sign", "sign,,derive", "sign, derive", "verify", "SIGN"] {
+    for usage in [
+        "",
+        "Sign",
+        "sign,",
+        ",sign",
+        "sign,,derive",
+        "sign, derive",
+        "verify",
+        "SIGN",
+    ] {
         let r = api.post("/key", &json!({"keyId": "k", "usage": usage}));
         assert_eq!(r.status, 422, "usage {usage:?}\n{r}");
     }
     for (what, body) in [
         ("keyId type", json!({"keyId": 1, "usage": "sign"})),
         ("usage type", json!({"keyId": "k", "usage": ["sign"]})),
-        ("keyBytes type", json!({"keyId": "k", "usage": "sign", "keyBytes": 5})),
-        ("unpadded base64", json!({"keyId": "k", "usage": "sign", "keyBytes": "QUI"})),
-        ("whitespace in base64", json!({"keyId": "k", "usage": "sign", "keyBytes": "QU JD"})),
-        ("newline in base64", json!({"keyId": "k", "usage": "sign", "keyBytes": "QUJD\n"})),
-        ("url-safe base64", json!({"keyId": "k", "usage": "sign", "keyBytes": "_-8="})),
-        ("usage missing on import", json!({"keyId": "k", "keyBytes": "QUJD"})),
+        (
+            "keyBytes type",
+            json!({"keyId": "k", "usage": "sign", "keyBytes": 5}),
+        ),
+        (
+            "unpadded base64",
+            json!({"keyId": "k", "usage": "sign", "keyBytes": "QUI"}),
+        ),
+        (
+            "whitespace in base64",
+            json!({"keyId": "k", "usage": "sign", "keyBytes": "QU JD"}),
+        ),
+        (
+            "newline in base64",
+            json!({"keyId": "k", "usage": "sign", "keyBytes": "QUJD\n"}),
+        ),
+        (
+            "url-safe base64",
+            json!({"keyId": "k", "usage": "sign", "keyBytes": "_-8="}),
+        ),
+        (
+            "usage missing on import",
+            json!({"keyId": "k", "keyBytes": "QUJD"}),
+        ),
     ] {
         let r = api.post("/key", &body);
         assert_eq!(r.status, 422, "{what}\n{r}");
@@ -163,7 +268,13 @@ fn bodies_and_content_types(v: &'static str) {
     let r = api.post("/key", &json!({"keyId": "a\u{0}b", "usage": "sign"}));
     expect_err_prefix(&r, 400, "parameter \"id\" has an invalid value");
     // `keyHandle` not a string on every handle-consuming route
-    for path in ["/parameters/algorithm", "/derivedkey/export", "/sign", "/encrypt", "/decrypt"] {
+    for path in [
+        "/parameters/algorithm",
+        "/derivedkey/export",
+        "/sign",
+        "/encrypt",
+        "/decrypt",
+    ] {
         let r = api.post(path, &json!({"keyHandle": 42}));
         assert_eq!(r.status, 422, "{path}\n{r}");
     }
@@ -174,7 +285,11 @@ fn bodies_and_content_types(v: &'static str) {
 fn put_is_decoded_before_method_dispatch(v: &'static str) {
     let keyd = Keyd::start("");
     let api = keyd.api(v);
-    expect_err(&api.call("PUT", "/key", Some(&json!({}))), 400, "method not allowed");
+    expect_err(
+        &api.call("PUT", "/key", Some(&json!({}))),
+        400,
+        "method not allowed",
+    );
     let r = api.call_ct("PUT", "/key", b"{}", Some("text/plain"));
     expect_err(&r, 415, "request body must be application/json");
     let r = api.call_bytes("PUT", "/keypair", Some(b""));
@@ -225,15 +340,39 @@ fn forged_handles(v: &'static str) {
             ("DELETE", "/key", json!({"keyHandle": h})),
             ("DELETE", "/keypair", json!({"keyHandle": h})),
             ("POST", "/parameters/algorithm", json!({"keyHandle": h})),
-            ("POST", "/derivedkey", json!({"baseKeyHandle": h, "derivationData": d})),
+            (
+                "POST",
+                "/derivedkey",
+                json!({"baseKeyHandle": h, "derivationData": d}),
+            ),
             ("POST", "/derivedkey/export", json!({"keyHandle": h})),
-            ("POST", "/sign", json!({"keyHandle": h, "algorithm": "HMAC-SHA256", "parameters": {"message": d}})),
-            ("POST", "/sign", json!({"keyHandle": h, "algorithm": "ECDSA", "parameters": {"digest": d}})),
-            ("POST", "/encrypt", json!({"keyHandle": h, "algorithm": "AEAD",
-                "parameters": {"iv": d, "aad": d}, "plaintext": d})),
-            ("POST", "/encrypt", json!({"keyHandle": h, "algorithm": "RSA-PKCS1", "plaintext": d})),
-            ("POST", "/decrypt", json!({"keyHandle": h, "algorithm": "AEAD",
-                "parameters": {"iv": d, "aad": d}, "ciphertext": d})),
+            (
+                "POST",
+                "/sign",
+                json!({"keyHandle": h, "algorithm": "HMAC-SHA256", "parameters": {"message": d}}),
+            ),
+            (
+                "POST",
+                "/sign",
+                json!({"keyHandle": h, "algorithm": "ECDSA", "parameters": {"digest": d}}),
+            ),
+            (
+                "POST",
+                "/encrypt",
+                json!({"keyHandle": h, "algorithm": "AEAD",
+                "parameters": {"iv": d, "aad": d}, "plaintext": d}),
+            ),
+            (
+                "POST",
+                "/encrypt",
+                json!({"keyHandle": h, "algorithm": "RSA-PKCS1", "plaintext": d}),
+            ),
+            (
+                "POST",
+                "/decrypt",
+                json!({"keyHandle": h, "algorithm": "AEAD",
+                "parameters": {"iv": d, "aad": d}, "ciphertext": d}),
+            ),
         ];
         for (method, path, body) in calls {
             let r = api.call(method, path, Some(&body));
@@ -283,7 +422,9 @@ fn body_too_large(v: &'static str) {
             sent += n;
         }
     });
-    let r = conn.read_response().expect("a 413 response, not a dropped connection");
+    let r = conn
+        .read_response()
+        .expect("a 413 response, not a dropped connection");
     check_envelope(&r, "oversized body");
     assert_eq!(r.status, 413, "{r}");
     assert!(!r.message().is_empty());
@@ -311,7 +452,8 @@ fn body_too_slow(v: &'static str) {
         body.len()
     );
     let mut conn = keyd.conn();
-    conn.set_read_timeout(Duration::from_secs(30)).expect("timeout");
+    conn.set_read_timeout(Duration::from_secs(30))
+        .expect("timeout");
     let start = Instant::now();
     conn.send_raw(head.as_bytes()).expect("head");
     conn.send_raw(&body[..10]).expect("part of the body");
@@ -319,8 +461,14 @@ fn body_too_slow(v: &'static str) {
     let waited = start.elapsed();
     check_envelope(&r, "slow body");
     expect_err(&r, 408, "deadline has elapsed");
-    assert!(waited >= Duration::from_millis(4500), "408 came after {waited:?}, expected ~5 s");
-    assert!(waited < Duration::from_secs(20), "408 came after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(4500),
+        "408 came after {waited:?}, expected ~5 s"
+    );
+    assert!(
+        waited < Duration::from_secs(20),
+        "408 came after {waited:?}"
+    );
     assert!(!keyd.keys_dir().join(key_file_name("slow")).exists());
     // a body trickling in within 5 s is fine
     let mut conn = keyd.conn();
@@ -353,10 +501,15 @@ fn keep_alive_and_framing(v: &'static str) {
             2 => ("GET", t("/key/k"), None, 200),
             _ => ("POST", t("/sign"), Some(&b"{"[..]), 422),
         };
-        let r = conn.request(method, &target, body).expect("keep-alive request");
+        let r = conn
+            .request(method, &target, body)
+            .expect("keep-alive request");
         check_envelope(&r, &target);
         assert_eq!(r.status, status, "request {i} on a reused connection\n{r}");
-        assert!(!r.connection_close(), "server must not force Connection: close\n{r}");
+        assert!(
+            !r.connection_close(),
+            "server must not force Connection: close\n{r}"
+        );
     }
     // pipelined requests are answered in order
     let mut two = build_request("POST", &t("/sign"), Some(&sign_body));
@@ -374,7 +527,9 @@ fn keep_alive_and_framing(v: &'static str) {
     get_with_body.extend_from_slice(b"{\"x\":1}");
     conn.send_raw(&get_with_body).expect("GET with body");
     assert_eq!(conn.read_response().expect("GET with body").status, 200);
-    let r = conn.request("GET", &t("/key/k"), None).expect("next request after a GET body");
+    let r = conn
+        .request("GET", &t("/key/k"), None)
+        .expect("next request after a GET body");
     assert_eq!(r.status, 200, "{r}");
     // a chunked request body
     let chunked = format!(
@@ -395,14 +550,23 @@ fn keep_alive_and_framing(v: &'static str) {
         t("/key"),
         body.len()
     );
-    let r = keyd.raw(&[raw.as_bytes(), body].concat()).expect("response");
+    let r = keyd
+        .raw(&[raw.as_bytes(), body].concat())
+        .expect("response");
     check_envelope(&r, "no Host header");
     assert_eq!(r.status, 200, "{r}");
-    let r = keyd.raw(format!("GET {} HTTP/1.1\r\n\r\n", t("/key/sync")).as_bytes()).expect("response");
+    let r = keyd
+        .raw(format!("GET {} HTTP/1.1\r\n\r\n", t("/key/sync")).as_bytes())
+        .expect("response");
     assert_eq!(r.status, 200, "{r}");
     // absolute-form target with a host, as the async clients send it
     let r = keyd
-        .raw(&build_request_ct("GET", &format!("http://keyd.sock{}", t("/key/sync")), None, None))
+        .raw(&build_request_ct(
+            "GET",
+            &format!("http://keyd.sock{}", t("/key/sync")),
+            None,
+            None,
+        ))
         .expect("response");
     assert_eq!(r.status, 200, "absolute-form request target\n{r}");
 
@@ -414,12 +578,20 @@ fn keep_alive_and_framing(v: &'static str) {
         b"\x00\x01\x02\x03\r\n\r\n",
     ] {
         let mut c = Conn::connect(keyd.socket()).expect("connect");
-        c.set_read_timeout(Duration::from_secs(10)).expect("timeout");
+        c.set_read_timeout(Duration::from_secs(10))
+            .expect("timeout");
         c.send_raw(junk).expect("send");
         match c.read_response() {
-            Ok(r) => assert!((400..500).contains(&r.status), "{:?}\n{r}", String::from_utf8_lossy(junk)),
+            Ok(r) => assert!(
+                (400..500).contains(&r.status),
+                "{:?}\n{r}",
+                String::from_utf8_lossy(junk)
+            ),
             Err(e) => assert!(
-                matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset),
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ),
                 "malformed request {:?}: neither an error response nor a close: {e}",
                 String::from_utf8_lossy(junk)
             ),
@@ -427,12 +599,21 @@ fn keep_alive_and_framing(v: &'static str) {
     }
     // a huge header block
     let mut c = Conn::connect(keyd.socket()).expect("connect");
-    c.set_read_timeout(Duration::from_secs(10)).expect("timeout");
-    let huge = format!("GET {} HTTP/1.1\r\nX-Big: {}\r\n\r\n", t("/key/k"), "a".repeat(1 << 20));
+    c.set_read_timeout(Duration::from_secs(10))
+        .expect("timeout");
+    let huge = format!(
+        "GET {} HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        t("/key/k"),
+        "a".repeat(1 << 20)
+    );
     let _ = c.send_raw(huge.as_bytes());
     match c.read_response() {
         Ok(r) => assert!((400..500).contains(&r.status), "{r}"),
-        Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "no answer to a 1 MiB header"),
+        Err(e) => assert_ne!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock,
+            "no answer to a 1 MiB header"
+        ),
     }
     assert_eq!(api.sign_hmac(&key, b"m").len(), 32, "still serving");
 }

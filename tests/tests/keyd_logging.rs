@@ -34,7 +34,10 @@ fn no_secrets_in_debug_log() {
     let pem = fs::read_to_string(keyd.keys_dir().join(key_file_name("pair"))).expect("pem");
 
     let log = keyd.log();
-    assert!(log.contains("Starting server..."), "log is being captured:\n{log}");
+    assert!(
+        log.contains("Starting server..."),
+        "log is being captured:\n{log}"
+    );
     let mut secrets: Vec<(String, String)> = vec![
         ("imported key (base64)".into(), b64(&key)),
         ("imported key (hex)".into(), hex(&key)),
@@ -42,10 +45,18 @@ fn no_secrets_in_debug_log() {
         ("derived key (base64)".into(), b64(&derived)),
         ("derived key (hex)".into(), hex(&derived)),
         ("plaintext".into(), marker.clone()),
-        ("plaintext (base64)".into(), b64(marker.as_bytes())[..24].to_owned()),
+        (
+            "plaintext (base64)".into(),
+            b64(marker.as_bytes())[..24].to_owned(),
+        ),
         ("HMAC result (base64)".into(), b64(&sig)),
     ];
-    for (n, handle) in [("handle 1", &h), ("handle 2", &h2), ("derived handle", &d), ("pair handle", &pair)] {
+    for (n, handle) in [
+        ("handle 1", &h),
+        ("handle 2", &h2),
+        ("derived handle", &d),
+        ("pair handle", &pair),
+    ] {
         let p = Handle::parse(handle);
         secrets.push((format!("{n} sig (base64)"), b64(&p.sig)));
         secrets.push((format!("{n} sig (hex)"), hex(&p.sig)));
@@ -54,7 +65,10 @@ fn no_secrets_in_debug_log() {
         secrets.push(("handle-validation key (base64)".into(), b64(&hvk)));
         secrets.push(("handle-validation key (hex)".into(), hex(&hvk)));
     }
-    for line in pem.lines().filter(|l| !l.starts_with("-----") && l.len() >= 32) {
+    for line in pem
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 32)
+    {
         secrets.push(("private key PEM line".into(), line.to_owned()));
     }
     for (what, s) in &secrets {
@@ -69,7 +83,10 @@ fn log_line_format_and_startup_sequence() {
     let api = keyd.api(V2021);
     api.create_key("k", "sign");
     let _ = api.get("/key/missing"); // an InvalidParameter error: chain logged with `!!!`
-    assert!(keyd.wait_log("!!! ", std::time::Duration::from_secs(2)), "error chains are logged with `!!! `");
+    assert!(
+        keyd.wait_log("!!! ", std::time::Duration::from_secs(2)),
+        "error chains are logged with `!!! `"
+    );
     let log = keyd.log();
 
     let line = log
@@ -78,26 +95,46 @@ fn log_line_format_and_startup_sequence() {
         .unwrap_or_else(|| panic!("no `Starting server...` line:\n{log}"));
     assert!(is_log_line(line, "<6>", "[INFO] - "), "format of {line:?}");
     assert!(line.ends_with("[INFO] - Starting server..."), "{line:?}");
-    let service = log.lines().position(|l| l.ends_with("Starting service...")).expect("`Starting service...`");
-    let server = log.lines().position(|l| l.ends_with("Starting server...")).expect("server");
+    let service = log
+        .lines()
+        .position(|l| l.ends_with("Starting service..."))
+        .expect("`Starting service...`");
+    let server = log
+        .lines()
+        .position(|l| l.ends_with("Starting server..."))
+        .expect("server");
     assert!(service < server, "`Starting service...` comes first");
-    assert!(log.contains("Version - ") || log.contains("dev build"), "version line:\n{log}");
+    assert!(
+        log.contains("Version - ") || log.contains("dev build"),
+        "version line:\n{log}"
+    );
     assert!(log.contains("<-- "), "per-request `<--` line");
     assert!(log.contains("--> "), "per-request `-->` line");
     for l in log.lines().filter(|l| l.contains("[DBUG] - ")) {
-        assert!(is_log_line(l, "<7>", "[DBUG] - ["), "debug line format: {l:?}");
+        assert!(
+            is_log_line(l, "<7>", "[DBUG] - ["),
+            "debug line format: {l:?}"
+        );
     }
     for l in log.lines().filter(|l| l.contains("[WARN] - ")) {
-        assert!(is_log_line(l, "<4>", "[WARN] - "), "warn line format: {l:?}");
+        assert!(
+            is_log_line(l, "<4>", "[WARN] - "),
+            "warn line format: {l:?}"
+        );
     }
     for l in log.lines().filter(|l| l.contains("[ERR!] - ")) {
-        assert!(is_log_line(l, "<3>", "[ERR!] - "), "error line format: {l:?}");
+        assert!(
+            is_log_line(l, "<3>", "[ERR!] - "),
+            "error line format: {l:?}"
+        );
     }
 }
 
 /// `<S>YYYY-MM-DDTHH:MM:SSZ <rest...>`
 fn is_log_line(line: &str, sev: &str, rest: &str) -> bool {
-    let Some(after) = line.strip_prefix(sev) else { return false };
+    let Some(after) = line.strip_prefix(sev) else {
+        return false;
+    };
     let b = after.as_bytes();
     if b.len() < 21 {
         return false;
@@ -122,11 +159,13 @@ fn unknown_config_keys_warn_but_start() {
     api.create_key("k", "sign");
     let log = keyd.log();
     assert!(
-        log.lines().any(|l| l.contains("bogus_key") && l.contains("config.toml")),
+        log.lines()
+            .any(|l| l.contains("bogus_key") && l.contains("config.toml")),
         "a warning naming `bogus_key` and config.toml:\n{log}"
     );
     assert!(
-        log.lines().any(|l| l.contains("another_bogus_table") && l.contains("50-extra.toml")),
+        log.lines()
+            .any(|l| l.contains("another_bogus_table") && l.contains("50-extra.toml")),
         "a warning naming `another_bogus_table` and 50-extra.toml:\n{log}"
     );
 }
@@ -134,9 +173,14 @@ fn unknown_config_keys_warn_but_start() {
 #[test]
 fn fatal_config_errors_exit_1() {
     // invalid TOML in a drop-in
-    let (status, log) = Keyd::builder().drop_in("10-bad.toml", "this is = = not toml").start_expecting_exit();
+    let (status, log) = Keyd::builder()
+        .drop_in("10-bad.toml", "this is = = not toml")
+        .start_expecting_exit();
     assert_eq!(status.code(), Some(1), "{log}");
-    assert!(log.contains("10-bad.toml"), "the error names the file:\n{log}");
+    assert!(
+        log.contains("10-bad.toml"),
+        "the error names the file:\n{log}"
+    );
     // an [aziot_keys] parameter the library does not know
     let (status, log) = Keyd::builder()
         .drop_in("10-param.toml", "[aziot_keys]\nbogus_param = \"x\"\n")
@@ -144,7 +188,9 @@ fn fatal_config_errors_exit_1() {
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("bogus_param"), "{log}");
     // wrong type
-    let (status, log) = Keyd::builder().extra("max_requests = \"ten\"\n").start_expecting_exit();
+    let (status, log) = Keyd::builder()
+        .extra("max_requests = \"ten\"\n")
+        .start_expecting_exit();
     assert_eq!(status.code(), Some(1), "{log}");
 }
 
@@ -177,7 +223,51 @@ fn launched_through_an_argv0_symlink() {
     let keyd = Keyd::builder().via_symlink("aziot-keyd").start();
     let api = keyd.api(V2021);
     api.create_key("k", "sign");
-    let (status, log) = Keyd::builder().via_symlink("aziot-bogusd").start_expecting_exit();
+    let (status, log) = Keyd::builder()
+        .via_symlink("aziot-bogusd")
+        .start_expecting_exit();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("unrecognized process name"), "{log}");
+}
+
+/// common-http.md §4.1: whatever is at the socket path is replaced (a directory after a WARN).
+#[test]
+fn directory_at_the_socket_path_is_replaced() {
+    let b = Keyd::builder();
+    fs::create_dir_all(b.dir().join("keyd.sock/sub")).expect("mkdir");
+    fs::write(b.dir().join("keyd.sock/sub/file"), b"x").expect("write");
+    let keyd = b.start();
+    keyd.api(V2021).create_key("k", "sign");
+    assert!(
+        keyd.log().contains(
+            "Could not remove socket file because it is a directory. Removing directory."
+        ),
+        "{}",
+        keyd.log()
+    );
+}
+
+/// common-http.md §8: every request is logged at INFO on arrival (`<-- METHOD URI ...`) and
+/// completion (`--> STATUS ...`), so operators see them at the default level.
+#[test]
+fn requests_are_logged_at_info() {
+    let keyd = Keyd::builder().log_level("info").start();
+    keyd.api(V2021).create_key("k", "sign");
+    let _ = keyd.wait_log("--> ", std::time::Duration::from_secs(2));
+    let log = keyd.log();
+    assert!(
+        log.lines().any(|l| l.contains("[INFO] - <-- ")
+            && l.contains("POST")
+            && l.contains("/key?api-version=2021-05-01")),
+        "an INFO `<-- POST /key?...` line:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("[INFO] - --> ") && l.contains("200")),
+        "an INFO `--> 200 ...` line:\n{log}"
+    );
+    assert!(
+        !log.contains("[DBUG]"),
+        "AZIOT_LOG=info must not print debug lines"
+    );
 }

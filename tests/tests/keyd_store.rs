@@ -54,7 +54,11 @@ fn state_survives_restart(v: &'static str) {
     assert_eq!(api.param(&rsa, "rsa-exponent"), "AQAB");
     assert_eq!(api.export(&derived), exported);
     let digest = sha256(msg);
-    assert!(ecdsa_verify(&unb64(&point), &digest, &api.sign_ecdsa(&ec, &digest)));
+    assert!(ecdsa_verify(
+        &unb64(&point),
+        &digest,
+        &api.sign_ecdsa(&ec, &digest)
+    ));
     // and new handles load the same keys
     assert_eq!(api.sign_hmac(&api.get_key("gen"), msg), gen_sig);
     assert_eq!(api.param(&api.get_keypair("ec"), "ec-point"), point);
@@ -73,7 +77,11 @@ fn state_survives_restart(v: &'static str) {
 
 fn list_keys(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -90,22 +98,38 @@ fn key_files_names_modes_and_contents() {
 
     let keys = keyd.keys_dir();
     // the exact example of keyd.md §7.2
-    let dev_file = keys.join("deviceid-bd732105ef89cf8edd2606a5309c8a26b7b5599a4e124a0fe6199b6b2f60e655.key");
-    assert_eq!(key_file_name("device-id"), dev_file.file_name().expect("name").to_string_lossy());
+    let dev_file =
+        keys.join("deviceid-bd732105ef89cf8edd2606a5309c8a26b7b5599a4e124a0fe6199b6b2f60e655.key");
+    assert_eq!(
+        key_file_name("device-id"),
+        dev_file.file_name().expect("name").to_string_lossy()
+    );
     let pem = fs::read(&dev_file).expect("device-id key file at the spec'd path");
     let local = PKey::private_key_from_pem(&pem).expect("PEM private key");
     assert_eq!(
         ec_compressed_point(&local.ec_key().expect("EC")),
         unb64(&api.param(&dev, "ec-point"))
     );
-    assert_eq!(fs::read(keys.join(key_file_name("my.key_1"))).expect("sym"), bytes);
-    assert_eq!(fs::read(keys.join(key_file_name("Gen-2"))).expect("gen").len(), 32);
+    assert_eq!(
+        fs::read(keys.join(key_file_name("my.key_1"))).expect("sym"),
+        bytes
+    );
+    assert_eq!(
+        fs::read(keys.join(key_file_name("Gen-2")))
+            .expect("gen")
+            .len(),
+        32
+    );
 
     // the handle-validation key: 32 bytes at its upstream path; handles are HMACs with it
     let hvk = fs::read(keys.join(HVK_FILE)).expect("handle-validation key file");
     assert_eq!(hvk.len(), 32);
     let p = Handle::parse(&dev);
-    assert_eq!(p.sig, hmac_sha256(&hvk, &p.sr_raw), "sig = HMAC-SHA256(hvk, sr)");
+    assert_eq!(
+        p.sig,
+        hmac_sha256(&hvk, &p.sr_raw),
+        "sig = HMAC-SHA256(hvk, sr)"
+    );
 
     // exactly these files (no leftovers of atomic writes), all 0600
     let mut expected = vec![
@@ -118,7 +142,11 @@ fn key_files_names_modes_and_contents() {
     assert_eq!(list_keys(&keys), expected);
     for name in &expected {
         let meta = fs::metadata(keys.join(name)).expect("meta");
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{name} must be 0600");
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "{name} must be 0600"
+        );
         assert!(meta.is_file());
     }
     // delete removes the file, nothing else
@@ -141,7 +169,10 @@ fn upstream_minted_handles_are_accepted() {
 
     let sym = random(32);
     let official = api.import_key("k", &sym);
-    assert_eq!(Handle::parse(&official).sig, hmac_sha256(&hvk, &Handle::parse(&official).sr_raw));
+    assert_eq!(
+        Handle::parse(&official).sig,
+        hmac_sha256(&hvk, &Handle::parse(&official).sr_raw)
+    );
     api.create_keypair("p", Some("ec-p256"));
 
     // handles minted elsewhere with the same key material verify (keyd.md §4.2)
@@ -152,7 +183,10 @@ fn upstream_minted_handles_are_accepted() {
     let d = mint_handle(&hvk, &format!(r#"{{"Derived":[{},[1,2,3]]}}"#, json!(k)));
     assert_eq!(api.export(&d), hmac_sha256(&sym, &[1, 2, 3]));
     // unknown SR members are ignored
-    let sr = format!(r#"{{"key_id":{{"Key":"k"}},"nonce":"{}","se":"2099"}}"#, b64(&random(64)));
+    let sr = format!(
+        r#"{{"key_id":{{"Key":"k"}},"nonce":"{}","se":"2099"}}"#,
+        b64(&random(64))
+    );
     let extra = make_handle(sr.as_bytes(), &hmac_sha256(&hvk, sr.as_bytes()));
     assert_eq!(api.sign_hmac(&extra, b"m"), hmac_sha256(&sym, b"m"));
 
@@ -168,22 +202,36 @@ fn upstream_minted_handles_are_accepted() {
     }
     // a derived handle whose embedded base is forged
     let forged_base = mint_handle(&random(32), r#"{"Key":"k"}"#);
-    let d = mint_handle(&hvk, &format!(r#"{{"Derived":[{},[1]]}}"#, json!(forged_base)));
+    let d = mint_handle(
+        &hvk,
+        &format!(r#"{{"Derived":[{},[1]]}}"#, json!(forged_base)),
+    );
     expect_err(&api.export_resp(&d), 400, INVALID_HANDLE);
     // nested derived (a Derived whose base is Derived) is refused
     let inner = mint_handle(&hvk, &format!(r#"{{"Derived":[{},[1]]}}"#, json!(k)));
     let nested = mint_handle(&hvk, &format!(r#"{{"Derived":[{},[2]]}}"#, json!(inner)));
     let r = api.export_resp(&nested);
     expect_err_prefix(&r, 400, HANDLE_PREFIX);
-    assert!(r.message().contains("nested derived keys are not supported"), "{r}");
+    assert!(
+        r.message()
+            .contains("nested derived keys are not supported"),
+        "{r}"
+    );
     // an id with NUL
     let nul = mint_handle(&hvk, r#"{"Key":"a\u0000b"}"#);
     expect_err_prefix(&api.sign_hmac_resp(&nul, b"m"), 400, HANDLE_PREFIX);
     // even a validly MACed handle cannot reach the handle-validation key itself
     let hv = mint_handle(&hvk, r#"{"Key":"handle-validation-key"}"#);
     let r = api.sign_hmac_resp(&hv, b"m");
-    assert_ne!(r.status, 200, "the handle-validation key must never be usable\n{r}");
-    assert_eq!(fs::read(keys.join(HVK_FILE)).expect("hvk"), hvk, "hvk unchanged");
+    assert_ne!(
+        r.status, 200,
+        "the handle-validation key must never be usable\n{r}"
+    );
+    assert_eq!(
+        fs::read(keys.join(HVK_FILE)).expect("hvk"),
+        hvk,
+        "hvk unchanged"
+    );
 }
 
 #[test]
@@ -192,7 +240,10 @@ fn preloaded_file_keys() {
     let pre = b.dir().join("preloaded");
     fs::create_dir(&pre).expect("mkdir");
     let ec = EcKey::generate(&p256()).expect("ec");
-    let ec_pkcs8 = PKey::from_ec_key(ec.clone()).expect("pkey").private_key_to_pem_pkcs8().expect("pem");
+    let ec_pkcs8 = PKey::from_ec_key(ec.clone())
+        .expect("pkey")
+        .private_key_to_pem_pkcs8()
+        .expect("pem");
     let ec2 = EcKey::generate(&p256()).expect("ec");
     let ec_sec1 = ec2.private_key_to_pem().expect("sec1 pem");
     let rsa = openssl::rsa::Rsa::generate(2048).expect("rsa");
@@ -214,7 +265,10 @@ fn preloaded_file_keys() {
         let path = pre.join(id);
         fs::write(&path, content).expect("write");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
-        table.push_str(&format!("{id} = {}\n", aziot_tests::keyd::toml_str(&format!("file://{}", path.display()))));
+        table.push_str(&format!(
+            "{id} = {}\n",
+            aziot_tests::keyd::toml_str(&format!("file://{}", path.display()))
+        ));
     }
     let keyd = b.extra(&table).start();
     let api = keyd.api(V2021);
@@ -225,7 +279,10 @@ fn preloaded_file_keys() {
     let digest = sha256(b"preloaded");
     assert!(ecdsa_verify(&point, &digest, &api.sign_ecdsa(&h, &digest)));
     let h2 = api.get_keypair("pre-ec-sec1");
-    assert_eq!(unb64(&api.param(&h2, "ec-point")), ec_compressed_point(&ec2));
+    assert_eq!(
+        unb64(&api.param(&h2, "ec-point")),
+        ec_compressed_point(&ec2)
+    );
     let hr = api.get_keypair("pre-rsa");
     assert_eq!(unb64(&api.param(&hr, "rsa-modulus")), rsa.n().to_vec());
     let h384 = api.get_keypair("pre-p384");
@@ -241,9 +298,15 @@ fn preloaded_file_keys() {
     );
     // create-if-not-exists returns the preloaded pair, and nothing lands in the homedir
     let again = api.create_keypair("pre-ec", Some("rsa-2048"));
-    assert_eq!(unb64(&api.param(&again, "ec-point")), ec_compressed_point(&ec));
+    assert_eq!(
+        unb64(&api.param(&again, "ec-point")),
+        ec_compressed_point(&ec)
+    );
     for (id, _) in &files {
-        assert!(!keyd.keys_dir().join(key_file_name(id)).exists(), "{id} copied into the homedir");
+        assert!(
+            !keyd.keys_dir().join(key_file_name(id)).exists(),
+            "{id} copied into the homedir"
+        );
     }
     // the preloaded files are untouched
     assert_eq!(fs::read(pre.join("pre-ec-sec1")).expect("read"), ec_sec1);
@@ -296,7 +359,9 @@ fn kill9_during_writes_leaves_no_torn_files() {
         let sock = keyd.socket().to_path_buf();
         let start = next;
         let writer = std::thread::spawn(move || {
-            let Ok(mut conn) = aziot_tests::http::Conn::connect(&sock) else { return };
+            let Ok(mut conn) = aziot_tests::http::Conn::connect(&sock) else {
+                return;
+            };
             let target = |p: &str| format!("{p}?api-version={V2021}");
             for k in start.. {
                 let op = if k % 5 == 4 {
@@ -307,9 +372,18 @@ fn kill9_during_writes_leaves_no_torn_files() {
                     Op::Sym(k)
                 };
                 let (path, body) = match &op {
-                    Op::Sym(n) => ("/key", json!({"keyId": op.id(), "usage": "sign", "keyBytes": b64(&content(*n, 0))})),
-                    Op::Over(g) => ("/key", json!({"keyId": op.id(), "usage": "sign", "keyBytes": b64(&content(9999, *g))})),
-                    Op::Pair(_) => ("/keypair", json!({"keyId": op.id(), "preferredAlgorithms": "ec-p256"})),
+                    Op::Sym(n) => (
+                        "/key",
+                        json!({"keyId": op.id(), "usage": "sign", "keyBytes": b64(&content(*n, 0))}),
+                    ),
+                    Op::Over(g) => (
+                        "/key",
+                        json!({"keyId": op.id(), "usage": "sign", "keyBytes": b64(&content(9999, *g))}),
+                    ),
+                    Op::Pair(_) => (
+                        "/keypair",
+                        json!({"keyId": op.id(), "preferredAlgorithms": "ec-p256"}),
+                    ),
                 };
                 p2.lock().expect("lock").inflight = Some(op.clone());
                 let body = serde_json::to_vec(&body).expect("json");
@@ -334,14 +408,27 @@ fn kill9_during_writes_leaves_no_torn_files() {
         let p = progress.lock().expect("lock");
         let mut attempted = p.acked.clone();
         attempted.extend(p.inflight.clone());
-        next = attempted.iter().map(|o| match o { Op::Sym(n) | Op::Over(n) | Op::Pair(n) => *n }).max().unwrap_or(start) + 1;
+        next = attempted
+            .iter()
+            .map(|o| match o {
+                Op::Sym(n) | Op::Over(n) | Op::Pair(n) => *n,
+            })
+            .max()
+            .unwrap_or(start)
+            + 1;
         all_attempted.extend(attempted);
         eprintln!(
             "cycle {cycle}: {} writes acknowledged before kill -9, in flight: {:?}",
             p.acked.len(),
             p.inflight
         );
-        check_store(&keyd.keys_dir(), &all_attempted, &p.acked, p.inflight.as_ref(), cycle);
+        check_store(
+            &keyd.keys_dir(),
+            &all_attempted,
+            &p.acked,
+            p.inflight.as_ref(),
+            cycle,
+        );
         drop(p);
 
         keyd.start_again();
@@ -352,27 +439,46 @@ fn kill9_during_writes_leaves_no_torn_files() {
                 Op::Sym(n) => assert_eq!(
                     api.sign_hmac(&api.get_key(&op.id()), b"m"),
                     hmac_sha256(&content(*n, 0), b"m"),
-                    "acknowledged key {} after restart", op.id()
+                    "acknowledged key {} after restart",
+                    op.id()
                 ),
-                Op::Pair(_) => assert_eq!(api.param(&api.get_keypair(&op.id()), "algorithm"), "ECDSA"),
+                Op::Pair(_) => {
+                    assert_eq!(api.param(&api.get_keypair(&op.id()), "algorithm"), "ECDSA")
+                }
                 Op::Over(_) => {
-                    let on_disk = fs::read(keyd.keys_dir().join(key_file_name("crash-over"))).expect("over");
-                    assert_eq!(api.sign_hmac(&api.get_key("crash-over"), b"m"), hmac_sha256(&on_disk, b"m"));
+                    let on_disk =
+                        fs::read(keyd.keys_dir().join(key_file_name("crash-over"))).expect("over");
+                    assert_eq!(
+                        api.sign_hmac(&api.get_key("crash-over"), b"m"),
+                        hmac_sha256(&on_disk, b"m")
+                    );
                 }
             }
         }
         // temporary files of interrupted writes hold key material: gone once keyd is back
-        let leftovers: Vec<String> = list_keys(&keyd.keys_dir()).into_iter().filter(|n| !n.ends_with(".key")).collect();
-        assert!(leftovers.is_empty(), "cycle {cycle}: leftovers of interrupted writes after restart: {leftovers:?}");
+        let leftovers: Vec<String> = list_keys(&keyd.keys_dir())
+            .into_iter()
+            .filter(|n| !n.ends_with(".key"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "cycle {cycle}: leftovers of interrupted writes after restart: {leftovers:?}"
+        );
     }
 }
 
 fn check_store(keys: &Path, attempted: &[Op], acked: &[Op], inflight: Option<&Op>, cycle: u32) {
     let mut by_file: BTreeMap<String, Vec<Op>> = BTreeMap::new();
     for op in attempted {
-        by_file.entry(key_file_name(&op.id())).or_default().push(op.clone());
+        by_file
+            .entry(key_file_name(&op.id()))
+            .or_default()
+            .push(op.clone());
     }
-    let last_acked_over = acked.iter().filter_map(|o| if let Op::Over(g) = o { Some(*g) } else { None }).max();
+    let last_acked_over = acked
+        .iter()
+        .filter_map(|o| if let Op::Over(g) = o { Some(*g) } else { None })
+        .max();
     let mut leftovers = Vec::new();
     for name in list_keys(keys) {
         let path = keys.join(&name);
@@ -391,14 +497,29 @@ fn check_store(keys: &Path, attempted: &[Op], acked: &[Op], inflight: Option<&Op
             .get(&name)
             .unwrap_or_else(|| panic!("cycle {cycle}: unexpected key file {name}"));
         match &ops[0] {
-            Op::Sym(n) => assert!(bytes == content(*n, 0), "cycle {cycle}: torn/partial symmetric key file {name} ({} bytes)", bytes.len()),
+            Op::Sym(n) => assert!(
+                bytes == content(*n, 0),
+                "cycle {cycle}: torn/partial symmetric key file {name} ({} bytes)",
+                bytes.len()
+            ),
             Op::Pair(_) => {
-                assert!(PKey::private_key_from_pem(&bytes).is_ok(), "cycle {cycle}: torn key pair file {name}: {:?}", String::from_utf8_lossy(&bytes));
+                assert!(
+                    PKey::private_key_from_pem(&bytes).is_ok(),
+                    "cycle {cycle}: torn key pair file {name}: {:?}",
+                    String::from_utf8_lossy(&bytes)
+                );
             }
             Op::Over(_) => {
-                assert!(bytes.len() >= 20, "cycle {cycle}: torn crash-over ({} bytes)", bytes.len());
+                assert!(
+                    bytes.len() >= 20,
+                    "cycle {cycle}: torn crash-over ({} bytes)",
+                    bytes.len()
+                );
                 let g = u64::from_le_bytes(bytes[12..20].try_into().expect("8"));
-                assert!(bytes == content(9999, g), "cycle {cycle}: torn/mixed crash-over file (claims gen {g})");
+                assert!(
+                    bytes == content(9999, g),
+                    "cycle {cycle}: torn/mixed crash-over file (claims gen {g})"
+                );
                 if let Some(last) = last_acked_over {
                     let ok = g == last || matches!(inflight, Some(Op::Over(x)) if *x == g);
                     assert!(ok, "cycle {cycle}: crash-over holds gen {g}, last acknowledged {last}: an acknowledged write was lost");
@@ -408,7 +529,11 @@ fn check_store(keys: &Path, attempted: &[Op], acked: &[Op], inflight: Option<&Op
     }
     // every acknowledged write is on disk
     for op in acked {
-        assert!(keys.join(key_file_name(&op.id())).exists(), "cycle {cycle}: acknowledged {} lost", op.id());
+        assert!(
+            keys.join(key_file_name(&op.id())).exists(),
+            "cycle {cycle}: acknowledged {} lost",
+            op.id()
+        );
     }
     if !leftovers.is_empty() {
         eprintln!("note: cycle {cycle}: non-.key leftovers in keys/ after kill -9: {leftovers:?}");
@@ -420,8 +545,17 @@ fn snapshot(root: &Path, out: &mut BTreeMap<PathBuf, (char, u64, u32)>) {
     for e in fs::read_dir(root).expect("read_dir").flatten() {
         let path = e.path();
         let meta = fs::symlink_metadata(&path).expect("meta");
-        let kind = if meta.is_dir() { 'd' } else if meta.file_type().is_symlink() { 'l' } else { 'f' };
-        out.insert(path.clone(), (kind, if kind == 'd' { 0 } else { meta.len() }, meta.mode()));
+        let kind = if meta.is_dir() {
+            'd'
+        } else if meta.file_type().is_symlink() {
+            'l'
+        } else {
+            'f'
+        };
+        out.insert(
+            path.clone(),
+            (kind, if kind == 'd' { 0 } else { meta.len() }, meta.mode()),
+        );
         if kind == 'd' {
             snapshot(&path, out);
         }
@@ -434,7 +568,7 @@ fn hostile_ids_stay_inside_the_keys_dir() {
     let api = keyd.api(V2021);
     let keys = keyd.keys_dir();
     api.create_key("warmup", "sign"); // keys/ and the handle-validation key exist
-    // a planted symlink where a key file will be written: the write must not follow it
+                                      // a planted symlink where a key file will be written: the write must not follow it
     let outside = keyd.dir().join("outside-target");
     fs::write(&outside, b"do not overwrite").expect("write");
     std::os::unix::fs::symlink(&outside, keys.join(key_file_name("victim"))).expect("symlink");
@@ -444,14 +578,40 @@ fn hostile_ids_stay_inside_the_keys_dir() {
 
     let long = "a".repeat(10 * 1024);
     let sym_ids = [
-        "../x", "../../escape", "a/b", "a%2Fb", "/etc/aziot-test-passwd", ".", "..", "ключ-🔑",
-        long.as_str(), "a\\b", "", " ", "x\u{202e}y", "nul\u{1}ctl", "victim",
+        "../x",
+        "../../escape",
+        "a/b",
+        "a%2Fb",
+        "/etc/aziot-test-passwd",
+        ".",
+        "..",
+        "ключ-🔑",
+        long.as_str(),
+        "a\\b",
+        "",
+        " ",
+        "x\u{202e}y",
+        "nul\u{1}ctl",
+        "victim",
     ];
-    let pair_ids = ["../p", "p/q", "p%2Fq", "...", "ключ-🔑-p", "/tmp/aziot-evil"];
+    let pair_ids = [
+        "../p",
+        "p/q",
+        "p%2Fq",
+        "...",
+        "ключ-🔑-p",
+        "/tmp/aziot-evil",
+    ];
     let mut created = vec![key_file_name("victim")];
     for id in sym_ids {
-        let r = api.post("/key", &json!({"keyId": id, "usage": "sign", "keyBytes": b64(b"hostile")}));
-        assert!(r.status == 200 || (400..500).contains(&r.status), "id {id:?}: {r}");
+        let r = api.post(
+            "/key",
+            &json!({"keyId": id, "usage": "sign", "keyBytes": b64(b"hostile")}),
+        );
+        assert!(
+            r.status == 200 || (400..500).contains(&r.status),
+            "id {id:?}: {r}"
+        );
         if r.status == 200 {
             created.push(key_file_name(id));
             let h = handle_of(&r, id);
@@ -466,18 +626,33 @@ fn hostile_ids_stay_inside_the_keys_dir() {
         }
     }
     for id in pair_ids {
-        let r = api.post("/keypair", &json!({"keyId": id, "preferredAlgorithms": "ec-p256"}));
-        assert!(r.status == 200 || (400..500).contains(&r.status), "id {id:?}: {r}");
+        let r = api.post(
+            "/keypair",
+            &json!({"keyId": id, "preferredAlgorithms": "ec-p256"}),
+        );
+        assert!(
+            r.status == 200 || (400..500).contains(&r.status),
+            "id {id:?}: {r}"
+        );
         if r.status == 200 {
             created.push(key_file_name(id));
             assert_eq!(Handle::parse(&api.get_keypair(id)).id(), id);
         }
     }
     // ids in paths are plain ids too
-    for path in ["/key/..%2F..%2Fetc%2Fpasswd", "/key/%2Fetc%2Fpasswd", "/keypair/..%2Fconfig.toml", "/key/..%2F.."] {
+    for path in [
+        "/key/..%2F..%2Fetc%2Fpasswd",
+        "/key/%2Fetc%2Fpasswd",
+        "/keypair/..%2Fconfig.toml",
+        "/key/..%2F..",
+    ] {
         expect_err(&api.get(path), 400, LIB_INVALID);
     }
-    assert_eq!(fs::read(&outside).expect("outside"), b"do not overwrite", "write followed a symlink");
+    assert_eq!(
+        fs::read(&outside).expect("outside"),
+        b"do not overwrite",
+        "write followed a symlink"
+    );
 
     let mut after = BTreeMap::new();
     snapshot(keyd.dir(), &mut after);
@@ -485,8 +660,16 @@ fn hostile_ids_stay_inside_the_keys_dir() {
         if path == &log || before.get(path) == Some(info) {
             continue;
         }
-        assert!(path.parent() == Some(keys.as_path()), "created/changed outside keys/: {}", path.display());
-        let name = path.file_name().expect("name").to_string_lossy().into_owned();
+        assert!(
+            path.parent() == Some(keys.as_path()),
+            "created/changed outside keys/: {}",
+            path.display()
+        );
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
         assert!(created.contains(&name), "unexpected file in keys/: {name}");
         assert_eq!(info.0, 'f', "{name} should now be a regular file");
     }
@@ -516,12 +699,26 @@ fn concurrent_creates_agree() {
             })
         })
         .collect();
-    let results: Vec<(Vec<u8>, String)> = threads.into_iter().map(|t| t.join().expect("thread")).collect();
+    let results: Vec<(Vec<u8>, String)> = threads
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
     let final_sig = api.sign_hmac(&api.get_key("race-key"), b"m");
     let final_point = api.param(&api.get_keypair("race-pair"), "ec-point");
     for (sig, point) in &results {
-        assert_eq!(sig, &final_sig, "a concurrent create replaced a key another caller already used");
-        assert_eq!(point, &final_point, "a concurrent create replaced a key pair");
+        assert_eq!(
+            sig, &final_sig,
+            "a concurrent create replaced a key another caller already used"
+        );
+        assert_eq!(
+            point, &final_point,
+            "a concurrent create replaced a key pair"
+        );
     }
-    assert_eq!(list_keys(&keyd.keys_dir()).len(), 3, "{:?}", list_keys(&keyd.keys_dir()));
+    assert_eq!(
+        list_keys(&keyd.keys_dir()).len(),
+        3,
+        "{:?}",
+        list_keys(&keyd.keys_dir())
+    );
 }

@@ -8,7 +8,9 @@
 use std::io::Read as _;
 
 fn main() {
-    let sock = std::env::args_os().nth(1).expect("usage: aziot-test-client <socket>");
+    let sock = std::env::args_os()
+        .nth(1)
+        .expect("usage: aziot-test-client <socket>");
     let mut req = Vec::new();
     std::io::stdin().read_to_end(&mut req).expect("read stdin");
     let out = match aziot_tests::http::Conn::connect(std::path::Path::new(&sock)) {

@@ -39,7 +39,10 @@ fn main() {
     while i < args.len() {
         match args[i].as_str() {
             "--duration" => {
-                let secs: f64 = args.get(i + 1).and_then(|s| s.parse().ok()).expect("--duration SECS");
+                let secs: f64 = args
+                    .get(i + 1)
+                    .and_then(|s| s.parse().ok())
+                    .expect("--duration SECS");
                 duration = Duration::from_secs_f64(secs);
                 i += 1;
             }
@@ -72,11 +75,18 @@ fn keyd_binary() -> (PathBuf, &'static str) {
     eprintln!();
     eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
     eprintln!("!!! NOTE: no release aziotd at {}", release.display());
-    eprintln!("!!! falling back to the DEBUG build {}: figures are NOT representative.", debug.display());
+    eprintln!(
+        "!!! falling back to the DEBUG build {}: figures are NOT representative.",
+        debug.display()
+    );
     eprintln!("!!! Build it with `cargo build --release -p aziotd` (or set AZIOTD_BIN).");
     eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
     eprintln!();
-    assert!(debug.is_file(), "no aziotd binary at {} either: build the workspace first", debug.display());
+    assert!(
+        debug.is_file(),
+        "no aziotd binary at {} either: build the workspace first",
+        debug.display()
+    );
     (debug, "DEBUG build (not representative)")
 }
 
@@ -92,7 +102,12 @@ struct Row {
 
 fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
     let (bin, flavour) = keyd_binary();
-    println!("keyd-bench: keyd = {} ({flavour}); {:.1} s per case after {:.1} s warm-up", bin.display(), duration.as_secs_f64(), warmup.as_secs_f64());
+    println!(
+        "keyd-bench: keyd = {} ({flavour}); {:.1} s per case after {:.1} s warm-up",
+        bin.display(),
+        duration.as_secs_f64(),
+        warmup.as_secs_f64()
+    );
 
     // the floor, as a separate process
     let floor_dir = TempDir::new("bench-floor");
@@ -100,7 +115,11 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
     let mut floor = FloorProcess::start(&floor_sock);
 
     // keyd: info level (production default), enough connection slots for c=8 plus headroom
-    let keyd = Keyd::builder().bin(bin.clone()).log_level("info").extra("max_requests = 64").start();
+    let keyd = Keyd::builder()
+        .bin(bin.clone())
+        .log_level("info")
+        .extra("max_requests = 64")
+        .start();
     std::thread::sleep(Duration::from_millis(300));
     let idle_rss = rss_kib(&keyd.pids(), "VmRSS");
 
@@ -113,12 +132,16 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
     let hmac_req = build_request(
         "POST",
         &t("/sign"),
-        Some(&body(&json!({"keyHandle": hmac_key, "algorithm": "HMAC-SHA256", "parameters": {"message": b64(&random(64))}}))),
+        Some(&body(
+            &json!({"keyHandle": hmac_key, "algorithm": "HMAC-SHA256", "parameters": {"message": b64(&random(64))}}),
+        )),
     );
     let ecdsa_req = build_request(
         "POST",
         &t("/sign"),
-        Some(&body(&json!({"keyHandle": ec, "algorithm": "ECDSA", "parameters": {"digest": b64(&sha256(b"bench"))}}))),
+        Some(&body(
+            &json!({"keyHandle": ec, "algorithm": "ECDSA", "parameters": {"digest": b64(&sha256(b"bench"))}}),
+        )),
     );
     let aead_req = build_request(
         "POST",
@@ -129,10 +152,38 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
 
     let mut rows = Vec::new();
     for conc in [1usize, 8] {
-        rows.push(measure("floor (hyper, 2 workers)", &floor_sock, &hmac_req, conc, warmup, duration));
-        rows.push(measure("keyd HMAC-SHA256 sign 64 B", &sock, &hmac_req, conc, warmup, duration));
-        rows.push(measure("keyd ECDSA P-256 sign", &sock, &ecdsa_req, conc, warmup, duration));
-        rows.push(measure("keyd AEAD encrypt 1 KiB", &sock, &aead_req, conc, warmup, duration));
+        rows.push(measure(
+            "floor (hyper, 2 workers)",
+            &floor_sock,
+            &hmac_req,
+            conc,
+            warmup,
+            duration,
+        ));
+        rows.push(measure(
+            "keyd HMAC-SHA256 sign 64 B",
+            &sock,
+            &hmac_req,
+            conc,
+            warmup,
+            duration,
+        ));
+        rows.push(measure(
+            "keyd ECDSA P-256 sign",
+            &sock,
+            &ecdsa_req,
+            conc,
+            warmup,
+            duration,
+        ));
+        rows.push(measure(
+            "keyd AEAD encrypt 1 KiB",
+            &sock,
+            &aead_req,
+            conc,
+            warmup,
+            duration,
+        ));
     }
     let peak_rss = rss_kib(&keyd.pids(), "VmHWM");
     let pids = keyd.pids();
@@ -147,7 +198,10 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
 
     // ----- summary -----
     println!();
-    println!("{:<30} {:>4} {:>11} {:>10} {:>10} {:>9} {:>7}", "case", "c", "req/s", "p50 µs", "p99 µs", "ok", "errors");
+    println!(
+        "{:<30} {:>4} {:>11} {:>10} {:>10} {:>9} {:>7}",
+        "case", "c", "req/s", "p50 µs", "p99 µs", "ok", "errors"
+    );
     println!("{}", "-".repeat(87));
     for r in &rows {
         println!(
@@ -162,16 +216,32 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
         );
     }
     println!("{}", "-".repeat(87));
-    let find = |prefix: &str, c: usize| rows.iter().find(|r| r.name.starts_with(prefix) && r.conc == c).map_or(0.0, |r| r.rps);
+    let find = |prefix: &str, c: usize| {
+        rows.iter()
+            .find(|r| r.name.starts_with(prefix) && r.conc == c)
+            .map_or(0.0, |r| r.rps)
+    };
     let floor8 = find("floor", 8);
     let hmac8 = find("keyd HMAC", 8);
     let ecdsa8 = find("keyd ECDSA", 8);
     let ratio = if floor8 > 0.0 { hmac8 / floor8 } else { 0.0 };
     let verdict = |ok: bool| if ok { "meets target" } else { "BELOW TARGET" };
-    println!("HMAC c=8 / floor c=8           {ratio:>8.2}   (target >= 0.60: {})", verdict(ratio >= 0.6));
-    println!("ECDSA c=8                      {ecdsa8:>8.0}   req/s (target >= 10000: {})", verdict(ecdsa8 >= 10_000.0));
-    println!("keyd idle RSS                  {:>8} KiB (processes {pids:?})", idle_rss.map_or("n/a".into(), |v| v.to_string()));
-    println!("keyd peak RSS (VmHWM)          {:>8} KiB", peak_rss.map_or("n/a".into(), |v| v.to_string()));
+    println!(
+        "HMAC c=8 / floor c=8           {ratio:>8.2}   (target >= 0.60: {})",
+        verdict(ratio >= 0.6)
+    );
+    println!(
+        "ECDSA c=8                      {ecdsa8:>8.0}   req/s (target >= 10000: {})",
+        verdict(ecdsa8 >= 10_000.0)
+    );
+    println!(
+        "keyd idle RSS                  {:>8} KiB (processes {pids:?})",
+        idle_rss.map_or("n/a".into(), |v| v.to_string())
+    );
+    println!(
+        "keyd peak RSS (VmHWM)          {:>8} KiB",
+        peak_rss.map_or("n/a".into(), |v| v.to_string())
+    );
     if !colds.is_empty() {
         let avg = colds.iter().sum::<Duration>() / u32::try_from(colds.len()).expect("few");
         let min = colds.iter().min().expect("some");
@@ -186,7 +256,9 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
     }
     println!("keyd binary: {} ({flavour})", bin.display());
     if rows.iter().any(|r| r.errors > 0) {
-        println!("NOTE: some requests failed (see the errors column); their latencies are excluded.");
+        println!(
+            "NOTE: some requests failed (see the errors column); their latencies are excluded."
+        );
     }
 }
 
@@ -195,7 +267,14 @@ fn body(v: &serde_json::Value) -> Vec<u8> {
 }
 
 /// Drive `sock` with `conc` threads (one keep-alive connection each) sending `req`.
-fn measure(name: &str, sock: &Path, req: &[u8], conc: usize, warmup: Duration, duration: Duration) -> Row {
+fn measure(
+    name: &str,
+    sock: &Path,
+    req: &[u8],
+    conc: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Row {
     let barrier = Arc::new(Barrier::new(conc + 1));
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -284,10 +363,16 @@ fn rss_kib(pids: &[u32], field: &str) -> Option<u64> {
     let mut total = 0;
     let mut any = false;
     for pid in pids {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
         for line in status.lines() {
             if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
-                if let Some(kb) = rest.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()) {
+                if let Some(kb) = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
                     total += kb;
                     any = true;
                 }
@@ -298,7 +383,10 @@ fn rss_kib(pids: &[u32], field: &str) -> Option<u64> {
 }
 
 fn cold_start(bin: &Path) -> Duration {
-    let keyd = Keyd::builder().bin(bin.to_path_buf()).log_level("info").start_unready();
+    let keyd = Keyd::builder()
+        .bin(bin.to_path_buf())
+        .log_level("info")
+        .start_unready();
     let spawned = keyd.spawned_at();
     let req = build_request(
         "POST",
@@ -316,7 +404,11 @@ fn cold_start(bin: &Path) -> Duration {
                 }
             }
         }
-        assert!(Instant::now() < deadline, "keyd did not answer within 10 s\n{}", keyd.log());
+        assert!(
+            Instant::now() < deadline,
+            "keyd did not answer within 10 s\n{}",
+            keyd.log()
+        );
         std::thread::sleep(Duration::from_micros(500));
     }
 }
@@ -368,21 +460,27 @@ fn floor_server(sock: &Path) {
         let _ = std::fs::remove_file(sock);
         let listener = tokio::net::UnixListener::bind(sock).expect("bind floor socket");
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let _ = req.into_body().collect().await;
-                    let resp = hyper::Response::builder()
-                        .status(200)
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from_static(
-                            br#"{"signature":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}"#,
-                        )))
-                        .expect("response");
-                    Ok::<_, std::convert::Infallible>(resp)
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        let resp = hyper::Response::builder()
+                            .status(200)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from_static(
+                                br#"{"signature":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}"#,
+                            )))
+                            .expect("response");
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
             });
         }
     });
