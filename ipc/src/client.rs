@@ -261,10 +261,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("s.sock");
         let listener = crate::listener::bind(&sock).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        rt.spawn(async move {
-            crate::server::serve(listener, Arc::new(Echo), ServerConfig::default()).await;
-        });
+        std::thread::spawn(move || crate::server::run(listener, Arc::new(Echo), ServerConfig::default()));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 
         let blocking = BlockingClient::new(&sock, "2020-09-01");
         for i in 0..3 {

@@ -30,11 +30,13 @@ pub struct ServerConfig {
     pub max_requests: usize,
     pub body_limit: usize,
     pub body_timeout: Duration,
+    /// Threads serving connections (each a single-threaded runtime).
+    pub threads: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_requests: 10, body_limit: DEFAULT_BODY_LIMIT, body_timeout: BODY_TIMEOUT }
+        ServerConfig { max_requests: 10, body_limit: DEFAULT_BODY_LIMIT, body_timeout: BODY_TIMEOUT, threads: 2 }
     }
 }
 
@@ -269,13 +271,80 @@ impl Drop for ThrottleGuard {
     }
 }
 
-/// Serves `service` on `listener` forever. Accept errors are logged and the loop goes on
+/// A connection on its way from the acceptor to the thread that will serve it.
+struct Accepted {
+    stream: std::os::unix::net::UnixStream,
+    uid: u32,
+    pid: i32,
+    guard: ThrottleGuard,
+    slot: Slot,
+}
+
+/// Serves `service` on `listener` until the acceptor fails. Runs `config.threads`
+/// single-threaded runtimes (this thread is the first): this thread accepts, and each
+/// connection is handed to the least-loaded thread, which serves it to the end — no
+/// cross-thread wake-up per request. Accept errors are logged and the loop goes on
 /// (upstream dies on them).
-pub async fn serve<S: Service>(
+pub fn run<S: Service>(listener: std::os::unix::net::UnixListener, service: Arc<S>, config: ServerConfig) -> std::io::Error {
+    let threads = config.threads.max(1);
+    let throttle = Arc::new(Throttle { max: config.max_requests, in_use: Mutex::new(HashMap::new()) });
+    let config = Arc::new(config);
+    let load: Arc<Vec<std::sync::atomic::AtomicUsize>> =
+        Arc::new((0..threads).map(|_| std::sync::atomic::AtomicUsize::new(0)).collect());
+    let mut senders = Vec::with_capacity(threads - 1);
+    for i in 1..threads {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
+        senders.push(tx);
+        let (service, config) = (Arc::clone(&service), Arc::clone(&config));
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        let spawned = std::thread::Builder::new().name(format!("aziot-http-{i}")).spawn(move || {
+            runtime.block_on(async move {
+                while let Some(accepted) = rx.recv().await {
+                    match tokio::net::UnixStream::from_std(accepted.stream) {
+                        Ok(stream) => {
+                            let guards = (accepted.guard, accepted.slot);
+                            tokio::spawn(connection(Arc::clone(&service), Arc::clone(&config), stream, accepted.uid, accepted.pid, guards));
+                        }
+                        Err(e) => tracing::warn!("could not register a connection: {e}"),
+                    }
+                }
+            })
+        });
+        if let Err(e) = spawned {
+            return e;
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    runtime.block_on(accept_loop(listener, service, config, throttle, load, senders))
+}
+
+/// Decrements its thread's connection count when the connection ends.
+struct Slot {
+    load: Arc<Vec<std::sync::atomic::AtomicUsize>>,
+    index: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.load[self.index].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop<S: Service>(
     listener: std::os::unix::net::UnixListener,
     service: Arc<S>,
-    config: ServerConfig,
+    config: Arc<ServerConfig>,
+    throttle: Arc<Throttle>,
+    load: Arc<Vec<std::sync::atomic::AtomicUsize>>,
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>,
 ) -> std::io::Error {
+    use std::sync::atomic::Ordering;
     if let Err(e) = listener.set_nonblocking(true) {
         return e;
     }
@@ -283,8 +352,6 @@ pub async fn serve<S: Service>(
         Ok(l) => l,
         Err(e) => return e,
     };
-    let throttle = Arc::new(Throttle { max: config.max_requests, in_use: Mutex::new(HashMap::new()) });
-    let config = Arc::new(config);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -309,22 +376,41 @@ pub async fn serve<S: Service>(
             drop(stream);
             continue;
         };
+        // The least-loaded thread takes it (this one on ties).
+        let index = (0..load.len()).min_by_key(|&i| load[i].load(Ordering::Relaxed)).unwrap_or(0);
+        load[index].fetch_add(1, Ordering::Relaxed);
+        let slot = Slot { load: Arc::clone(&load), index };
+        if index == 0 {
+            tokio::spawn(connection(Arc::clone(&service), Arc::clone(&config), stream, uid, pid, (guard, slot)));
+            continue;
+        }
+        match stream.into_std() {
+            Ok(stream) => {
+                // On failure the connection (with its guard and slot) is dropped: the client
+                // sees the connection closed.
+                let _ = senders[index - 1].send(Accepted { stream, uid, pid, guard, slot });
+            }
+            Err(e) => tracing::warn!("could not hand a connection over: {e}"),
+        }
+    }
+}
+
+async fn connection<S: Service, G: Send + 'static>(
+    service: Arc<S>,
+    config: Arc<ServerConfig>,
+    stream: tokio::net::UnixStream,
+    uid: u32,
+    pid: i32,
+    guards: G,
+) {
+    let _guards = guards;
+    let svc = hyper::service::service_fn(move |req| {
         let service = Arc::clone(&service);
         let config = Arc::clone(&config);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let svc = hyper::service::service_fn(move |req| {
-                let service = Arc::clone(&service);
-                let config = Arc::clone(&config);
-                async move { Ok::<_, Infallible>(dispatch(service, req, uid, pid, &config).await.0) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!("connection from uid {uid} ended: {e}");
-            }
-        });
+        async move { Ok::<_, Infallible>(dispatch(service, req, uid, pid, &config).await.0) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+        tracing::debug!("connection from uid {uid} ended: {e}");
     }
 }
 

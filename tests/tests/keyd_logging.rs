@@ -247,27 +247,29 @@ fn directory_at_the_socket_path_is_replaced() {
     );
 }
 
-/// common-http.md §8: every request is logged at INFO on arrival (`<-- METHOD URI ...`) and
-/// completion (`--> STATUS ...`), so operators see them at the default level.
+/// Request lines (`<-- METHOD URI` on arrival, `--> STATUS` on completion) are at DEBUG, not
+/// INFO as upstream (issue 2: upstream's info-level request logging costs it 20% of
+/// throughput; docs/compatibility.md). At the default level they do not appear.
 #[test]
-fn requests_are_logged_at_info() {
-    let keyd = Keyd::builder().log_level("info").start();
+fn requests_are_logged_at_debug_only() {
+    let keyd = Keyd::builder().log_level("debug").start();
     keyd.api(V2021).create_key("k", "sign");
     let _ = keyd.wait_log("--> ", std::time::Duration::from_secs(2));
     let log = keyd.log();
     assert!(
-        log.lines().any(|l| l.contains("[INFO] - <-- ")
+        log.lines().any(|l| l.contains("[DBUG] - ")
+            && l.contains("<-- ")
             && l.contains("POST")
             && l.contains("/key?api-version=2021-05-01")),
-        "an INFO `<-- POST /key?...` line:\n{log}"
+        "a DEBUG `<-- POST /key?...` line:\n{log}"
     );
     assert!(
-        log.lines()
-            .any(|l| l.contains("[INFO] - --> ") && l.contains("200")),
-        "an INFO `--> 200 ...` line:\n{log}"
+        log.lines().any(|l| l.contains("[DBUG] - ") && l.contains("--> ") && l.contains("200")),
+        "a DEBUG `--> 200` line:\n{log}"
     );
-    assert!(
-        !log.contains("[DBUG]"),
-        "AZIOT_LOG=info must not print debug lines"
-    );
+
+    let quiet = Keyd::builder().log_level("info").start();
+    quiet.api(V2021).create_key("k", "sign");
+    let log = quiet.log();
+    assert!(!log.contains("<-- ") && !log.contains("[DBUG]"), "no request lines at INFO:\n{log}");
 }

@@ -70,7 +70,7 @@ impl Api {
                         _ => Err(bad_handle("handle is not for a key")),
                     }
                 }
-                _ => Err(ApiError::method_not_allowed()),
+                _ => Err(unsupported(&mut req).await),
             };
         }
         if let Some(caps) = match_route("/key/{}", &path) {
@@ -90,7 +90,7 @@ impl Api {
                         Err(ApiError::bad_request("invalid type \"key\""))
                     }
                 }
-                _ => Err(ApiError::method_not_allowed()),
+                _ => Err(unsupported(&mut req).await),
             };
         }
         if match_route("/keypair", &path).is_some() {
@@ -101,8 +101,16 @@ impl Api {
                     check_id(&body.key_id)?;
                     let backend = Arc::clone(&self.backend);
                     let (id, algs) = (body.key_id.clone(), body.preferred_algorithms.clone());
-                    // Key generation (RSA-4096: seconds) must not stall the runtime's workers.
-                    lib(tokio::task::block_in_place(|| backend.create_key_pair_if_not_exists(&id, algs.as_deref())))?;
+                    // Key generation (RSA-4096: seconds) must not stall the connection threads.
+                    let created = tokio::task::spawn_blocking(move || {
+                        backend.create_key_pair_if_not_exists(&id, algs.as_deref())
+                    })
+                    .await
+                    .map_err(|e| {
+                        tracing::error!("!!! key generation task failed: {e}");
+                        ApiError::internal()
+                    })?;
+                    lib(created)?;
                     self.mint(&KeyId::KeyPair(body.key_id))
                 }
                 Method::DELETE => {
@@ -112,7 +120,7 @@ impl Api {
                         _ => Err(bad_handle("handle is not for a key pair")),
                     }
                 }
-                _ => Err(ApiError::method_not_allowed()),
+                _ => Err(unsupported(&mut req).await),
             };
         }
         if let Some(caps) = match_route("/keypair/{}", &path) {
@@ -136,7 +144,7 @@ impl Api {
                     lib(self.backend.move_key_pair(&body.from, id))?;
                     Ok(Response::no_content())
                 }
-                _ => Err(ApiError::method_not_allowed()),
+                _ => Err(unsupported(&mut req).await),
             };
         }
         if let Some(caps) = match_route("/parameters/{}", &path) {
@@ -145,7 +153,7 @@ impl Api {
                     let body: HandleRequest = req.required_json().await?;
                     self.parameter(uid, &caps[0], &body.key_handle)
                 }
-                _ => Err(ApiError::method_not_allowed()),
+                _ => Err(unsupported(&mut req).await),
             };
         }
         if match_route("/derivedkey", &path).is_some() {
@@ -161,7 +169,7 @@ impl Api {
                         Validated::Derived { .. } => Err(bad_handle(&HandleError::NestedDerived.to_string())),
                     }
                 }
-                _ => Err(ApiError::method_not_allowed()),
+                _ => Err(unsupported(&mut req).await),
             };
         }
         if match_route("/derivedkey/export", &path).is_some() {
@@ -176,25 +184,25 @@ impl Api {
                         _ => Err(bad_handle("handle is not for a derived key")),
                     }
                 }
-                _ => Err(ApiError::method_not_allowed()),
+                _ => Err(unsupported(&mut req).await),
             };
         }
         if match_route("/sign", &path).is_some() {
             return match m {
                 Method::POST => self.sign(uid, req.required_json().await?),
-                _ => Err(ApiError::method_not_allowed()),
+                _ => Err(unsupported(&mut req).await),
             };
         }
         if match_route("/encrypt", &path).is_some() {
             return match m {
                 Method::POST => self.encrypt(uid, req.required_json().await?),
-                _ => Err(ApiError::method_not_allowed()),
+                _ => Err(unsupported(&mut req).await),
             };
         }
         if match_route("/decrypt", &path).is_some() {
             return match m {
                 Method::POST => self.decrypt(uid, req.required_json().await?),
-                _ => Err(ApiError::method_not_allowed()),
+                _ => Err(unsupported(&mut req).await),
             };
         }
         Err(ApiError::not_found())
@@ -323,6 +331,17 @@ impl Service for Api {
             Err(e) => e.into(),
         }
     }
+}
+
+/// A method the route does not implement: upstream decodes a PUT body (415/422) and a
+/// POST/DELETE body (422) before answering 400 `method not allowed`.
+async fn unsupported(req: &mut Request) -> ApiError {
+    let decoded = match req.method {
+        Method::PUT => req.put_json::<serde::de::IgnoredAny>().await.map(|_| ()),
+        Method::POST | Method::DELETE => req.json::<serde::de::IgnoredAny>().await.map(|_| ()),
+        _ => Ok(()),
+    };
+    decoded.err().unwrap_or_else(ApiError::method_not_allowed)
 }
 
 /// An ID with a NUL cannot reach the C API.

@@ -106,18 +106,9 @@ pub fn serve(
     backend: Arc<dyn KeyBackend>,
 ) -> KeydError {
     let api = Arc::new(api::Api::new(backend, Principals::new(&config.principal)));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(4)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return KeydError::Runtime(e),
-    };
     let server_config = ServerConfig { max_requests: config.max_requests, ..ServerConfig::default() };
     tracing::info!("Starting server...");
-    KeydError::Serve(runtime.block_on(aziot_ipc::server::serve(listener, api, server_config)))
+    KeydError::Serve(aziot_ipc::server::run(listener, api, server_config))
 }
 
 /// Runs keyd unconfined in this process (no broker): config, library, listener, serve.

@@ -12,6 +12,7 @@
 
 mod crypto;
 mod files;
+mod hmac;
 mod params;
 #[cfg(test)]
 mod tests;

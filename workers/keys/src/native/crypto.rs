@@ -3,14 +3,13 @@
 //! Nothing here touches the filesystem; [`super::KeyStore`] hands parsed keys in. No function
 //! logs or puts key material into an error.
 
+use super::hmac::HmacSha256Key;
 use openssl::bn::BigNumContext;
 use openssl::ec::{EcGroup, EcKey, PointConversionForm};
 use openssl::ecdsa::EcdsaSig;
-use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::pkey::{Id, PKey, Private};
 use openssl::rsa::{Padding, Rsa};
-use openssl::sign::Signer;
 use openssl::symm::Cipher;
 use zeroize::Zeroizing;
 
@@ -232,15 +231,15 @@ impl KeyPair {
     }
 }
 
-/// A symmetric key: its raw bytes plus an HMAC key object made once from them.
+/// A symmetric key: its raw bytes plus the HMAC states made once from them.
 pub(crate) struct SymmetricKey {
     bytes: Zeroizing<Vec<u8>>,
-    hmac: PKey<Private>,
+    hmac: HmacSha256Key,
 }
 
 impl SymmetricKey {
     pub(crate) fn new(bytes: Zeroizing<Vec<u8>>) -> Result<Self> {
-        let hmac = PKey::hmac(&bytes).map_err(ssl_err("could not create HMAC key"))?;
+        let hmac = HmacSha256Key::new(&bytes);
         Ok(SymmetricKey { bytes, hmac })
     }
 
@@ -249,7 +248,7 @@ impl SymmetricKey {
     }
 
     pub(crate) fn hmac_sha256(&self, data: &[u8]) -> Result<Vec<u8>> {
-        hmac_sha256_with(&self.hmac, data)
+        Ok(self.hmac.mac(data).to_vec())
     }
 
     /// `HMAC-SHA256(self, derivation_data)`: the derived key of spec §7.5.
@@ -258,16 +257,9 @@ impl SymmetricKey {
     }
 }
 
-fn hmac_sha256_with(key: &PKey<Private>, data: &[u8]) -> Result<Vec<u8>> {
-    let mut signer = Signer::new(MessageDigest::sha256(), key).map_err(ssl_err("could not start HMAC"))?;
-    signer.update(data).map_err(ssl_err("HMAC failed"))?;
-    signer.sign_to_vec().map_err(ssl_err("HMAC failed"))
-}
-
 /// HMAC-SHA256 with raw key bytes (used for derived keys, which are never cached).
 pub(crate) fn hmac_sha256(key: &[u8], data: &[u8]) -> Result<Vec<u8>> {
-    let pkey = PKey::hmac(key).map_err(ssl_err("could not create HMAC key"))?;
-    hmac_sha256_with(&pkey, data)
+    Ok(HmacSha256Key::new(key).mac(data).to_vec())
 }
 
 /// Constant-time comparison of an expected MAC with a caller-supplied one.
