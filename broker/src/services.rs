@@ -19,6 +19,10 @@ pub struct ServiceSetup {
     pub state_dir: Option<PathBuf>,
     pub grants: aziot_policy::Grants,
     pub sandbox: SandboxConfig,
+    /// Where the config lives (watched for changes).
+    pub paths: ConfigPaths,
+    /// Further directories to hand over, by descriptor name (e.g. `preloaded-key:<id>`).
+    pub extra_dirs: Vec<(String, PathBuf)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,23 +45,36 @@ pub fn setup(service: &str) -> Result<ServiceSetup, SetupError> {
     }
 }
 
+/// Re-reads and validates the config of a running service (`short` name); the new merged
+/// config as TOML text.
+pub fn reload(short: &str, paths: &ConfigPaths) -> Result<String, SetupError> {
+    let merged = aziot_ipc::config::read_merged(paths)?;
+    match short {
+        "keyd" => {
+            let _: aziot_keyd::config::Config = aziot_ipc::config::deserialize(&merged, |file, key| {
+                tracing::warn!("unknown config key {key:?} in {} (ignored)", file.display());
+            })?;
+        }
+        other => return Err(SetupError::NotBuilt(other.to_owned())),
+    }
+    Ok(toml::to_string(&merged.value)?)
+}
+
 fn keyd() -> Result<ServiceSetup, SetupError> {
-    let merged = aziot_ipc::config::read_merged(&ConfigPaths::from_env("keyd"))?;
+    let paths = ConfigPaths::from_env("keyd");
+    let merged = aziot_ipc::config::read_merged(&paths)?;
     let config: aziot_keyd::config::Config = aziot_ipc::config::deserialize(&merged, |file, key| {
         tracing::warn!("unknown config key {key:?} in {} (ignored)", file.display());
     })?;
     // Fail here, as root, on what the worker would fail on later.
     let endpoint = aziot_keyd::endpoint(&config)?;
     let state_dir = config.aziot_keys.get("homedir_path").map(PathBuf::from);
-    let mut grants = aziot_policy::Grants::default();
-    for (id, uri) in &config.preloaded_keys {
-        if let Some(path) = uri.strip_prefix("file://").and_then(aziot_ipc::endpoint::percent_decode) {
-            // Landlock rules bind to inodes: grant the directory, so that a key file replaced by
-            // rename stays readable.
-            let dir = std::path::Path::new(&path).parent().map(|p| p.to_path_buf()).unwrap_or_default();
-            grants.paths.push(aziot_policy::PathGrant::read_only(dir, format!("preloaded_keys.{id}")));
-        }
-    }
+    // Preloaded key files are reached through their directories, opened here and handed over.
+    let preloaded_dirs = aziot_keyd::preloaded_files(&config)
+        .into_iter()
+        .filter_map(|(id, path)| Some((format!("preloaded-key:{id}"), path.parent()?.to_path_buf())))
+        .collect();
+    let grants = aziot_policy::Grants::default();
     Ok(ServiceSetup {
         short: "keyd",
         config_text: toml::to_string(&merged.value)?,
@@ -66,5 +83,7 @@ fn keyd() -> Result<ServiceSetup, SetupError> {
         state_dir,
         grants,
         sandbox: config.sandbox,
+        paths,
+        extra_dirs: preloaded_dirs,
     })
 }

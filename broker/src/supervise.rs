@@ -61,6 +61,35 @@ pub struct WorkerReport {
     pub warnings: Vec<String>,
 }
 
+/// How often the broker looks at the config files.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A running worker: its pid, what it reported, and the broker's end of the hand-off socket
+/// (kept for config updates).
+pub struct Worker {
+    pid: Pid,
+    report: WorkerReport,
+    control: OwnedFd,
+}
+
+/// Waits up to `timeout` for a signal; `None` on timeout.
+fn wait_signal(sfd: &mut SignalFd, timeout: Duration) -> Result<Option<i32>, BrokerError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+    let ready = {
+        let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(n) => n,
+            Err(nix::Error::EINTR) => 0,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if ready == 0 {
+        return Ok(None);
+    }
+    Ok(sfd.read_signal()?.map(|info| info.ssi_signo as i32))
+}
+
 /// The running broker of one service.
 pub struct Broker {
     setup: ServiceSetup,
@@ -68,6 +97,7 @@ pub struct Broker {
     creds: aziot_policy::Credentials,
     listener: OwnedFd,
     state_dir: Option<OwnedFd>,
+    extra_dirs: Vec<(String, OwnedFd)>,
     status_path: PathBuf,
     seccomp_mode: String,
     restarts: u32,
@@ -103,13 +133,21 @@ impl Broker {
             Some(path) => Some(open_state_dir(path, &creds)?),
             None => None,
         };
+        let mut extra_dirs = Vec::new();
+        for (name, path) in &setup.extra_dirs {
+            match std::fs::File::open(path) {
+                Ok(dir) if dir.metadata().map(|m| m.is_dir()).unwrap_or(false) => extra_dirs.push((name.clone(), dir.into())),
+                Ok(_) => tracing::warn!("{} ({name}) is not a directory; not handed to the worker", path.display()),
+                Err(e) => tracing::warn!("could not open {} ({name}): {e}; not handed to the worker", path.display()),
+            }
+        }
         let status_path = match &setup.endpoint {
             aziot_ipc::endpoint::Endpoint::Unix(p) => {
                 p.parent().unwrap_or(Path::new(aziot_ipc::SOCKET_DIR)).join(format!("{}.status", setup.short))
             }
             _ => PathBuf::from(format!("{}/{}.status", aziot_ipc::SOCKET_DIR, setup.short)),
         };
-        Ok(Broker { setup, policy, creds, listener, state_dir, status_path, seccomp_mode, restarts: 0 })
+        Ok(Broker { setup, policy, creds, listener, state_dir, extra_dirs, status_path, seccomp_mode, restarts: 0 })
     }
 
     /// Runs until SIGTERM/SIGINT (then exits cleanly) or until the first worker fails before
@@ -120,24 +158,36 @@ impl Broker {
             mask.add(s);
         }
         mask.thread_block()?;
-        let mut sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)?;
+        let mut sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
 
         let started = Instant::now();
-        let (mut worker, mut report) = self.spawn_and_handoff(&mut sfd)?;
-        tracing::info!("worker {} of {} ready (sandbox report received in {:?})", worker, self.setup.short, started.elapsed());
-        self.write_status(worker, &report);
-        crate::notify::sd_notify(&format!("READY=1\nSTATUS=worker {worker} serving\nMAINPID={}", std::process::id()));
+        let mut worker = self.spawn_and_handoff(&mut sfd)?;
+        tracing::info!("worker {} of {} ready (sandbox report received in {:?})", worker.pid, self.setup.short, started.elapsed());
+        self.write_status(&worker);
+        crate::notify::sd_notify(&format!("READY=1\nSTATUS=worker {} serving\nMAINPID={}", worker.pid, std::process::id()));
 
         let mut backoff = BACKOFF_MIN;
         let mut worker_started = Instant::now();
+        let mut watcher = crate::watch::ConfigWatcher::new(&self.setup.paths);
         loop {
-            let Some(info) = sfd.read_signal()? else { continue };
-            let signo = info.ssi_signo as i32;
+            let signo = match wait_signal(&mut sfd, WATCH_INTERVAL)? {
+                Some(signo) => signo,
+                None => {
+                    if watcher.changed() {
+                        self.reload(&worker);
+                    }
+                    continue;
+                }
+            };
             if signo == Signal::SIGTERM as i32 || signo == Signal::SIGINT as i32 {
                 tracing::info!("received signal {signo}, stopping the worker");
-                self.stop(worker);
+                self.stop(worker.pid);
                 let _ = std::fs::remove_file(&self.status_path);
                 return Ok(());
+            }
+            if signo == Signal::SIGHUP as i32 {
+                self.reload(&worker);
+                continue;
             }
             if signo != Signal::SIGCHLD as i32 {
                 continue;
@@ -148,8 +198,8 @@ impl Broker {
                 match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::StillAlive) | Err(nix::Error::ECHILD) => break,
                     Ok(status) => {
-                        if status.pid() == Some(worker) {
-                            log_exit(worker, &status);
+                        if status.pid() == Some(worker.pid) {
+                            log_exit(worker.pid, &status);
                             worker_died = true;
                         }
                     }
@@ -167,9 +217,8 @@ impl Broker {
             backoff = (backoff * 2).min(BACKOFF_MAX);
             loop {
                 match self.spawn_and_handoff(&mut sfd) {
-                    Ok((w, r)) => {
+                    Ok(w) => {
                         worker = w;
-                        report = r;
                         break;
                     }
                     Err(e) => {
@@ -181,13 +230,28 @@ impl Broker {
             }
             self.restarts += 1;
             worker_started = Instant::now();
-            tracing::info!("worker {worker} of {} restarted (restart #{})", self.setup.short, self.restarts);
-            self.write_status(worker, &report);
+            tracing::info!("worker {} of {} restarted (restart #{})", worker.pid, self.setup.short, self.restarts);
+            self.write_status(&worker);
+        }
+    }
+
+    /// Re-reads the config as root and sends it to the worker; a config that does not parse
+    /// leaves the old one in force.
+    fn reload(&mut self, worker: &Worker) {
+        tracing::info!("Detected change in config files. Updating config.");
+        match crate::services::reload(self.setup.short, &self.setup.paths) {
+            Ok(text) => {
+                self.setup.config_text = text.clone();
+                if let Err(e) = handoff::send_json(worker.control.as_fd(), &handoff::Control::Config { config: text }) {
+                    tracing::warn!("Config update failed. Error: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("Detected config file update, but new config failed to parse. Error: {e}"),
         }
     }
 
     /// Spawns a worker, hands the manifest over and waits for its report.
-    fn spawn_and_handoff(&self, sfd: &mut SignalFd) -> Result<(Pid, WorkerReport), BrokerError> {
+    fn spawn_and_handoff(&self, sfd: &mut SignalFd) -> Result<Worker, BrokerError> {
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
         let child_fd = theirs.as_raw_fd();
         let creds = self.creds.clone();
@@ -222,7 +286,7 @@ impl Broker {
             .map_err(BrokerError::from)
             .and_then(|()| wait_report(ours.as_fd(), REPORT_TIMEOUT));
         match result {
-            Ok(report) if report.ok => Ok((pid, report)),
+            Ok(report) if report.ok => Ok(Worker { pid, report, control: ours }),
             Ok(report) => {
                 self.reap(pid, sfd);
                 Err(BrokerError::WorkerRefused(report.error.unwrap_or_else(|| "no reason given".to_owned())))
@@ -239,6 +303,10 @@ impl Broker {
         let mut fds = vec![self.listener.as_fd()];
         if let Some(dir) = &self.state_dir {
             entries.push(DescriptorEntry { name: "state".into(), kind: DescriptorKind::Directory });
+            fds.push(dir.as_fd());
+        }
+        for (name, dir) in &self.extra_dirs {
+            entries.push(DescriptorEntry { name: name.clone(), kind: DescriptorKind::Directory });
             fds.push(dir.as_fd());
         }
         (entries, fds)
@@ -265,12 +333,13 @@ impl Broker {
         let _ = waitpid(worker, None);
     }
 
-    fn write_status(&self, worker: Pid, report: &WorkerReport) {
+    fn write_status(&self, worker: &Worker) {
+        let report = &worker.report;
         let degraded = self.seccomp_mode != "kill" || !report.warnings.is_empty();
         let status = aziot_policy::Status {
             service: self.setup.short.to_owned(),
             broker_pid: std::process::id() as i32,
-            worker_pid: worker.as_raw(),
+            worker_pid: worker.pid.as_raw(),
             policy_digest: self.policy.digest(),
             seccomp_digest: self.policy.seccomp.digest.clone(),
             landlock: report.landlock.clone().unwrap_or_default(),

@@ -55,29 +55,46 @@ fn serve(sock: &OwnedFd, manifest: Manifest, fds: Vec<OwnedFd>) -> Result<(), Wo
         check_descriptor(&entry.name, entry.kind, &fd)?;
         named.push((entry.name.clone(), fd));
     }
-    let mut take = |name: &'static str| named.iter().position(|(n, _)| n == name).map(|i| named.remove(i).1);
     let policy: aziot_policy::Policy = serde_json::from_value(manifest.policy.clone())?;
     match manifest.service.as_str() {
         "keyd" => {
             openssl::init();
             let config: aziot_keyd::config::Config = toml::from_str(&manifest.config)?;
-            let listener = take("listener").ok_or(WorkerError::Missing("listener"))?;
-            let state = take("state");
-            let state_for_rules = state.as_ref().map(|fd| fd.try_clone()).transpose().map_err(|e| {
-                WorkerError::BadDescriptor { name: format!("state ({e})"), kind: DescriptorKind::Directory }
-            })?;
+            let listener = take_named(&mut named, "listener").ok_or(WorkerError::Missing("listener"))?;
+            let home = take_named(&mut named, "state");
+            let mut preloaded = Vec::new();
+            for (id, path) in aziot_keyd::preloaded_files(&config) {
+                let (Some(fd), Some(file_name)) = (take_named(&mut named, &format!("preloaded-key:{id}")), path.file_name())
+                else {
+                    continue;
+                };
+                preloaded.push((id, fd, file_name.to_string_lossy().into_owned()));
+            }
+            // Landlock rules are made on the same directories.
+            let mut rule_dirs = Vec::new();
+            for (name, fd) in home.iter().map(|fd| ("state", fd)).chain(preloaded.iter().map(|(_, fd, _)| ("preloaded-keys", fd))) {
+                let dup = fd.try_clone().map_err(|e| WorkerError::BadDescriptor {
+                    name: format!("{name} ({e})"),
+                    kind: DescriptorKind::Directory,
+                })?;
+                rule_dirs.push((name, dup));
+            }
             // Pre-load: the key library (a replacement .so is dlopen'ed here, before seccomp
-            // forbids PROT_EXEC), the handle-validation key's directory.
-            let backend = aziot_keyd::backend(&config, state)?;
-            let dirs: Vec<(&str, std::os::fd::BorrowedFd<'_>)> =
-                state_for_rules.iter().map(|fd| ("state", fd.as_fd())).collect();
+            // forbids PROT_EXEC).
+            let backend = aziot_keyd::backend(&config, aziot_keyd::HandedDirs { home, preloaded })?;
+            let dirs: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = rule_dirs.iter().map(|(n, fd)| (*n, fd.as_fd())).collect();
             let report = lock_in(&policy, &manifest, &dirs)?;
             handoff::send_json(sock.as_fd(), &report)?;
             let listener = std::os::unix::net::UnixListener::from(listener);
-            Err(aziot_keyd::serve(listener, &config, backend).into())
+            let control = sock.try_clone().map_err(|e| WorkerError::BadDescriptor { name: format!("hand-off socket ({e})"), kind: DescriptorKind::Socket })?;
+            Err(aziot_keyd::serve(listener, &config, backend, Some(control)).into())
         }
         other => Err(WorkerError::Service(other.to_owned())),
     }
+}
+
+fn take_named(named: &mut Vec<(String, OwnedFd)>, name: &str) -> Option<OwnedFd> {
+    named.iter().position(|(n, _)| n == name).map(|i| named.remove(i).1)
 }
 
 /// rlimits, Landlock, seccomp, in that order; fails closed unless degraded mode is allowed.

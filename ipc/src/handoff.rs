@@ -70,6 +70,15 @@ pub struct Manifest {
 
 pub const MANIFEST_VERSION: u32 = 1;
 
+/// Messages the broker sends a running worker over the hand-off socket.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Control {
+    /// The config files changed; here is the new merged, validated config (TOML). keyd applies
+    /// only its `[[principal]]` tables, as upstream does.
+    Config { config: String },
+}
+
 /// Sends the manifest with its descriptors (in `manifest.descriptors` order).
 pub fn send_manifest(sock: BorrowedFd<'_>, manifest: &Manifest, fds: &[BorrowedFd<'_>]) -> Result<(), HandoffError> {
     if manifest.descriptors.len() != fds.len() {

@@ -41,22 +41,21 @@ pub enum KeydError {
 }
 
 /// Builds the key backend from config: the built-in library, or a replacement `.so`.
-/// With `homedir`, the state directory is the given descriptor (the sandboxed worker has no
-/// path access) and `homedir_path` is not opened again.
-pub fn backend(
-    config: &config::Config,
-    homedir: Option<std::os::fd::OwnedFd>,
-) -> Result<Arc<dyn KeyBackend>, KeydError> {
-    let skip_homedir_path = homedir.is_some() && config.aziot_keys_library.is_none();
-    let backend: Arc<dyn KeyBackend> = match (&config.aziot_keys_library, homedir) {
-        (None, homedir) => {
-            let store = aziot_keys::native::KeyStore::new();
-            if let Some(fd) = homedir {
+/// With `dirs`, the state directory and the directories of preloaded key files are the given
+/// descriptors (the sandboxed worker has no path access) and are not opened again.
+pub fn backend(config: &config::Config, dirs: HandedDirs) -> Result<Arc<dyn KeyBackend>, KeydError> {
+    let skip_homedir_path = dirs.home.is_some() && config.aziot_keys_library.is_none();
+    let mut native = None;
+    let backend: Arc<dyn KeyBackend> = match &config.aziot_keys_library {
+        None => {
+            let store = Arc::new(aziot_keys::native::KeyStore::new());
+            if let Some(fd) = dirs.home {
                 store.set_homedir_fd(fd);
             }
-            Arc::new(store)
+            native = Some(Arc::clone(&store));
+            store
         }
-        (Some(path), _) => Arc::new(
+        Some(path) => Arc::new(
             aziot_keys::foreign::ForeignLibrary::load(path)
                 .map_err(|source| KeydError::Library { path: path.clone(), source })?,
         ),
@@ -82,7 +81,34 @@ pub fn backend(
             .set_parameter(&name, location)
             .map_err(|source| KeydError::Parameter { name, source })?;
     }
+    if let Some(store) = native {
+        for (id, dir, file_name) in dirs.preloaded {
+            store
+                .set_preloaded_key_dir(&id, dir, &file_name)
+                .map_err(|source| KeydError::Parameter { name: format!("preloaded_key:{id}"), source })?;
+        }
+    }
     Ok(backend)
+}
+
+/// Directories handed over by the broker: the state directory, and per preloaded `file://`
+/// key its directory and file name.
+#[derive(Debug, Default)]
+pub struct HandedDirs {
+    pub home: Option<std::os::fd::OwnedFd>,
+    pub preloaded: Vec<(String, std::os::fd::OwnedFd, String)>,
+}
+
+/// The preloaded `file://` keys of the config: (id, path).
+pub fn preloaded_files(config: &config::Config) -> Vec<(String, std::path::PathBuf)> {
+    config
+        .preloaded_keys
+        .iter()
+        .filter_map(|(id, uri)| {
+            let path = uri.strip_prefix("file://").and_then(aziot_ipc::endpoint::percent_decode)?;
+            Some((id.clone(), std::path::PathBuf::from(path)))
+        })
+        .collect()
 }
 
 /// The listener endpoint from config (default `unix:///run/aziot/keyd.sock`).
@@ -100,15 +126,46 @@ pub fn load_config() -> Result<config::Config, KeydError> {
 
 /// Serves on `listener` until the server fails. Builds the runtime: call only once the
 /// sandbox is in place (the runtime's threads inherit it).
+/// With `control`, a thread applies the config updates the broker sends (principals only).
 pub fn serve(
     listener: std::os::unix::net::UnixListener,
     config: &config::Config,
     backend: Arc<dyn KeyBackend>,
+    control: Option<std::os::fd::OwnedFd>,
 ) -> KeydError {
     let api = Arc::new(api::Api::new(backend, Principals::new(&config.principal)));
+    if let Some(control) = control {
+        let api = Arc::clone(&api);
+        let spawned = std::thread::Builder::new().name("aziot-control".into()).spawn(move || control_loop(&control, &api));
+        if let Err(e) = spawned {
+            return KeydError::Runtime(e);
+        }
+    }
     let server_config = ServerConfig { max_requests: config.max_requests, ..ServerConfig::default() };
     tracing::info!("Starting server...");
     KeydError::Serve(aziot_ipc::server::run(listener, api, server_config))
+}
+
+fn control_loop(control: &std::os::fd::OwnedFd, api: &api::Api) {
+    use std::os::fd::AsFd;
+    loop {
+        match aziot_ipc::handoff::recv_json::<aziot_ipc::handoff::Control>(control.as_fd()) {
+            Ok(aziot_ipc::handoff::Control::Config { config }) => match toml::from_str::<config::Config>(&config) {
+                Ok(config) => {
+                    api.set_principals(Principals::new(&config.principal));
+                    tracing::info!("Config update finished.");
+                }
+                Err(e) => tracing::warn!("Config update failed. Error: {e}"),
+            },
+            Err(aziot_ipc::handoff::HandoffError::Closed) => {
+                tracing::error!("the broker closed the control channel; exiting");
+                std::process::exit(1);
+            }
+            Err(e) => {
+                tracing::warn!("bad control message from the broker: {e}");
+            }
+        }
+    }
 }
 
 /// Runs keyd unconfined in this process (no broker): config, library, listener, serve.
@@ -117,7 +174,7 @@ pub fn run() -> Result<(), KeydError> {
     tracing::info!("Starting service...");
     tracing::info!("Version - {}", env!("CARGO_PKG_VERSION"));
     let config = load_config()?;
-    let backend = backend(&config, None)?;
+    let backend = backend(&config, HandedDirs::default())?;
     let listener = aziot_ipc::listener::open(&endpoint(&config)?, Some(SOCKET_NAME))?;
-    Err(serve(listener, &config, backend))
+    Err(serve(listener, &config, backend, None))
 }

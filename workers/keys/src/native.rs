@@ -22,6 +22,7 @@ mod tests_ops;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -78,6 +79,8 @@ struct Config {
     pkcs11_lib_path: Option<String>,
     pkcs11_base_slot: Option<String>,
     preloaded: HashMap<String, PreloadedLocation>,
+    /// Preloaded `file://` keys whose directory was handed over already open (sandbox).
+    preloaded_dirs: HashMap<String, (Arc<OwnedFd>, CString)>,
 }
 
 enum DirFd {
@@ -170,6 +173,25 @@ impl KeyStore {
         self.invalidate();
     }
 
+    /// Gives the already-open parent directory of the preloaded `file://` key `id` (a sandboxed
+    /// process cannot open the path itself). `id` must have been set with
+    /// `set_parameter("preloaded_key:<id>", "file://...")`, and `file_name` must be that URI's
+    /// last path component.
+    pub fn set_preloaded_key_dir(&self, id: &str, dir: OwnedFd, file_name: &str) -> Result<()> {
+        let _w = lock(&self.write_lock);
+        let mut config = write(&self.config);
+        match config.preloaded.get(id) {
+            Some(PreloadedLocation::File(path))
+                if path.file_name().is_some_and(|n| n.as_bytes() == file_name.as_bytes()) => {}
+            _ => return Err(Error::invalid("the directory does not match a preloaded file:// key")),
+        }
+        let name = CString::new(file_name).map_err(|_| Error::invalid("file name contains NUL"))?;
+        config.preloaded_dirs.insert(id.to_owned(), (Arc::new(dir), name));
+        drop(config);
+        self.invalidate();
+        Ok(())
+    }
+
     fn invalidate(&self) {
         let mut cache = write(&self.cache);
         cache.clear();
@@ -194,6 +216,9 @@ impl KeyStore {
     /// The single location of `id` (spec §7.2): its preloaded file, else the home directory.
     fn resolve(&self, id: &str) -> Result<Location> {
         let config = read(&self.config);
+        if let Some((dir, name)) = config.preloaded_dirs.get(id) {
+            return Ok(Location { dir: DirFd::Keys(Arc::clone(dir)), name: name.clone() });
+        }
         if let Some(location) = config.preloaded.get(id) {
             return match location {
                 PreloadedLocation::File(path) => {
@@ -366,7 +391,10 @@ impl KeyBackend for KeyStore {
                 Some(id) => {
                     let location = params::parse_preloaded_location(value)?;
                     let _w = lock(&self.write_lock);
-                    write(&self.config).preloaded.insert(id.to_owned(), location);
+                    let mut config = write(&self.config);
+                    config.preloaded_dirs.remove(id);
+                    config.preloaded.insert(id.to_owned(), location);
+                    drop(config);
                     self.invalidate();
                     Ok(())
                 }

@@ -388,3 +388,25 @@ fn pkcs11_locations_are_not_supported_yet() {
     }
     assert!(is_external(store.create_key_pair_if_not_exists("new", None)));
 }
+
+#[test]
+fn preloaded_key_through_a_handed_over_directory() {
+    let dir = std::env::temp_dir().join(format!("aziot-keys-preload-dir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("dev.key"), b"0123456789abcdef0123456789abcdef").unwrap();
+    let store = KeyStore::new();
+    let uri = format!("file://{}/dev.key", dir.display());
+    store.set_parameter("preloaded_key:dev", &uri).unwrap();
+    let fd: std::os::fd::OwnedFd = std::fs::File::open(&dir).unwrap().into();
+    // A name that is not the URI's file name is refused.
+    let wrong: std::os::fd::OwnedFd = std::fs::File::open(&dir).unwrap().into();
+    assert!(matches!(store.set_preloaded_key_dir("dev", wrong, "other.key"), Err(Error::InvalidParameter(_))));
+    store.set_preloaded_key_dir("dev", fd, "dev.key").unwrap();
+    // Move the directory away: the store keeps reading through its descriptor.
+    let moved = dir.with_extension("moved");
+    std::fs::rename(&dir, &moved).unwrap();
+    store.load_key("dev").unwrap();
+    let mac = store.sign("dev", crate::SignMechanism::HmacSha256, b"m").unwrap();
+    assert_eq!(mac, super::crypto::hmac_sha256(b"0123456789abcdef0123456789abcdef", b"m").unwrap());
+    std::fs::remove_dir_all(moved).unwrap();
+}
