@@ -1,11 +1,45 @@
 //! `aziotd`: one binary for every service, chosen by the file name of argv[0]
 //! (`aziot-keyd`, `aziot-certd`, `aziot-identityd`, `aziot-tpmd`), or `aziotd <name>`.
+//!
+//! Run as a service, it is the service's **broker** (root, synchronous): sanitize, read the
+//! config, open the resources, spawn the confined worker, supervise ([`supervise`]).
+//! `aziotd --worker` is the **worker** ([`worker`]), exec'ed by the broker only.
+
+mod kmsg;
+mod notify;
+mod sanitize;
+mod services;
+mod supervise;
+mod watch;
+mod worker;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    aziot_ipc::logging::init();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "--worker") {
+        // Logging starts once the manifest (with the broker's filter) is read.
+        return match worker::main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                aziot_ipc::logging::init();
+                supervise::log_chain(&e);
+                ExitCode::from(1)
+            }
+        };
+    }
+    if args.get(1).is_some_and(|a| a == "--unconfined") {
+        return unconfined(&args);
+    }
+    // Step 1 of the broker, before anything else opens a descriptor.
+    let keep = sanitize::activated_range();
+    let sanitized = sanitize::close_stray_fds(&keep);
+    sanitize::clear_env();
+    aziot_ipc::logging::init();
+    if let Err(e) = sanitized {
+        tracing::error!("could not close inherited descriptors: {e}");
+        return ExitCode::from(1);
+    }
     let name = match service_name(&args) {
         Ok(n) => n,
         Err(e) => {
@@ -13,11 +47,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = match name.as_str() {
-        "aziot-keyd" => aziot_keyd::run().map_err(anyhow::Error::from),
-        other => Err(anyhow::anyhow!("{other} is not part of this build yet")),
-    };
-    match result {
+    match broker(&name) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             for (i, cause) in e.chain().enumerate() {
@@ -27,6 +57,37 @@ fn main() -> ExitCode {
                     tracing::error!("caused by: {cause}");
                 }
             }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn broker(name: &str) -> anyhow::Result<()> {
+    tracing::info!("Starting service...");
+    tracing::info!("Version - {}", env!("CARGO_PKG_VERSION"));
+    let setup = services::setup(name)?;
+    let broker = supervise::Broker::prepare(setup)?;
+    broker.run()?;
+    Ok(())
+}
+
+/// `aziotd --unconfined aziot-keyd`: the service in one process, without broker or sandbox,
+/// as the user that starts it (never root). For comparisons (the benchmark's baseline) and
+/// debugging; it grants nothing the caller does not already have.
+fn unconfined(args: &[std::ffi::OsString]) -> ExitCode {
+    aziot_ipc::logging::init();
+    if nix::unistd::geteuid().is_root() {
+        tracing::error!("--unconfined refuses to run as root: run it as the service user, or run the service normally");
+        return ExitCode::from(1);
+    }
+    let result = match args.get(2).and_then(|a| a.to_str()) {
+        Some("aziot-keyd") => aziot_keyd::run().map_err(anyhow::Error::from),
+        other => Err(anyhow::anyhow!("--unconfined: unknown or unbuilt service {other:?}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            supervise::log_chain(e.as_ref());
             ExitCode::from(1)
         }
     }

@@ -121,13 +121,12 @@ impl Broker {
         let policy_d = PathBuf::from(format!("/etc/aziot/{}/policy.d", setup.short));
         let policy = aziot_policy::effective(setup.short, &setup.grants, Some(&policy_d))?;
         let creds = aziot_policy::resolve_credentials(&policy)?;
+        let activated = !crate::sanitize::activated_range().is_empty();
         let listener: OwnedFd = aziot_ipc::listener::open(&setup.endpoint, Some(setup.socket_name))?.into();
-        if let aziot_ipc::endpoint::Endpoint::Unix(path) = &setup.endpoint {
-            // A socket we bound ourselves gets the socket unit's owner and mode.
-            if is_socket_at(path, &listener) {
-                nix::unistd::chown(path, Some(creds.uid.into()), Some(creds.gid.into()))
-                    .map_err(|source| BrokerError::Chown { path: path.clone(), source })?;
-            }
+        if let (false, aziot_ipc::endpoint::Endpoint::Unix(path)) = (activated, &setup.endpoint) {
+            // A socket we bound ourselves gets the socket unit's owner and mode (0660, set at bind).
+            nix::unistd::chown(path, Some(creds.uid.into()), Some(creds.gid.into()))
+                .map_err(|source| BrokerError::Chown { path: path.clone(), source })?;
         }
         let state_dir = match &setup.state_dir {
             Some(path) => Some(open_state_dir(path, &creds)?),
@@ -279,6 +278,7 @@ impl Broker {
             config: self.setup.config_text.clone(),
             descriptors: entries,
             policy: serde_json::to_value(&self.policy).unwrap_or_default(),
+            log_filter: std::env::var("AZIOT_LOG").unwrap_or_default(),
             seccomp_mode: self.seccomp_mode.clone(),
             allow_degraded: self.setup.sandbox.allow_degraded,
         };
@@ -335,18 +335,25 @@ impl Broker {
 
     fn write_status(&self, worker: &Worker) {
         let report = &worker.report;
-        let degraded = self.seccomp_mode != "kill" || !report.warnings.is_empty();
+        let degraded = self.seccomp_mode != "kill" || aziot_policy::is_degraded(&report.warnings);
         let status = aziot_policy::Status {
             service: self.setup.short.to_owned(),
             broker_pid: std::process::id() as i32,
             worker_pid: worker.pid.as_raw(),
             policy_digest: self.policy.digest(),
-            seccomp_digest: self.policy.seccomp.digest.clone(),
+            seccomp_digest: report.seccomp.as_ref().map(|s| s.digest.clone()).unwrap_or_default(),
             landlock: report.landlock.clone().unwrap_or_default(),
             seccomp_mode: self.seccomp_mode.clone(),
             degraded,
             warnings: report.warnings.clone(),
             restarts: self.restarts,
+            handed_dirs: self
+                .setup
+                .state_dir
+                .iter()
+                .cloned()
+                .chain(self.setup.extra_dirs.iter().map(|(_, p)| p.clone()))
+                .collect(),
         };
         for w in &report.warnings {
             tracing::warn!("sandbox degraded: {w}");
@@ -372,28 +379,40 @@ fn wait_report(sock: BorrowedFd<'_>, timeout: Duration) -> Result<WorkerReport, 
     Ok(handoff::recv_json(sock)?)
 }
 
-/// Is the listener the socket file at `path` (we bound it), rather than one systemd passed?
-fn is_socket_at(path: &Path, listener: &OwnedFd) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(meta), Ok(st)) = (std::fs::metadata(path), nix::sys::stat::fstat(listener.as_raw_fd())) else {
-        return false;
-    };
-    meta.ino() == st.st_ino && meta.dev() == st.st_dev
-}
-
-/// Ensures the state directory exists, owned by the service user, mode 0700 (as systemd's
-/// StateDirectory= does), and opens it.
+/// Ensures the state directory exists, owned by the service user, mode 0700, as systemd's
+/// StateDirectory= does (including its recursive chown when the directory's owner does not
+/// match), and opens it.
 fn open_state_dir(path: &Path, creds: &aziot_policy::Credentials) -> Result<OwnedFd, BrokerError> {
+    use std::os::unix::fs::MetadataExt;
     let err = |source| BrokerError::StateDir { path: path.to_owned(), source };
     std::fs::create_dir_all(path).map_err(err)?;
-    nix::unistd::chown(path, Some(creds.uid.into()), Some(creds.gid.into()))
-        .map_err(|source| BrokerError::Chown { path: path.to_owned(), source })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    let dir = std::fs::File::open(path).map_err(err)?;
-    if !dir.metadata().map_err(err)?.is_dir() {
+    let meta = std::fs::symlink_metadata(path).map_err(err)?;
+    if !meta.is_dir() {
         return Err(err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory")));
     }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    if meta.uid() != creds.uid || meta.gid() != creds.gid {
+        chown_tree(path, creds)?;
+    }
+    let dir = std::fs::File::open(path).map_err(err)?;
     Ok(dir.into())
+}
+
+/// `chown -R` without following symlinks (a symlink itself is re-owned, never its target).
+fn chown_tree(path: &Path, creds: &aziot_policy::Credentials) -> Result<(), BrokerError> {
+    use nix::fcntl::AtFlags;
+    let chown_err = |source| BrokerError::Chown { path: path.to_owned(), source };
+    nix::unistd::fchownat(None, path, Some(creds.uid.into()), Some(creds.gid.into()), AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(chown_err)?;
+    let meta = std::fs::symlink_metadata(path).map_err(|source| BrokerError::StateDir { path: path.to_owned(), source })?;
+    if meta.is_dir() {
+        let entries = std::fs::read_dir(path).map_err(|source| BrokerError::StateDir { path: path.to_owned(), source })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| BrokerError::StateDir { path: path.to_owned(), source })?;
+            chown_tree(&entry.path(), creds)?;
+        }
+    }
+    Ok(())
 }
 
 fn log_exit(pid: Pid, status: &WaitStatus) {

@@ -38,6 +38,7 @@ pub fn main() -> Result<(), WorkerError> {
     let sock = unsafe { OwnedFd::from_raw_fd(HANDOFF_FD) };
     let _ = nix::fcntl::fcntl(sock.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
     let (manifest, fds) = handoff::recv_manifest(sock.as_fd())?;
+    aziot_ipc::logging::init_with(&manifest.log_filter);
     let result = serve(&sock, manifest, fds);
     if let Err(e) = &result {
         let report = WorkerReport { ok: false, error: Some(chain(e)), landlock: None, seccomp: None, warnings: vec![] };

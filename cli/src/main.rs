@@ -7,6 +7,7 @@ mod apply;
 mod fsops;
 mod hostname;
 mod mp;
+mod policy;
 mod render;
 mod services;
 mod super_config;
@@ -35,6 +36,9 @@ enum Command {
     /// Configure the Azure IoT Identity Service
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Show and audit the sandbox of every service
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = match cli.command {
         Command::Config(ConfigCommand::Apply(options)) => apply::run(options).map_err(Into::into),
         Command::Config(ConfigCommand::Mp(options)) => mp::run(options).map_err(Into::into),
+        Command::Policy(command) => policy::run(command).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -63,6 +63,9 @@ pub struct Manifest {
     /// The effective sandbox policy (built in + config grants + admin drop-ins), as the
     /// broker computed it; the worker applies it.
     pub policy: serde_json::Value,
+    /// The broker's `AZIOT_LOG` filter.
+    #[serde(default)]
+    pub log_filter: String,
     /// The sandbox switches the broker decided from config.
     pub seccomp_mode: String,
     pub allow_degraded: bool,
@@ -180,6 +183,7 @@ mod tests {
             config: "max_requests = 3\n".into(),
             descriptors: vec![DescriptorEntry { name: "state".into(), kind: DescriptorKind::Directory }],
             policy: serde_json::json!({}),
+            log_filter: "info".into(),
             seccomp_mode: "kill".into(),
             allow_degraded: false,
         };

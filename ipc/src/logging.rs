@@ -13,10 +13,16 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global subscriber. Safe to call more than once (later calls do nothing).
+/// Installs the global subscriber with the filter from `AZIOT_LOG`. Safe to call more than
+/// once (later calls do nothing).
 pub fn init() {
-    let directives = std::env::var("AZIOT_LOG").unwrap_or_default();
-    let filter = parse_filter(&directives);
+    init_with(&std::env::var("AZIOT_LOG").unwrap_or_default());
+}
+
+/// Installs the global subscriber with the given filter directives (a worker gets its
+/// broker's `AZIOT_LOG` through the hand-off, not the environment).
+pub fn init_with(directives: &str) {
+    let filter = parse_filter(directives);
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .event_format(AziotFormat);

@@ -27,7 +27,7 @@ TOML
 ln -s "$bin" "$prefix/aziot-keyd"
 sock="$prefix/run/keyd.sock"
 AZIOT_KEYD_CONFIG="$prefix/etc/config.toml" AZIOT_KEYD_CONFIG_DIR="$prefix/etc/config.d" \
-  strace -f -qq -s 0 -o "$prefix/trace" "$prefix/aziot-keyd" 2>"$prefix/log" &
+  strace -f -qq -s 0 ${STRACE_EXTRA:-} -o "$prefix/trace" "$prefix/aziot-keyd" 2>"$prefix/log" &
 pid=$!
 for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
 [ -S "$sock" ] || { cat "$prefix/log" >&2; exit 1; }
@@ -65,7 +65,12 @@ for round in 1 2 3; do
   wait "${kids[@]}"
   sleep 1.5
 done
-kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+# $pid is strace; stop the traced service itself (SIGTERM, then SIGKILL if it lingers).
+kpid=$(pgrep -P "$pid" | head -1)
+kill -TERM "$kpid" 2>/dev/null || true
+for _ in $(seq 30); do kill -0 "$kpid" 2>/dev/null || break; sleep 0.1; done
+kill -KILL "$kpid" 2>/dev/null || true
+wait "$pid" 2>/dev/null || true
 
 # Cut at the listener: keep what comes after the listen() call.
 start=$(grep -n ' listen(' "$prefix/trace" | head -1 | cut -d: -f1)
@@ -73,13 +78,13 @@ tail -n +"$start" "$prefix/trace" > "$prefix/served"
 echo "# syscalls after listen(), with counts (pid-prefixed strace lines):"
 sed -E 's/^[0-9]+ +//; s/^<\.\.\. ([a-z0-9_]+) resumed>.*/\1/; s/\(.*//' "$prefix/served" \
   | grep -E '^[a-z0-9_]+$' | sort | uniq -c | sort -rn
-echo "# ioctl requests:";   grep -oE 'ioctl\([0-9]+, [A-Z0-9_x]+' "$prefix/served" | awk '{print $2}' | sort | uniq -c
-echo "# prctl options:";    grep -oE 'prctl\([A-Z0-9_]+' "$prefix/served" | sort | uniq -c
-echo "# mmap/mprotect prot:"; grep -oE '(mmap|mprotect)\([^,]+, [^,]+, [A-Z_|]+' "$prefix/served" | awk '{print $NF}' | sort | uniq -c
-echo "# clone flags:";      grep -oE 'clone3?\(\{?[^)]*' "$prefix/served" | grep -oE 'flags=[A-Z_|]+|CLONE_[A-Z_|]+' | sort | uniq -c
-echo "# socket/connect:";   grep -E ' (socket|connect)\(' "$prefix/served" | sed -E 's/^[0-9]+ +//' | cut -c1-60 | sort | uniq -c
-echo "# fcntl:";            grep -oE 'fcntl\([0-9]+, [A-Z_]+' "$prefix/served" | awk '{print $2}' | sort | uniq -c
-echo "# setsockopt/getsockopt:"; grep -oE '(get|set)sockopt\([0-9]+, [A-Z_]+, [A-Z_]+' "$prefix/served" | cut -d, -f2- | sort | uniq -c
-echo "# futex ops:";        grep -oE 'futex\([^,]+, [A-Z_]+' "$prefix/served" | awk '{print $2}' | sort | uniq -c
-echo "# errors seen (syscall = -1):"; grep -E ' = -1 ' "$prefix/served" | sed -E 's/^[0-9]+ +//; s/\(.* = -1 / /' | sort | uniq -c
+echo "# ioctl requests:";   grep -oE 'ioctl\([0-9]+, [A-Z0-9_x]+' "$prefix/served" | awk '{print $2}' | sort | uniq -c || true
+echo "# prctl options:";    grep -oE 'prctl\([A-Z0-9_]+' "$prefix/served" | sort | uniq -c || true
+echo "# mmap/mprotect prot:"; grep -oE '(mmap|mprotect)\([^,]+, [^,]+, [A-Z_|]+' "$prefix/served" | awk '{print $NF}' | sort | uniq -c || true
+echo "# clone flags:";      grep -oE 'clone3?\(\{?[^)]*' "$prefix/served" | grep -oE 'flags=[A-Z_|]+|CLONE_[A-Z_|]+' | sort | uniq -c || true
+echo "# socket/connect:";   grep -E ' (socket|connect)\(' "$prefix/served" | sed -E 's/^[0-9]+ +//' | cut -c1-60 | sort | uniq -c || true
+echo "# fcntl:";            grep -oE 'fcntl\([0-9]+, [A-Z_]+' "$prefix/served" | awk '{print $2}' | sort | uniq -c || true
+echo "# setsockopt/getsockopt:"; grep -oE '(get|set)sockopt\([0-9]+, [A-Z_]+, [A-Z_]+' "$prefix/served" | cut -d, -f2- | sort | uniq -c || true
+echo "# futex ops:";        grep -oE 'futex\([^,]+, [A-Z_]+' "$prefix/served" | awk '{print $2}' | sort | uniq -c || true
+echo "# errors seen (syscall = -1):"; grep -E ' = -1 ' "$prefix/served" | sed -E 's/^[0-9]+ +//; s/\(.* = -1 / /' | sort | uniq -c || true
 cp "$prefix/trace" "${TRACE_OUT:-/dev/null}" 2>/dev/null || true

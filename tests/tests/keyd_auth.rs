@@ -324,7 +324,7 @@ fn max_requests_zero_rejects_everything() {
     );
 }
 
-/// The socket is the first access gate: 0660, owned by the service's uid/gid.
+/// The socket is the first access gate: 0660, owned by the service user (aziotks:aziotks).
 #[test]
 fn socket_mode_and_owner() {
     let keyd = Keyd::builder()
@@ -334,10 +334,11 @@ fn socket_mode_and_owner() {
     let meta = std::fs::metadata(keyd.socket()).expect("socket");
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660, "socket mode");
+    let user = nix::unistd::User::from_name("aziotks").expect("getpwnam").expect("user aziotks (systemd-sysusers)");
     assert_eq!(
         (meta.uid(), meta.gid()),
-        (0, 0),
-        "socket owner = the process's uid/gid (root)"
+        (user.uid.as_raw(), user.gid.as_raw()),
+        "socket owner = the service user aziotks, as the socket unit sets it"
     );
     // a uid outside the socket's group cannot even connect
     let req = aziot_tests::http::build_request("GET", "/key/x?api-version=2021-05-01", None);

@@ -265,6 +265,9 @@ fn preloaded_file_keys() {
         let path = pre.join(id);
         fs::write(&path, content).expect("write");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+        // As `aziotctl config apply` leaves a preloaded key: owned by the keyd user, 0600.
+        let user = nix::unistd::User::from_name("aziotks").expect("getpwnam").expect("user aziotks");
+        nix::unistd::chown(&path, Some(user.uid), Some(user.gid)).expect("chown");
         table.push_str(&format!(
             "{id} = {}\n",
             aziot_tests::keyd::toml_str(&format!("file://{}", path.display()))

@@ -133,10 +133,13 @@ fn remove_temp_files(dir: RawFd) {
 /// Reads a whole key file. `Ok(None)` if it does not exist.
 pub(crate) fn read_file(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<Zeroizing<Vec<u8>>>> {
     // O_NONBLOCK: opening a FIFO planted in place of a key must not hang the service.
-    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK;
+    // O_NOFOLLOW: keyd writes key files, never symlinks; one planted in their place is refused
+    // rather than followed out of the directory (the sandbox would refuse it too).
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW;
     let fd = match openat(Some(dir.as_raw_fd()), name, flags, Mode::empty()) {
         Ok(fd) => owned(fd),
         Err(Errno::ENOENT) => return Ok(None),
+        Err(Errno::ELOOP) => return Err(Error::invalid("the key file is a symbolic link; refusing to follow it")),
         Err(e) => return Err(Error::external("could not open key file", e)),
     };
     let stat = fstat(fd.as_raw_fd()).map_err(io_err("could not stat key file"))?;
