@@ -101,6 +101,8 @@ pub struct Broker {
     status_path: PathBuf,
     seccomp_mode: String,
     restarts: u32,
+    /// This binary, resolved at start (the worker is the same image in worker mode).
+    exe: PathBuf,
 }
 
 impl Broker {
@@ -146,7 +148,8 @@ impl Broker {
             }
             _ => PathBuf::from(format!("{}/{}.status", aziot_ipc::SOCKET_DIR, setup.short)),
         };
-        Ok(Broker { setup, policy, creds, listener, state_dir, extra_dirs, status_path, seccomp_mode, restarts: 0 })
+        let exe = std::env::current_exe().map_err(BrokerError::Spawn)?;
+        Ok(Broker { setup, policy, creds, listener, state_dir, extra_dirs, status_path, seccomp_mode, restarts: 0, exe })
     }
 
     /// Runs until SIGTERM/SIGINT (then exits cleanly) or until the first worker fails before
@@ -254,7 +257,7 @@ impl Broker {
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
         let child_fd = theirs.as_raw_fd();
         let creds = self.creds.clone();
-        let mut cmd = Command::new("/proc/self/exe");
+        let mut cmd = Command::new(&self.exe);
         cmd.arg0("aziotd").arg("--worker").env_clear().stdin(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and only makes raw,
         // async-signal-safe syscalls (dup2, then the policy crate's privilege drop, which
