@@ -260,10 +260,18 @@ impl Broker {
         let mut cmd = Command::new(&self.exe);
         cmd.arg0("aziotd").arg("--worker").env_clear().stdin(Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and only makes raw,
-        // async-signal-safe syscalls (dup2, then the policy crate's privilege drop, which
-        // allocates nothing and takes no lock).
+        // async-signal-safe calls (sigemptyset/sigprocmask, dup2, then the policy crate's
+        // privilege drop, which allocates nothing and takes no lock); `empty` is a local
+        // sigset_t initialised by sigemptyset before use.
         unsafe {
             cmd.pre_exec(move || {
+                // The broker blocks the signals it reads through its signalfd; the worker
+                // starts with none blocked (SIGTERM must stop it).
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if libc::dup2(child_fd, aziot_ipc::handoff::HANDOFF_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }

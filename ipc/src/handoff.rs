@@ -163,7 +163,6 @@ pub fn recv_json<T: for<'de> Deserialize<'de>>(sock: BorrowedFd<'_>) -> Result<T
     if len == 0 {
         return Err(HandoffError::Closed);
     }
-    drop(iov);
     Ok(serde_json::from_slice(&buf[..len])?)
 }
 
