@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 pub mod c_abi;
 pub mod foreign;
 pub mod native;
+pub mod pkcs11_uri;
 
 /// The ID of the key that MACs key handles. Never reachable by an HTTP caller.
 pub const HANDLE_VALIDATION_KEY_ID: &str = "handle-validation-key";

@@ -1,6 +1,5 @@
-//! Our own key library: the file backend of spec/keyd.md §7 (PKCS#11 is not implemented yet:
-//! its parameters are accepted and stored, but any key that resolves to a `pkcs11:` location
-//! fails with an EXTERNAL error).
+//! Our own key library: the file backend of spec/keyd.md §7 and, in [`pkcs11`] (routed by
+//! `route`), the PKCS#11 backend.
 //!
 //! Concurrency: there is no global lock around crypto. Parsed keys are cached in memory
 //! (`RwLock<HashMap<id, Arc<CachedKey>>>`), so a sign/encrypt on a cached key only takes a
@@ -14,6 +13,8 @@ mod crypto;
 mod files;
 mod hmac;
 mod params;
+mod pkcs11;
+mod route;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -39,9 +40,7 @@ pub const VERSION_2_1_0_0: u32 = 0x0201_0000;
 /// The cache is cleared rather than grown past this many entries.
 const MAX_CACHED_KEYS: usize = 4096;
 
-fn pkcs11_unsupported() -> Error {
-    Error::external_msg("PKCS#11 is not supported yet")
-}
+pub use self::pkcs11::sandbox_paths as pkcs11_sandbox_paths;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -76,11 +75,19 @@ impl HomeDir {
 #[derive(Default)]
 struct Config {
     homedir: Option<Arc<HomeDir>>,
-    pkcs11_lib_path: Option<String>,
-    pkcs11_base_slot: Option<String>,
+    pkcs11_lib_path: Option<Zeroizing<String>>,
+    /// May carry a PIN: zeroized on drop, never printed.
+    pkcs11_base_slot: Option<Zeroizing<String>>,
     preloaded: HashMap<String, PreloadedLocation>,
     /// Preloaded `file://` keys whose directory was handed over already open (sandbox).
     preloaded_dirs: HashMap<String, (Arc<OwnedFd>, CString)>,
+    /// The loaded module and the base slot's token (set eagerly by `set_parameter`).
+    pkcs11: Option<Pkcs11State>,
+}
+
+struct Pkcs11State {
+    module: Arc<pkcs11::Module>,
+    base: Option<(crate::pkcs11_uri::Pkcs11Uri, Arc<pkcs11::Token>)>,
 }
 
 enum DirFd {
@@ -225,17 +232,11 @@ impl KeyStore {
                     let (dir, name) = files::open_parent(path)?;
                     Ok(Location { dir: DirFd::Own(dir), name })
                 }
-                PreloadedLocation::Pkcs11(_) if config.pkcs11_lib_path.is_none() => {
-                    Err(Error::invalid("pre-loaded key requires PKCS#11 lib path to be configured"))
-                }
-                PreloadedLocation::Pkcs11(_) => Err(pkcs11_unsupported()),
+                // Routed to the token before any file access (see `route`).
+                PreloadedLocation::Pkcs11(_) => Err(Error::invalid("the key is a preloaded PKCS#11 key")),
             };
         }
-        // With both set, the first candidate location of every dynamic key is the PKCS#11 base
-        // slot, which this library cannot use yet.
-        if config.pkcs11_lib_path.is_some() && config.pkcs11_base_slot.is_some() {
-            return Err(pkcs11_unsupported());
-        }
+        // With a PKCS#11 base slot, the home directory is the second candidate (spec §7.2).
         let home = config.homedir.clone().ok_or_else(|| Error::invalid("no way to create keys"))?;
         drop(config);
         let name = files::key_file_name(id)?;
@@ -291,6 +292,12 @@ impl KeyStore {
         }
     }
 
+    /// Whether the file location of `id` holds a symmetric key (the second candidate of a
+    /// dynamic key, spec §7.2).
+    fn file_has_symmetric(&self, id: &str) -> Result<bool> {
+        Ok(matches!(self.stored(id)?, Stored::Key(key) if matches!(&*key, CachedKey::Symmetric(_))))
+    }
+
     /// Writes `bytes` to the location of `id` and drops every cached key. Caller holds
     /// `write_lock`.
     fn store_bytes(&self, location: &Location, bytes: &[u8]) -> Result<()> {
@@ -317,6 +324,9 @@ impl KeyStore {
     /// Upper bound of the output of `sign` (the size query of the C API's two-call protocol).
     /// Validates the key and mechanism like `sign` does, without signing.
     pub(crate) fn sign_len_bound(&self, id: &str, mechanism: SignMechanism<'_>) -> Result<usize> {
+        if let Some(v) = self.p11_sign_len_bound(id, mechanism)? {
+            return Ok(v);
+        }
         match mechanism {
             SignMechanism::Ecdsa => self.with_pair(id, KeyPair::ecdsa_signature_len_bound),
             SignMechanism::HmacSha256 | SignMechanism::DerivedHmacSha256 { .. } => {
@@ -332,6 +342,9 @@ impl KeyStore {
         mechanism: EncryptMechanism<'_>,
         plaintext_len: usize,
     ) -> Result<usize> {
+        if let Some(v) = self.p11_encrypt_len_bound(id, mechanism, plaintext_len)? {
+            return Ok(v);
+        }
         match mechanism {
             EncryptMechanism::Aead { iv, .. } | EncryptMechanism::DerivedAead { iv, .. } => {
                 if iv.is_empty() {
@@ -350,6 +363,9 @@ impl KeyStore {
         mechanism: EncryptMechanism<'_>,
         ciphertext: &[u8],
     ) -> Result<usize> {
+        if let Some(v) = self.p11_decrypt_len_bound(id, mechanism, ciphertext)? {
+            return Ok(v);
+        }
         match mechanism {
             EncryptMechanism::Aead { .. } | EncryptMechanism::DerivedAead { .. } => {
                 let len = crypto::aead_plaintext_len(ciphertext)?;
@@ -381,9 +397,26 @@ impl KeyBackend for KeyStore {
                 let mut config = write(&self.config);
                 let slot =
                     if name == "pkcs11_lib_path" { &mut config.pkcs11_lib_path } else { &mut config.pkcs11_base_slot };
-                *slot = Some(value.to_owned());
+                let previous = slot.replace(Zeroizing::new(value.to_owned()));
+                let previous_state = config.pkcs11.take();
+                let both = config.pkcs11_lib_path.is_some() && config.pkcs11_base_slot.is_some();
                 drop(config);
                 self.invalidate();
+                // Spec §7.1: with both known, load the module, find the slot and open a session
+                // now. On failure the previous configuration stays in force.
+                if both {
+                    if let Err(e) = self.pkcs11_preload() {
+                        let mut config = write(&self.config);
+                        let slot = if name == "pkcs11_lib_path" {
+                            &mut config.pkcs11_lib_path
+                        } else {
+                            &mut config.pkcs11_base_slot
+                        };
+                        *slot = previous;
+                        config.pkcs11 = previous_state;
+                        return Err(e);
+                    }
+                }
                 Ok(())
             }
             _ => match name.strip_prefix("preloaded_key:") {
@@ -404,16 +437,20 @@ impl KeyBackend for KeyStore {
     }
 
     fn create_key_pair_if_not_exists(&self, id: &str, preferred_algorithms: Option<&str>) -> Result<()> {
-        // The file backend attempts only the first listed algorithm (spec §7.4).
-        let algorithm = crypto::parse_preferred_algorithms(preferred_algorithms)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::invalid("preferred_algorithms names no supported algorithm"))?;
+        // PKCS#11 tries every listed algorithm; the file backend only the first (spec §7.4).
+        let algorithms = crypto::parse_preferred_algorithms(preferred_algorithms)?;
+        if algorithms.is_empty() {
+            return Err(Error::invalid("preferred_algorithms names no supported algorithm"));
+        }
         if let Some(key) = self.cache_get(id) {
             if let CachedKey::Pair(_) = &*key {
                 return Ok(());
             }
         }
+        if self.p11_create_key_pair(id, &algorithms)? {
+            return Ok(());
+        }
+        let algorithm = algorithms[0];
         let _w = lock(&self.write_lock);
         let location = self.resolve(id)?;
         match Self::stored_on_disk(&location)? {
@@ -436,6 +473,9 @@ impl KeyBackend for KeyStore {
     }
 
     fn move_key_pair(&self, from: &str, to: &str) -> Result<()> {
+        if self.p11_move_key_pair(from, to)? {
+            return Ok(());
+        }
         let _w = lock(&self.write_lock);
         let source = self.resolve(from)?;
         let destination = self.resolve(to)?;
@@ -453,14 +493,23 @@ impl KeyBackend for KeyStore {
     }
 
     fn load_key_pair(&self, id: &str) -> Result<()> {
+        if self.p11_pair(id)?.is_some() {
+            return Ok(());
+        }
         self.with_pair(id, |_| Ok(()))
     }
 
     fn get_key_pair_parameter(&self, id: &str, parameter: KeyPairParameter) -> Result<Vec<u8>> {
+        if let Some(v) = self.p11_pair_parameter(id, parameter)? {
+            return Ok(v);
+        }
         self.with_pair(id, |pair| pair.parameter(parameter))
     }
 
     fn delete_key_pair(&self, id: &str) -> Result<()> {
+        if self.p11_delete(id, true)? {
+            return Ok(());
+        }
         let _w = lock(&self.write_lock);
         let location = self.resolve(id)?;
         let result = files::remove_file(location.dir(), &location.name);
@@ -468,13 +517,16 @@ impl KeyBackend for KeyStore {
         result.map(drop)
     }
 
-    fn create_key_if_not_exists(&self, id: &str, _usage: KeyUsage) -> Result<()> {
+    fn create_key_if_not_exists(&self, id: &str, usage: KeyUsage) -> Result<()> {
         // Usage is neither stored nor enforced by the file backend (spec §7.6).
         // Fast path: keyd calls this before every handle mint/verification.
         if let Some(key) = self.cache_get(id) {
             if let CachedKey::Symmetric(_) = &*key {
                 return Ok(());
             }
+        }
+        if self.p11_create_key(id, usage, None)? {
+            return Ok(());
         }
         let _w = lock(&self.write_lock);
         let location = self.resolve(id)?;
@@ -493,10 +545,13 @@ impl KeyBackend for KeyStore {
     }
 
     fn load_key(&self, id: &str) -> Result<()> {
+        if self.p11_secret(id)?.is_some() {
+            return Ok(());
+        }
         self.with_symmetric(id, |_| Ok(()))
     }
 
-    fn import_key(&self, id: &str, bytes: &[u8], _usage: KeyUsage) -> Result<()> {
+    fn import_key(&self, id: &str, bytes: &[u8], usage: KeyUsage) -> Result<()> {
         if bytes.is_empty() {
             // An empty key file would read back as "missing"/"empty"; refuse it outright.
             return Err(Error::invalid("key bytes are empty"));
@@ -508,6 +563,9 @@ impl KeyBackend for KeyStore {
             // Stored as is, this would read back as a key pair, not as the symmetric key asked
             // for (spec §10 quirk 3; see docs/compatibility.md).
             return Err(Error::invalid("key bytes are a PEM private key, not a symmetric key"));
+        }
+        if self.p11_create_key(id, usage, Some(bytes))? {
+            return Ok(());
         }
         let _w = lock(&self.write_lock);
         let location = self.resolve(id)?;
@@ -522,6 +580,9 @@ impl KeyBackend for KeyStore {
     }
 
     fn delete_key(&self, id: &str) -> Result<()> {
+        if self.p11_delete(id, false)? {
+            return Ok(());
+        }
         let _w = lock(&self.write_lock);
         let location = self.resolve(id)?;
         let result = files::remove_file(location.dir(), &location.name);
@@ -530,10 +591,16 @@ impl KeyBackend for KeyStore {
     }
 
     fn derive_key(&self, base_id: &str, derivation_data: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        if let Some(v) = self.p11_derive_key(base_id, derivation_data)? {
+            return Ok(v);
+        }
         self.with_symmetric(base_id, |base| base.derive(derivation_data))
     }
 
     fn sign(&self, id: &str, mechanism: SignMechanism<'_>, data: &[u8]) -> Result<Vec<u8>> {
+        if let Some(v) = self.p11_sign(id, mechanism, data)? {
+            return Ok(v);
+        }
         match mechanism {
             SignMechanism::Ecdsa => self.with_pair(id, |pair| pair.ecdsa_sign(data)),
             SignMechanism::HmacSha256 => self.with_symmetric(id, |key| key.hmac_sha256(data)),
@@ -545,6 +612,9 @@ impl KeyBackend for KeyStore {
     }
 
     fn verify(&self, id: &str, mechanism: SignMechanism<'_>, data: &[u8], signature: &[u8]) -> Result<bool> {
+        if let Some(v) = self.p11_verify(id, mechanism, data, signature)? {
+            return Ok(v);
+        }
         match mechanism {
             SignMechanism::HmacSha256 => {
                 self.with_symmetric(id, |key| Ok(crypto::mac_matches(&key.hmac_sha256(data)?, signature)))
@@ -557,6 +627,9 @@ impl KeyBackend for KeyStore {
     }
 
     fn encrypt(&self, id: &str, mechanism: EncryptMechanism<'_>, plaintext: &[u8]) -> Result<Vec<u8>> {
+        if let Some(v) = self.p11_encrypt(id, mechanism, plaintext)? {
+            return Ok(v);
+        }
         match mechanism {
             EncryptMechanism::Aead { iv, aad } => {
                 self.with_symmetric(id, |key| crypto::aead_encrypt(key.bytes(), iv, aad, plaintext))
@@ -575,6 +648,9 @@ impl KeyBackend for KeyStore {
     }
 
     fn decrypt(&self, id: &str, mechanism: EncryptMechanism<'_>, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        if let Some(v) = self.p11_decrypt(id, mechanism, ciphertext)? {
+            return Ok(v);
+        }
         match mechanism {
             EncryptMechanism::Aead { iv, aad } => {
                 self.with_symmetric(id, |key| crypto::aead_decrypt(key.bytes(), iv, aad, ciphertext))

@@ -6,15 +6,30 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 
+use zeroize::Zeroizing;
+
 use crate::{Error, Result};
 
 /// Where a preloaded key lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) enum PreloadedLocation {
     /// An absolute file path.
     File(PathBuf),
-    /// A `pkcs11:` URI (validated, stored verbatim).
-    Pkcs11(String),
+    /// A `pkcs11:` URI (validated, stored verbatim; may carry a PIN, so zeroized on drop and
+    /// printed without it).
+    Pkcs11(Zeroizing<String>),
+}
+
+impl std::fmt::Debug for PreloadedLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PreloadedLocation::File(path) => f.debug_tuple("File").field(path).finish(),
+            PreloadedLocation::Pkcs11(text) => match crate::pkcs11_uri::Pkcs11Uri::parse(text) {
+                Ok(uri) => write!(f, "Pkcs11({uri})"),
+                Err(_) => f.write_str("Pkcs11(<unparsable>)"),
+            },
+        }
+    }
 }
 
 fn hex_digit(b: u8) -> Option<u8> {
@@ -81,36 +96,10 @@ pub(crate) fn parse_file_uri(value: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Validates a `pkcs11:` URI as far as upstream does at parse time: the scheme, percent-escapes
-/// that decode to UTF-8, and a `slot-id=<decimal>` or `token=<label>` path attribute.
+/// Validates a `pkcs11:` URI (see [`crate::pkcs11_uri`]): the scheme, well-formed attributes,
+/// and a `slot-id`, `token` or `serial` path attribute.
 pub(crate) fn validate_pkcs11_uri(value: &str) -> Result<()> {
-    let rest = strip_prefix_ignore_case(value, "pkcs11:").ok_or_else(|| Error::invalid("not a pkcs11: URI"))?;
-    let (path, query) = match rest.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (rest, None),
-    };
-    let mut has_slot = false;
-    for attr in path.split(';').filter(|a| !a.is_empty()) {
-        let (name, val) = attr.split_once('=').unwrap_or((attr, ""));
-        let val = String::from_utf8(percent_decode(val)?)
-            .map_err(|_| Error::invalid("pkcs11: URI attribute is not UTF-8"))?;
-        match name {
-            "slot-id" => {
-                val.parse::<u64>().map_err(|_| Error::invalid("pkcs11: URI slot-id is not a number"))?;
-                has_slot = true;
-            }
-            "token" => has_slot = true,
-            _ => {}
-        }
-    }
-    for attr in query.into_iter().flat_map(|q| q.split('&')) {
-        let (_, val) = attr.split_once('=').unwrap_or((attr, ""));
-        String::from_utf8(percent_decode(val)?).map_err(|_| Error::invalid("pkcs11: URI attribute is not UTF-8"))?;
-    }
-    if !has_slot {
-        return Err(Error::invalid("pkcs11: URI names neither a token nor a slot-id"));
-    }
-    Ok(())
+    crate::pkcs11_uri::Pkcs11Uri::parse(value).map(drop).map_err(|e| Error::invalid(e.to_string()))
 }
 
 /// Parses the value of `preloaded_key:<id>`.
@@ -119,7 +108,7 @@ pub(crate) fn parse_preloaded_location(value: &str) -> Result<PreloadedLocation>
         parse_file_uri(value).map(PreloadedLocation::File)
     } else if strip_prefix_ignore_case(value, "pkcs11:").is_some() {
         validate_pkcs11_uri(value)?;
-        Ok(PreloadedLocation::Pkcs11(value.to_owned()))
+        Ok(PreloadedLocation::Pkcs11(Zeroizing::new(value.to_owned())))
     } else {
         Err(Error::invalid("preloaded key location must be a file:// or pkcs11: URI"))
     }
@@ -168,8 +157,10 @@ mod tests {
         );
         assert_eq!(
             parse_preloaded_location("pkcs11:token=t;object=o").unwrap(),
-            PreloadedLocation::Pkcs11("pkcs11:token=t;object=o".into())
+            PreloadedLocation::Pkcs11(Zeroizing::new("pkcs11:token=t;object=o".into()))
         );
         assert!(matches!(parse_preloaded_location("/k/device-id"), Err(Error::InvalidParameter(_))));
+        let with_pin = parse_preloaded_location("pkcs11:token=t;object=o?pin-value=hunter2").unwrap();
+        assert_eq!(format!("{with_pin:?}"), "Pkcs11(pkcs11:token=t;object=o?pin-value=<redacted>)");
     }
 }

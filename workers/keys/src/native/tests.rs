@@ -369,7 +369,7 @@ fn preloaded_file_keys() {
 }
 
 #[test]
-fn pkcs11_locations_are_not_supported_yet() {
+fn pkcs11_with_a_module_that_does_not_load() {
     let (_tmp, store) = store();
     store.set_parameter("preloaded_key:hsm", "pkcs11:token=t;object=o?pin-value=1").unwrap();
     match store.load_key_pair("hsm") {
@@ -378,15 +378,19 @@ fn pkcs11_locations_are_not_supported_yet() {
     }
     store.create_key_if_not_exists("file-key", KeyUsage::SIGN).unwrap();
     store.set_parameter("pkcs11_lib_path", "/usr/lib/libfake-pkcs11.so").unwrap();
-    assert!(is_external(store.load_key_pair("hsm")));
-    // Lib path alone: dynamic keys still live in the home directory.
-    store.load_key("file-key").unwrap();
-    store.set_parameter("pkcs11_base_slot", "pkcs11:token=Key%20pairs?pin-value=1234").unwrap();
-    match store.load_key("file-key") {
-        Err(Error::External { context, .. }) => assert!(context.contains("PKCS#11"), "{context}"),
+    match store.load_key_pair("hsm") {
+        Err(Error::External { context, .. }) => {
+            assert!(context.contains("PKCS#11 module"), "{context}")
+        }
         other => panic!("{other:?}"),
     }
-    assert!(is_external(store.create_key_pair_if_not_exists("new", None)));
+    // Lib path alone: dynamic keys still live in the home directory.
+    store.load_key("file-key").unwrap();
+    // With both set, the module is loaded eagerly (spec §7.1): the failure shows here, and the
+    // previous configuration stays in force.
+    assert!(is_external(store.set_parameter("pkcs11_base_slot", "pkcs11:token=Key%20pairs?pin-value=1234")));
+    store.load_key("file-key").unwrap();
+    store.create_key_pair_if_not_exists("new", None).unwrap();
 }
 
 #[test]
