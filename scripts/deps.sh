@@ -5,6 +5,7 @@ set -euo pipefail
 
 AZIOT_DEBIAN_PACKAGES=(
   build-essential pkg-config libssl-dev openssl curl ca-certificates systemd strace
+  softhsm2 opensc swtpm swtpm-tools tpm2-tools libtss2-dev
 )
 
 aziot_install_deps() {

@@ -11,7 +11,13 @@ const KEEP_ENV: &[&str] = &[
     "JOURNAL_STREAM",
     "INVOCATION_ID",
     "AZIOT_LOG",
+    // SoftHSM2's config file location; passed on to the keyd worker (see WORKER_ENV).
+    "SOFTHSM2_CONF",
 ];
+
+/// Variables a worker receives (its environment is otherwise empty): only what a pre-loaded
+/// library reads to find its own files.
+pub const WORKER_ENV: &[&str] = &["SOFTHSM2_CONF"];
 
 /// The systemd-activated descriptors (3 .. 3+LISTEN_FDS) when they are meant for this process.
 pub fn activated_range() -> std::ops::Range<RawFd> {

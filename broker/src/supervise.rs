@@ -259,6 +259,11 @@ impl Broker {
         let creds = self.creds.clone();
         let mut cmd = Command::new(&self.exe);
         cmd.arg0("aziotd").arg("--worker").env_clear().stdin(Stdio::null());
+        for var in crate::sanitize::WORKER_ENV {
+            if let Some(value) = std::env::var_os(var) {
+                cmd.env(var, value);
+            }
+        }
         // SAFETY: the closure runs in the forked child before exec and only makes raw,
         // async-signal-safe calls (sigemptyset/sigprocmask, dup2, then the policy crate's
         // privilege drop, which allocates nothing and takes no lock); `empty` is a local
@@ -320,6 +325,10 @@ impl Broker {
             entries.push(DescriptorEntry { name: name.clone(), kind: DescriptorKind::Directory });
             fds.push(dir.as_fd());
         }
+        for (name, kind, fd) in &self.setup.extra_fds {
+            entries.push(DescriptorEntry { name: name.clone(), kind: *kind });
+            fds.push(fd.as_fd());
+        }
         (entries, fds)
     }
 
@@ -364,6 +373,13 @@ impl Broker {
                 .iter()
                 .cloned()
                 .chain(self.setup.extra_dirs.iter().map(|(_, p)| p.clone()))
+                .collect(),
+            handed_inodes: self
+                .descriptors()
+                .1
+                .iter()
+                .filter_map(|fd| nix::sys::stat::fstat(fd.as_raw_fd()).ok())
+                .map(|st| (st.st_dev, st.st_ino))
                 .collect(),
         };
         for w in &report.warnings {

@@ -27,6 +27,8 @@ pub enum WorkerError {
     Sandbox(#[from] aziot_policy::PolicyError),
     #[error(transparent)]
     Keyd(#[from] aziot_keyd::KeydError),
+    #[error(transparent)]
+    Tpmd(#[from] aziot_tpmd::TpmdError),
     #[error("unknown service {0:?}")]
     Service(String),
 }
@@ -89,6 +91,21 @@ fn serve(sock: &OwnedFd, manifest: Manifest, fds: Vec<OwnedFd>) -> Result<(), Wo
             let listener = std::os::unix::net::UnixListener::from(listener);
             let control = sock.try_clone().map_err(|e| WorkerError::BadDescriptor { name: format!("hand-off socket ({e})"), kind: DescriptorKind::Socket })?;
             Err(aziot_keyd::serve(listener, &config, backend, Some(control)).into())
+        }
+        "tpmd" => {
+            let config: aziot_tpmd::Config = toml::from_str(&manifest.config)?;
+            let listener = take_named(&mut named, "listener").ok_or(WorkerError::Missing("listener"))?;
+            let tpm_fd = take_named(&mut named, "tpm").ok_or(WorkerError::Missing("tpm"))?;
+            // Pre-load: start the TPM (EK, SRK) on the handed-over descriptor.
+            let tpm = aziot_tpmd::init_tpm_fd(&config, tpm_fd)?;
+            let report = lock_in(&policy, &manifest, &[])?;
+            handoff::send_json(sock.as_fd(), &report)?;
+            let listener = std::os::unix::net::UnixListener::from(listener);
+            let control = sock.try_clone().map_err(|e| WorkerError::BadDescriptor {
+                name: format!("hand-off socket ({e})"),
+                kind: DescriptorKind::Socket,
+            })?;
+            Err(aziot_tpmd::serve(listener, &config, tpm, Some(control)).into())
         }
         other => Err(WorkerError::Service(other.to_owned())),
     }

@@ -31,6 +31,10 @@ pub struct Status {
     /// the worker may hold descriptors beneath them.
     #[serde(default)]
     pub handed_dirs: Vec<std::path::PathBuf>,
+    /// (st_dev, st_ino) of every descriptor the broker handed over (listener, TPM, ...): the
+    /// worker may hold these whatever their type.
+    #[serde(default)]
+    pub handed_inodes: Vec<(u64, u64)>,
 }
 
 /// `<run_dir>/<service>.status`, e.g. `/run/aziot/keyd.status`.

@@ -105,6 +105,7 @@ fn an_unsandboxed_process_fails_the_audit() {
         warnings: vec![],
         restarts: 0,
         handed_dirs: Vec::new(),
+            handed_inodes: Vec::new(),
     };
     let path = env().prefix.join("self.status");
     status.write(&path).unwrap();

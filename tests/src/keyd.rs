@@ -1,4 +1,9 @@
 //! Process harness: runs the real `aziotd aziot-keyd` in a private temporary prefix.
+//!
+//! Two ways of launching it, chosen by `AZIOT_TEST_ACTIVATION` ([`Activation::from_env`]):
+//! the service binds its socket itself (default), or `systemd-socket-activate` creates the
+//! socket first and passes it as `LISTEN_FDS` (`AZIOT_TEST_ACTIVATION=systemd`), as the
+//! `aziot-keyd.socket` unit does in production.
 
 use std::fs;
 use std::io;
@@ -21,6 +26,99 @@ pub const TEST_GID: u32 = 4200;
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// The environment variable that selects the [`Activation`] mode of the whole suite.
+pub const ACTIVATION_ENV: &str = "AZIOT_TEST_ACTIVATION";
+
+/// `FileDescriptorName=` of packaging/systemd/aziot-keyd.socket.
+pub const SOCKET_FDNAME: &str = "aziot-keyd.socket";
+
+/// The user the service's worker runs as, and the owner the socket unit gives the socket.
+pub const SERVICE_USER: &str = "aziotks";
+
+/// How the harness launches keyd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `aziotd aziot-keyd`: the broker binds the socket itself (common-http.md §4.1), removing
+    /// whatever is at the path, and sets its owner and mode.
+    SelfBound,
+    /// `systemd-socket-activate -l <sock> --fdname=aziot-keyd.socket aziotd aziot-keyd`: the
+    /// socket exists before the service and is passed as `LISTEN_FDS`/`LISTEN_PID`/
+    /// `LISTEN_FDNAMES` (§4.2). The harness gives the socket what `aziot-keyd.socket` gives it
+    /// (`SocketUser=aziotks`, `SocketGroup=aziotks`, `SocketMode=0660`).
+    /// systemd-socket-activate (without `--accept`) execs the service on the first connection
+    /// attempt, in its own process (same pid): the harness connects once to trigger that.
+    Systemd,
+}
+
+impl Activation {
+    /// The suite-wide mode: `AZIOT_TEST_ACTIVATION` unset, empty or `self` → [`SelfBound`],
+    /// `systemd` → [`Systemd`]; anything else fails the test (never a silent default).
+    ///
+    /// [`SelfBound`]: Activation::SelfBound
+    /// [`Systemd`]: Activation::Systemd
+    pub fn from_env() -> Activation {
+        match std::env::var(ACTIVATION_ENV) {
+            Err(std::env::VarError::NotPresent) => Activation::SelfBound,
+            Ok(v) if v.is_empty() || v == "self" || v == "self-bound" => Activation::SelfBound,
+            Ok(v) if v == "systemd" => Activation::Systemd,
+            other => panic!("{ACTIVATION_ENV}={other:?}: expected `systemd`, `self` or unset"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::SelfBound => "self-bound",
+            Activation::Systemd => "systemd socket activation",
+        }
+    }
+}
+
+/// uid and gid of [`SERVICE_USER`] (created by `systemd-sysusers packaging/sysusers.d/aziot.conf`).
+pub fn service_user() -> (u32, u32) {
+    let user = nix::unistd::User::from_name(SERVICE_USER)
+        .unwrap_or_else(|e| panic!("getpwnam({SERVICE_USER}): {e}"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no user {SERVICE_USER}: run `systemd-sysusers packaging/sysusers.d/aziot.conf` first"
+            )
+        });
+    (user.uid.as_raw(), user.gid.as_raw())
+}
+
+/// `systemd-socket-activate`: `$AZIOT_TEST_SOCKET_ACTIVATE`, else the first one on `$PATH` (or
+/// /usr/bin, /bin). Panics (test failure, never a skip) when it is not installed.
+pub fn socket_activate_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AZIOT_TEST_SOCKET_ACTIVATE") {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/bin")])
+        .map(|d| d.join("systemd-socket-activate"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{ACTIVATION_ENV}=systemd needs systemd-socket-activate (package systemd): not found \
+                 on $PATH"
+            )
+        })
+}
+
+/// Location of the admin CLI: `$AZIOTCTL_BIN`, else `<profile dir>/aziotctl`.
+pub fn aziotctl_bin() -> PathBuf {
+    let path = match std::env::var_os("AZIOTCTL_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => profile_dir().join("aziotctl"),
+    };
+    assert!(
+        path.is_file(),
+        "aziotctl {} does not exist: run `cargo build --workspace --bins` first \
+         (or point AZIOTCTL_BIN at one)",
+        path.display()
+    );
+    path
+}
 
 /// The directory holding the binaries of the current cargo profile (`target/<profile>`), derived
 /// from the running executable (integration tests live in `target/<profile>/deps/`).
@@ -129,6 +227,7 @@ pub struct Builder {
     log_level: String,
     chown_socket: bool,
     argv0: Option<String>,
+    activation: Activation,
 }
 
 impl Builder {
@@ -160,6 +259,13 @@ impl Builder {
     /// (the installed form: the service is chosen by argv[0]'s file name).
     pub fn via_symlink(mut self, name: &str) -> Builder {
         self.argv0 = Some(name.to_owned());
+        self
+    }
+
+    /// Launch this way whatever `AZIOT_TEST_ACTIVATION` says (the benchmark measures the
+    /// self-bound service; a test that only makes sense in one mode says so and prints it).
+    pub fn activation(mut self, activation: Activation) -> Builder {
+        self.activation = activation;
         self
     }
 
@@ -242,6 +348,8 @@ impl Builder {
             bin,
             log_level: self.log_level,
             chown_socket: self.chown_socket,
+            activation: self.activation,
+            activated_socket: None,
             home,
             sock,
             spawned_at: Instant::now(),
@@ -265,6 +373,9 @@ pub struct Keyd {
     bin: PathBuf,
     log_level: String,
     chown_socket: bool,
+    activation: Activation,
+    /// (device, inode) of the socket systemd-socket-activate created at the last start.
+    activated_socket: Option<(u64, u64)>,
     home: PathBuf,
     sock: PathBuf,
     spawned_at: Instant,
@@ -293,6 +404,7 @@ impl Keyd {
             log_level: "debug".to_owned(),
             chown_socket: true,
             argv0: None,
+            activation: Activation::from_env(),
         }
     }
 
@@ -309,19 +421,53 @@ impl Keyd {
             .open(self.log_path())
             .expect("open log file");
         let root = self.dir.path();
-        let mut cmd = Command::new(&self.bin);
-        if self.with_arg {
-            cmd.arg("aziot-keyd");
+        let vars = [
+            ("AZIOT_KEYD_CONFIG", root.join("config.toml").into_os_string()),
+            ("AZIOT_KEYD_CONFIG_DIR", root.join("config.d").into_os_string()),
+            ("AZIOT_LOG", self.log_level.clone().into()),
+        ];
+        let mut cmd = match self.activation {
+            Activation::SelfBound => {
+                let mut cmd = Command::new(&self.bin);
+                if self.with_arg {
+                    cmd.arg("aziot-keyd");
+                }
+                cmd
+            }
+            Activation::Systemd => {
+                // A socket unit starts from a fresh socket; the readiness check below waits
+                // for the new one to appear.
+                if fs::symlink_metadata(&self.sock).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    fs::remove_file(&self.sock).expect("remove the previous socket");
+                }
+                // systemd-socket-activate passes on only PATH (TERM, USER, HOME) and `-E`.
+                let mut cmd = Command::new(socket_activate_bin());
+                cmd.arg("-l")
+                    .arg(&self.sock)
+                    .arg(format!("--fdname={SOCKET_FDNAME}"));
+                for (k, v) in &vars {
+                    let mut kv = std::ffi::OsString::from(format!("{k}="));
+                    kv.push(v);
+                    cmd.arg("-E").arg(kv);
+                }
+                cmd.arg(&self.bin);
+                if self.with_arg {
+                    cmd.arg("aziot-keyd");
+                }
+                cmd
+            }
+        };
+        cmd.env_clear().env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        );
+        if self.activation == Activation::SelfBound {
+            cmd.envs(vars.iter().map(|(k, v)| (*k, v)));
         }
-        cmd.env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-            )
-            .env("AZIOT_KEYD_CONFIG", root.join("config.toml"))
-            .env("AZIOT_KEYD_CONFIG_DIR", root.join("config.d"))
-            .env("AZIOT_LOG", &self.log_level)
-            .current_dir(root)
+        cmd.current_dir(root)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("dup log")))
             .stderr(Stdio::from(log))
@@ -342,6 +488,69 @@ impl Keyd {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", self.bin.display()));
         self.child = Some(child);
+        if self.activation == Activation::Systemd {
+            self.activate();
+        }
+    }
+
+    /// Systemd mode, right after spawning systemd-socket-activate: wait for its socket, give it
+    /// the socket unit's owner and mode (then the test group, unless
+    /// [`Builder::keep_socket_owner`]), and connect once so that it execs the service.
+    fn activate(&mut self) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let meta = loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                panic!(
+                    "systemd-socket-activate exited with {status} before creating {}\n--- log ---\n{}",
+                    self.sock.display(),
+                    self.log()
+                );
+            }
+            if let Ok(m) = fs::symlink_metadata(&self.sock) {
+                if m.file_type().is_socket() {
+                    break m;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "systemd-socket-activate did not create {} within {READY_TIMEOUT:?}\n--- log ---\n{}",
+                self.sock.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        self.activated_socket = Some((meta.dev(), meta.ino()));
+        // SocketUser=aziotks, SocketGroup=aziotks, SocketMode=0660 (aziot-keyd.socket).
+        let (uid, gid) = service_user();
+        nix::unistd::chown(
+            &self.sock,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .unwrap_or_else(|e| panic!("chown {} {SERVICE_USER}: {e}", self.sock.display()));
+        fs::set_permissions(&self.sock, fs::Permissions::from_mode(0o660)).expect("chmod 0660 socket");
+        if self.chown_socket {
+            nix::unistd::chown(&self.sock, None, Some(nix::unistd::Gid::from_raw(TEST_GID)))
+                .unwrap_or_else(|e| panic!("chgrp {} failed: {e}", self.sock.display()));
+        }
+        // The first connection attempt makes systemd-socket-activate exec the service; this
+        // connection waits in the backlog and is accepted (and sees EOF) once the worker serves.
+        // The file appears at bind(), a moment before listen(): refused until then.
+        loop {
+            match std::os::unix::net::UnixStream::connect(&self.sock) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!(
+                    "connect {} (activation trigger): {e}\n--- log ---\n{}",
+                    self.sock.display(),
+                    self.log()
+                ),
+            }
+        }
     }
 
     fn spawn_and_wait(&mut self) {
@@ -349,10 +558,14 @@ impl Keyd {
         self.wait_ready(READY_TIMEOUT);
     }
 
-    /// Wait until the socket exists and accepts connections. Panics with the log on timeout or
-    /// if the process exits.
+    /// Wait until the service is ready. Self-bound: the socket exists and accepts connections
+    /// (the broker has read the config and bound it). Systemd: the socket always accepted
+    /// connections (systemd-socket-activate created it), so the equivalent is that the exec'ed
+    /// broker has written its status file (its pid, a worker that reported its sandbox).
+    /// Panics with the log on timeout or if the process exits.
     pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        let broker = self.child.as_ref().map(Child::id);
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
@@ -363,12 +576,21 @@ impl Keyd {
                     );
                 }
             }
-            if self.sock.exists() && std::os::unix::net::UnixStream::connect(&self.sock).is_ok() {
+            let ready = match self.activation {
+                Activation::SelfBound => {
+                    self.sock.exists() && std::os::unix::net::UnixStream::connect(&self.sock).is_ok()
+                }
+                Activation::Systemd => self
+                    .status()
+                    .is_some_and(|s| s["broker_pid"].as_u64() == broker.map(u64::from)),
+            };
+            if ready {
                 break;
             }
             if Instant::now() > deadline {
                 panic!(
-                    "keyd did not accept connections on {} within {timeout:?}\n--- log ---\n{}",
+                    "keyd ({}) was not ready on {} within {timeout:?}\n--- log ---\n{}",
+                    self.activation.name(),
                     self.sock.display(),
                     self.log()
                 );
@@ -460,6 +682,33 @@ impl Keyd {
         wait_group_gone(pgid);
     }
 
+    /// Send `sig` to the broker only (not to its process group, unlike [`Keyd::stop`]).
+    pub fn signal_broker(&self, sig: libc::c_int) {
+        let pid = self.pid();
+        // SAFETY: plain syscall on our own child.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}): {}", io::Error::last_os_error());
+    }
+
+    /// Waits up to `timeout` for the broker to exit and reaps it; its exit status. Panics (with
+    /// the log) if it is still running then.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("keyd not running");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keyd still running {timeout:?} later\n--- log ---\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Start again after [`Keyd::kill9`] / [`Keyd::stop`] with the same prefix and config.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "keyd still running");
@@ -506,6 +755,48 @@ impl Keyd {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+    /// How this keyd was launched.
+    pub fn activation(&self) -> Activation {
+        self.activation
+    }
+    /// Systemd mode: (device, inode) of the socket systemd-socket-activate created at the last
+    /// start (the one the service must keep serving on); `None` in self-bound mode.
+    pub fn activated_socket(&self) -> Option<(u64, u64)> {
+        self.activated_socket
+    }
+    /// The broker's status file: `<socket dir>/keyd.status`.
+    pub fn status_path(&self) -> PathBuf {
+        self.sock.parent().expect("socket dir").join("keyd.status")
+    }
+    /// The status file, parsed; `None` while it does not exist (or is being replaced).
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let bytes = fs::read(self.status_path()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+    /// The worker pid the status file names (panics if there is no status file).
+    pub fn worker_pid(&self) -> i32 {
+        let status = self
+            .status()
+            .unwrap_or_else(|| panic!("no status file {}\n{}", self.status_path().display(), self.log()));
+        i32::try_from(status["worker_pid"].as_i64().expect("worker_pid")).expect("pid")
+    }
+    /// Waits until the status file names a worker other than `old`; its status.
+    pub fn wait_new_worker(&self, old: i32, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.status() {
+                if s["worker_pid"].as_i64().is_some_and(|p| p != i64::from(old)) {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the status file did not name a new worker (old {old}) within {timeout:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
     pub fn home(&self) -> &Path {
         &self.home
@@ -567,10 +858,26 @@ fn wait_group_gone(pgid: Option<u32>) {
     }
 }
 
+/// Whether a member of the process group is still running. Zombies do not count: a killed
+/// worker whose broker died first is re-parented to init and stays a zombie until init reaps
+/// it (seconds, on some machines) — it has released its files and memory, it is gone.
 fn group_alive(pgid: Option<u32>) -> bool {
     let Some(pgid) = pgid else { return false };
     // SAFETY: signal 0 only checks existence.
-    unsafe { libc::kill(-(pgid as libc::pid_t), 0) == 0 }
+    if unsafe { libc::kill(-(pgid as libc::pid_t), 0) } != 0 {
+        return false;
+    }
+    let Ok(rd) = fs::read_dir("/proc") else { return true };
+    rd.flatten().any(|e| {
+        if !e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+            return false;
+        }
+        // /proc/<pid>/stat: pid (comm) state ppid pgrp ...
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else { return false };
+        let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) && !matches!(f.first(), Some(&"Z" | &"X"))
+    })
 }
 
 impl Drop for Keyd {
@@ -584,13 +891,46 @@ impl Drop for Keyd {
             let lines: Vec<&str> = log.lines().collect();
             let start = lines.len().saturating_sub(80);
             eprintln!(
-                "--- keyd log ({}), last {} lines ---\n{}\n--- end of keyd log ---",
+                "--- keyd log ({}; {}), last {} lines ---\n{}\n--- end of keyd log ---",
                 self.log_path().display(),
+                self.activation.name(),
                 lines.len() - start,
                 lines[start..].join("\n")
             );
         }
     }
+}
+
+/// The socket inodes (sockfs, as in `/proc/<pid>/fd` links `socket:[N]`) of the listening
+/// unix sockets bound to `path`, from /proc/net/unix. A socket that was unlinked and re-bound
+/// would show up twice.
+pub fn listening_unix_inodes(path: &Path) -> Vec<u64> {
+    let table = fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    let want = path.to_string_lossy();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 = __SO_ACCEPTCON
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = f.get(3).and_then(|x| u32::from_str_radix(x, 16).ok())? & 0x10000 != 0;
+            (listening && f.get(7).is_some_and(|p| *p == want)).then(|| f.get(6)?.parse().ok())?
+        })
+        .collect()
+}
+
+/// `(fd, readlink target)` of every descriptor of `pid`.
+pub fn fds_of(pid: i32) -> Vec<(i32, String)> {
+    let mut out: Vec<(i32, String)> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            Some((fd, fs::read_link(e.path()).ok()?.to_string_lossy().into_owned()))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Run one raw HTTP exchange as `uid` (gid [`TEST_GID`], no supplementary groups) through the

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use aziot_tests::api::*;
 use aziot_tests::crypto::*;
-use aziot_tests::keyd::{exchange_as, TEST_GID};
+use aziot_tests::keyd::{exchange_as, Activation, TEST_GID};
 use aziot_tests::{both_versions, Keyd};
 use serde_json::json;
 
@@ -325,12 +325,18 @@ fn max_requests_zero_rejects_everything() {
 }
 
 /// The socket is the first access gate: 0660, owned by the service user (aziotks:aziotks).
+///
+/// Self-bound, the service sets that itself (at bind). Under socket activation the socket unit
+/// sets it (`SocketUser=`/`SocketGroup=`/`SocketMode=`, done here by the harness for
+/// systemd-socket-activate) and the service must keep it: same file (not re-bound), same owner
+/// and mode once the service runs. The access checks that follow are the same in both modes.
 #[test]
 fn socket_mode_and_owner() {
     let keyd = Keyd::builder()
         .extra(&format!("[[principal]]\nuid = {APP}\nkeys = [\"*\"]\n"))
         .keep_socket_owner()
         .start();
+    println!("activation mode: {}", keyd.activation().name());
     let meta = std::fs::metadata(keyd.socket()).expect("socket");
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660, "socket mode");
@@ -340,6 +346,13 @@ fn socket_mode_and_owner() {
         (user.uid.as_raw(), user.gid.as_raw()),
         "socket owner = the service user aziotks, as the socket unit sets it"
     );
+    if keyd.activation() == Activation::Systemd {
+        assert_eq!(
+            Some((meta.dev(), meta.ino())),
+            keyd.activated_socket(),
+            "the service replaced the socket the socket unit created"
+        );
+    }
     // a uid outside the socket's group cannot even connect
     let req = aziot_tests::http::build_request("GET", "/key/x?api-version=2021-05-01", None);
     let err = exchange_as(APP, keyd.socket(), &req).expect_err("connect must be refused");

@@ -5,6 +5,7 @@ use std::fs;
 
 use aziot_tests::api::*;
 use aziot_tests::crypto::*;
+use aziot_tests::keyd::{fds_of, listening_unix_inodes, Activation};
 use aziot_tests::Keyd;
 
 /// No key material, handle signature or plaintext appears in the log at debug level.
@@ -231,20 +232,55 @@ fn launched_through_an_argv0_symlink() {
 }
 
 /// common-http.md §4.1: whatever is at the socket path is replaced (a directory after a WARN).
+///
+/// That is the *self-bound* service's job. Under socket activation (§4.2) the path belongs to
+/// the socket unit, which creates it before the service exists (systemd refuses to bind over a
+/// directory, so the service never sees one). The activation-mode equivalent checked instead:
+/// the service adopts the passed socket and leaves the path alone — no removal/WARN, the file
+/// at the path is still the one systemd-socket-activate created, it is the only listening
+/// socket bound there, and the worker serves on exactly that socket.
 #[test]
 fn directory_at_the_socket_path_is_replaced() {
-    let b = Keyd::builder();
-    fs::create_dir_all(b.dir().join("keyd.sock/sub")).expect("mkdir");
-    fs::write(b.dir().join("keyd.sock/sub/file"), b"x").expect("write");
-    let keyd = b.start();
-    keyd.api(V2021).create_key("k", "sign");
-    assert!(
-        keyd.log().contains(
-            "Could not remove socket file because it is a directory. Removing directory."
-        ),
-        "{}",
-        keyd.log()
-    );
+    let mode = Activation::from_env();
+    println!("activation mode: {}", mode.name());
+    match mode {
+        Activation::SelfBound => {
+            let b = Keyd::builder();
+            fs::create_dir_all(b.dir().join("keyd.sock/sub")).expect("mkdir");
+            fs::write(b.dir().join("keyd.sock/sub/file"), b"x").expect("write");
+            let keyd = b.start();
+            keyd.api(V2021).create_key("k", "sign");
+            assert!(
+                keyd.log().contains(
+                    "Could not remove socket file because it is a directory. Removing directory."
+                ),
+                "{}",
+                keyd.log()
+            );
+        }
+        Activation::Systemd => {
+            use std::os::unix::fs::MetadataExt;
+            let keyd = Keyd::start("");
+            keyd.api(V2021).create_key("k", "sign");
+            let meta = fs::symlink_metadata(keyd.socket()).expect("socket");
+            assert_eq!(
+                Some((meta.dev(), meta.ino())),
+                keyd.activated_socket(),
+                "the file at the socket path is no longer the one systemd-socket-activate created"
+            );
+            let log = keyd.log();
+            assert!(!log.contains("Could not remove socket file"), "{log}");
+            let listening = listening_unix_inodes(keyd.socket());
+            assert_eq!(listening.len(), 1, "listening sockets bound to the path: {listening:?}");
+            let worker = keyd.worker_pid();
+            let link = format!("socket:[{}]", listening[0]);
+            assert!(
+                fds_of(worker).iter().any(|(_, l)| *l == link),
+                "the worker does not hold the activated socket {link}: {:?}",
+                fds_of(worker)
+            );
+        }
+    }
 }
 
 /// Request lines (`<-- METHOD URI` on arrival, `--> STATUS` on completion) are at DEBUG, not

@@ -225,7 +225,13 @@ fn worker_fds(r: &mut AuditReport, policy: &Policy, status: &Status, state_dirs:
     for (fd, link) in &fds {
         let class = procfs::classify(link, &tables);
         let inherited_stdio = *fd <= 2 && broker_fds.iter().any(|(bfd, blink)| bfd == fd && blink == link);
-        let ok = inherited_stdio || match &class {
+        let handed = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                status.handed_inodes.contains(&(m.dev(), m.ino()))
+            })
+            .unwrap_or(false);
+        let by_class = match &class {
             FdClass::Stdio(_) | FdClass::Runtime(_) => true,
             FdClass::Unix { listening: l } => {
                 listening += usize::from(*l);
@@ -238,6 +244,7 @@ fn worker_fds(r: &mut AuditReport, policy: &Policy, status: &Status, state_dirs:
             FdClass::OtherSocket(kind) if kind == "unknown" => !procfs::still_open(pid, *fd, link),
             FdClass::OtherSocket(_) | FdClass::OtherAnon(_) => false,
         };
+        let ok = inherited_stdio || handed || by_class;
         if ok {
             seen.push(format!("{fd}"));
         } else {

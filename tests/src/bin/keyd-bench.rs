@@ -1,5 +1,5 @@
-//! keyd benchmark: throughput and latency over the socket, RSS and cold start.
-//! Prints figures; never asserts on time.
+//! keyd benchmark: throughput and latency over the socket, broker vs unconfined, RSS, cold
+//! start and restart-to-serving. Prints figures; never asserts on time.
 //!
 //! ```text
 //! keyd-bench [--duration SECS] [--quick]
@@ -7,11 +7,21 @@
 //! ```
 //!
 //! The keyd binary is `$AZIOTD_BIN`, else `<target>/release/aziotd`, else (loudly)
-//! `<target>/debug/aziotd`. The "floor" is a trivial hyper 1 server on a unix socket (tokio
-//! multi-thread, 2 workers) answering 200 with a small JSON body: the best an HTTP-over-UDS
-//! service on this machine can do, to which keyd's figures are compared. Both are driven by
-//! the same raw keep-alive client (`aziot_tests::http`), one connection per client thread.
+//! `<target>/debug/aziotd`. It is run twice, side by side:
+//!
+//! * **broker**: `aziotd aziot-keyd` as root — the broker binds the socket and serves through
+//!   its confined worker (aziotks, no capabilities, Landlock, seccomp), the production form;
+//! * **unconfined**: `aziotd --unconfined aziot-keyd` started as user aziotks — the same
+//!   service code in one process without broker or sandbox, the baseline the sandbox's cost
+//!   is measured against (target: broker ≥ 0.95 × unconfined).
+//!
+//! The "floor" is a trivial hyper 1 server on a unix socket (tokio multi-thread, 2 workers)
+//! answering 200 with a small JSON body: the best an HTTP-over-UDS service on this machine can
+//! do, to which keyd's figures are compared. All are driven by the same raw keep-alive client
+//! (`aziot_tests::http`), one connection per client thread.
 
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use aziot_tests::crypto::{b64, random, sha256};
 use aziot_tests::http::{build_request, Conn};
-use aziot_tests::keyd::{profile_dir, Keyd, TempDir};
+use aziot_tests::keyd::{profile_dir, service_user, toml_str, Activation, Keyd, TempDir, SERVICE_USER};
 use serde_json::json;
 
 const VERSION: &str = "2021-05-01";
@@ -100,6 +110,46 @@ struct Row {
     errors: u64,
 }
 
+/// The three keyd requests, built for one instance (handles are per instance: each has its
+/// own handle-validation key).
+struct Requests {
+    hmac: Vec<u8>,
+    ecdsa: Vec<u8>,
+    aead: Vec<u8>,
+}
+
+fn requests(sock: &Path) -> Requests {
+    let api = aziot_tests::api::Api::new(sock.to_path_buf(), VERSION);
+    let hmac_key = api.import_key("bench-hmac", &random(32));
+    let ec = api.create_keypair("bench-ec", Some("ec-p256"));
+    let aead = api.import_key("bench-aead", &random(32));
+    let t = |p: &str| format!("{p}?api-version={VERSION}");
+    Requests {
+        hmac: build_request(
+            "POST",
+            &t("/sign"),
+            Some(&body(
+                &json!({"keyHandle": hmac_key, "algorithm": "HMAC-SHA256", "parameters": {"message": b64(&random(64))}}),
+            )),
+        ),
+        ecdsa: build_request(
+            "POST",
+            &t("/sign"),
+            Some(&body(
+                &json!({"keyHandle": ec, "algorithm": "ECDSA", "parameters": {"digest": b64(&sha256(b"bench"))}}),
+            )),
+        ),
+        aead: build_request(
+            "POST",
+            &t("/encrypt"),
+            Some(&body(&json!({"keyHandle": aead, "algorithm": "AEAD",
+                "parameters": {"iv": b64(&random(12)), "aad": b64(b"aad")}, "plaintext": b64(&random(1024))}))),
+        ),
+    }
+}
+
+const CASES: [&str; 3] = ["HMAC-SHA256 sign 64 B", "ECDSA P-256 sign", "AEAD encrypt 1 KiB"];
+
 fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
     let (bin, flavour) = keyd_binary();
     println!(
@@ -114,98 +164,91 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
     let floor_sock = floor_dir.path().join("floor.sock");
     let mut floor = FloorProcess::start(&floor_sock);
 
-    // keyd: info level (production default), enough connection slots for c=8 plus headroom
+    // keyd through the broker (self-bound: what is measured is the service, not systemd):
+    // info level (production default), enough connection slots for c=8 plus headroom
     let keyd = Keyd::builder()
         .bin(bin.clone())
+        .activation(Activation::SelfBound)
         .log_level("info")
         .extra("max_requests = 64")
         .start();
+    // the same service unconfined, as the service user
+    let unconfined = Unconfined::start(&bin);
     std::thread::sleep(Duration::from_millis(300));
-    let idle_rss = rss_kib(&keyd.pids(), "VmRSS");
+    let broker_pid = keyd.pid();
+    let worker_pid = u32::try_from(keyd.worker_pid()).expect("pid");
+    let idle = [
+        rss_kib(&[broker_pid], "VmRSS"),
+        rss_kib(&[worker_pid], "VmRSS"),
+        rss_kib(&[unconfined.pid()], "VmRSS"),
+    ];
 
     let sock = keyd.socket().to_path_buf();
-    let api = keyd.api(VERSION);
-    let hmac_key = api.import_key("bench-hmac", &random(32));
-    let ec = api.create_keypair("bench-ec", Some("ec-p256"));
-    let aead = api.import_key("bench-aead", &random(32));
-    let t = |p: &str| format!("{p}?api-version={VERSION}");
-    let hmac_req = build_request(
-        "POST",
-        &t("/sign"),
-        Some(&body(
-            &json!({"keyHandle": hmac_key, "algorithm": "HMAC-SHA256", "parameters": {"message": b64(&random(64))}}),
-        )),
-    );
-    let ecdsa_req = build_request(
-        "POST",
-        &t("/sign"),
-        Some(&body(
-            &json!({"keyHandle": ec, "algorithm": "ECDSA", "parameters": {"digest": b64(&sha256(b"bench"))}}),
-        )),
-    );
-    let aead_req = build_request(
-        "POST",
-        &t("/encrypt"),
-        Some(&body(&json!({"keyHandle": aead, "algorithm": "AEAD",
-            "parameters": {"iv": b64(&random(12)), "aad": b64(b"aad")}, "plaintext": b64(&random(1024))}))),
-    );
+    let brq = requests(&sock);
+    let urq = requests(unconfined.socket());
 
     let mut rows = Vec::new();
     for conc in [1usize, 8] {
-        rows.push(measure(
-            "floor (hyper, 2 workers)",
-            &floor_sock,
-            &hmac_req,
-            conc,
-            warmup,
-            duration,
-        ));
-        rows.push(measure(
-            "keyd HMAC-SHA256 sign 64 B",
-            &sock,
-            &hmac_req,
-            conc,
-            warmup,
-            duration,
-        ));
-        rows.push(measure(
-            "keyd ECDSA P-256 sign",
-            &sock,
-            &ecdsa_req,
-            conc,
-            warmup,
-            duration,
-        ));
-        rows.push(measure(
-            "keyd AEAD encrypt 1 KiB",
-            &sock,
-            &aead_req,
-            conc,
-            warmup,
-            duration,
-        ));
+        rows.push(measure("floor (hyper, 2 workers)", &floor_sock, &brq.hmac, conc, warmup, duration));
+        for (case, (b, u)) in CASES.iter().zip([(&brq.hmac, &urq.hmac), (&brq.ecdsa, &urq.ecdsa), (&brq.aead, &urq.aead)]) {
+            // alternate which goes first, so that neither always runs on a warmer machine
+            let broker = |rows: &mut Vec<Row>| rows.push(measure(&format!("broker {case}"), &sock, b, conc, warmup, duration));
+            let unconf =
+                |rows: &mut Vec<Row>| rows.push(measure(&format!("unconf {case}"), unconfined.socket(), u, conc, warmup, duration));
+            if conc == 1 {
+                broker(&mut rows);
+                unconf(&mut rows);
+            } else {
+                unconf(&mut rows);
+                broker(&mut rows);
+            }
+        }
     }
-    let peak_rss = rss_kib(&keyd.pids(), "VmHWM");
-    let pids = keyd.pids();
+    let peak = [
+        rss_kib(&[broker_pid], "VmHWM"),
+        rss_kib(&[worker_pid], "VmHWM"),
+        rss_kib(&[unconfined.pid()], "VmHWM"),
+    ];
+    // failed requests: show what the services said about them
+    let tail = |log: String| {
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
+    if rows.iter().any(|r| r.errors > 0 && r.name.starts_with("broker")) {
+        println!("--- broker keyd log (last 30 lines) ---\n{}\n---", tail(keyd.log()));
+    }
+    if rows.iter().any(|r| r.errors > 0 && r.name.starts_with("unconf")) {
+        println!("--- unconfined keyd log (last 30 lines) ---\n{}\n---", tail(unconfined.log()));
+    }
+    drop(unconfined);
     drop(keyd);
     floor.stop();
 
-    // cold start: spawn → first successful response, fresh prefix each time
+    // cold start: spawn (the broker's exec) → first successful response, fresh prefix each time
     let mut colds = Vec::new();
     for _ in 0..cold_starts {
         colds.push(cold_start(&bin));
+    }
+    let mut unconfined_colds = Vec::new();
+    for _ in 0..cold_starts {
+        unconfined_colds.push(unconfined_cold_start(&bin));
+    }
+    // restart to serving: kill -9 the idle worker → next successful response
+    let mut restarts = Vec::new();
+    for _ in 0..RESTART_SAMPLES {
+        restarts.push(restart_to_serving(&bin));
     }
 
     // ----- summary -----
     println!();
     println!(
-        "{:<30} {:>4} {:>11} {:>10} {:>10} {:>9} {:>7}",
+        "{:<34} {:>4} {:>11} {:>10} {:>10} {:>9} {:>7}",
         "case", "c", "req/s", "p50 µs", "p99 µs", "ok", "errors"
     );
-    println!("{}", "-".repeat(87));
+    println!("{}", "-".repeat(91));
     for r in &rows {
         println!(
-            "{:<30} {:>4} {:>11.0} {:>10.1} {:>10.1} {:>9} {:>7}",
+            "{:<34} {:>4} {:>11.0} {:>10.1} {:>10.1} {:>9} {:>7}",
             r.name,
             r.conc,
             r.rps,
@@ -215,50 +258,178 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
             r.errors
         );
     }
-    println!("{}", "-".repeat(87));
-    let find = |prefix: &str, c: usize| {
+    println!("{}", "-".repeat(91));
+    let find = |name: &str, c: usize| {
         rows.iter()
-            .find(|r| r.name.starts_with(prefix) && r.conc == c)
+            .find(|r| r.name == name && r.conc == c)
             .map_or(0.0, |r| r.rps)
     };
-    let floor8 = find("floor", 8);
-    let hmac8 = find("keyd HMAC", 8);
-    let ecdsa8 = find("keyd ECDSA", 8);
-    let ratio = if floor8 > 0.0 { hmac8 / floor8 } else { 0.0 };
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let verdict = |ok: bool| if ok { "meets target" } else { "BELOW TARGET" };
+    println!("broker / unconfined throughput (target >= 0.95 each):");
+    for conc in [1usize, 8] {
+        for case in CASES {
+            let r = ratio(find(&format!("broker {case}"), conc), find(&format!("unconf {case}"), conc));
+            println!("  {case:<28} c={conc}   {r:>6.3}   {}", verdict(r >= 0.95));
+        }
+    }
+    let floor8 = find("floor (hyper, 2 workers)", 8);
+    let hmac8 = find(&format!("broker {}", CASES[0]), 8);
+    let ecdsa8 = find(&format!("broker {}", CASES[1]), 8);
     println!(
-        "HMAC c=8 / floor c=8           {ratio:>8.2}   (target >= 0.60: {})",
-        verdict(ratio >= 0.6)
+        "broker HMAC c=8 / floor c=8        {:>8.2}   (target >= 0.60: {})",
+        ratio(hmac8, floor8),
+        verdict(ratio(hmac8, floor8) >= 0.6)
     );
     println!(
-        "ECDSA c=8                      {ecdsa8:>8.0}   req/s (target >= 10000: {})",
+        "broker ECDSA c=8                   {ecdsa8:>8.0}   req/s (target >= 10000: {})",
         verdict(ecdsa8 >= 10_000.0)
     );
+    let kib = |v: Option<u64>| v.map_or("n/a".into(), |v| v.to_string());
     println!(
-        "keyd idle RSS                  {:>8} KiB (processes {pids:?})",
-        idle_rss.map_or("n/a".into(), |v| v.to_string())
+        "RSS idle (VmRSS)                   broker {:>7} KiB   worker {:>7} KiB   unconfined {:>7} KiB",
+        kib(idle[0]),
+        kib(idle[1]),
+        kib(idle[2])
     );
     println!(
-        "keyd peak RSS (VmHWM)          {:>8} KiB",
-        peak_rss.map_or("n/a".into(), |v| v.to_string())
+        "RSS peak (VmHWM)                   broker {:>7} KiB   worker {:>7} KiB   unconfined {:>7} KiB",
+        kib(peak[0]),
+        kib(peak[1]),
+        kib(peak[2])
     );
-    if !colds.is_empty() {
-        let avg = colds.iter().sum::<Duration>() / u32::try_from(colds.len()).expect("few");
-        let min = colds.iter().min().expect("some");
-        let max = colds.iter().max().expect("some");
-        println!(
-            "cold start (spawn → first 200) {:>8.1} ms average of {} (min {:.1}, max {:.1})",
+    let stats = |v: &[Duration]| {
+        let avg = v.iter().sum::<Duration>() / u32::try_from(v.len().max(1)).expect("few");
+        let min = v.iter().min().copied().unwrap_or_default();
+        let max = v.iter().max().copied().unwrap_or_default();
+        format!(
+            "{:>8.1} ms average of {} (min {:.1}, max {:.1})",
             avg.as_secs_f64() * 1e3,
-            colds.len(),
+            v.len(),
             min.as_secs_f64() * 1e3,
             max.as_secs_f64() * 1e3
+        )
+    };
+    let avg_ms = |v: &[Duration]| v.iter().sum::<Duration>().as_secs_f64() * 1e3 / v.len().max(1) as f64;
+    if !colds.is_empty() {
+        println!(
+            "cold start, broker (exec → first 200) {}   target <= 15 ms: {}",
+            stats(&colds),
+            verdict(avg_ms(&colds) <= 15.0)
         );
+        println!("cold start, unconfined (reference)    {}", stats(&unconfined_colds));
     }
+    println!(
+        "restart to serving (kill -9 worker → next 200) {}   (includes the broker's {} ms first-restart backoff)",
+        stats(&restarts),
+        BROKER_FIRST_BACKOFF_MS
+    );
     println!("keyd binary: {} ({flavour})", bin.display());
     if rows.iter().any(|r| r.errors > 0) {
         println!(
             "NOTE: some requests failed (see the errors column); their latencies are excluded."
         );
+    }
+}
+
+/// Restart samples (each on a fresh broker: a broker doubles its backoff on every restart
+/// within 10 s of the previous one, so back-to-back kills on one broker would measure that).
+const RESTART_SAMPLES: usize = 5;
+/// The broker's first restart waits this long (broker/src/supervise.rs BACKOFF_MIN).
+const BROKER_FIRST_BACKOFF_MS: u64 = 50;
+
+/// `aziotd --unconfined aziot-keyd`, as the service user, in its own prefix (home owned by
+/// aziotks, the socket in a directory it can write).
+struct Unconfined {
+    dir: TempDir,
+    child: Option<Child>,
+    sock: PathBuf,
+}
+
+impl Unconfined {
+    fn spawn(bin: &Path) -> Unconfined {
+        let (uid, gid) = service_user();
+        let dir = TempDir::new("bench-unconfined");
+        let root = dir.path();
+        let home = root.join("home");
+        std::fs::create_dir(&home).expect("mkdir home");
+        std::fs::create_dir(root.join("config.d")).expect("mkdir config.d");
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).expect("chmod home");
+        let sock = root.join("keyd.sock");
+        std::fs::write(
+            root.join("config.toml"),
+            format!(
+                "max_requests = 64\n[aziot_keys]\nhomedir_path = {}\n\n[endpoints]\naziot_keyd = {}\n",
+                toml_str(&home.to_string_lossy()),
+                toml_str(&format!("unix://{}", sock.display()))
+            ),
+        )
+        .expect("write config");
+        for p in [root, home.as_path()] {
+            nix::unistd::chown(p, Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)))
+                .unwrap_or_else(|e| panic!("chown {} {SERVICE_USER}: {e}", p.display()));
+        }
+        let log = std::fs::File::create(root.join("keyd.log")).expect("log");
+        let mut cmd = Command::new(bin);
+        cmd.arg("--unconfined")
+            .arg("aziot-keyd")
+            .uid(uid)
+            .gid(gid)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("AZIOT_KEYD_CONFIG", root.join("config.toml"))
+            .env("AZIOT_KEYD_CONFIG_DIR", root.join("config.d"))
+            .env("AZIOT_LOG", "info")
+            .current_dir(root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("dup")))
+            .stderr(Stdio::from(log));
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL the child when
+        // the bench dies.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn aziotd --unconfined");
+        Unconfined { dir, child: Some(child), sock }
+    }
+
+    fn start(bin: &Path) -> Unconfined {
+        let mut u = Unconfined::spawn(bin);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&u.sock).is_err() {
+            if let Some(status) = u.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("unconfined keyd exited with {status}\n{}", u.log());
+            }
+            assert!(Instant::now() < deadline, "unconfined keyd did not start\n{}", u.log());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        u
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("keyd.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn socket(&self) -> &Path {
+        &self.sock
+    }
+}
+
+impl Drop for Unconfined {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -382,35 +553,64 @@ fn rss_kib(pids: &[u32], field: &str) -> Option<u64> {
     any.then_some(total)
 }
 
-fn cold_start(bin: &Path) -> Duration {
-    let keyd = Keyd::builder()
-        .bin(bin.to_path_buf())
-        .log_level("info")
-        .start_unready();
-    let spawned = keyd.spawned_at();
-    let req = build_request(
-        "POST",
-        &format!("/key?api-version={VERSION}"),
-        Some(br#"{"keyId":"cold","usage":"sign"}"#),
-    );
-    let deadline = spawned + Duration::from_secs(10);
+/// Sends `req` on fresh connections until one gets a 200; the time that took from `since`.
+fn first_200(sock: &Path, req: &[u8], since: Instant, what: &str, log: &dyn Fn() -> String) -> Duration {
+    let deadline = since + Duration::from_secs(10);
     loop {
-        if let Ok(mut c) = Conn::connect(keyd.socket()) {
-            if c.send_raw(&req).is_ok() {
+        if let Ok(mut c) = Conn::connect(sock) {
+            if c.send_raw(req).is_ok() {
                 if let Ok(r) = c.read_response() {
                     if r.status == 200 {
-                        return spawned.elapsed();
+                        return since.elapsed();
                     }
                 }
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "keyd did not answer within 10 s\n{}",
-            keyd.log()
-        );
+        assert!(Instant::now() < deadline, "{what}: no 200 within 10 s\n{}", log());
         std::thread::sleep(Duration::from_micros(500));
     }
+}
+
+fn create_req(id: &str) -> Vec<u8> {
+    build_request(
+        "POST",
+        &format!("/key?api-version={VERSION}"),
+        Some(format!(r#"{{"keyId":"{id}","usage":"sign"}}"#).as_bytes()),
+    )
+}
+
+fn cold_start(bin: &Path) -> Duration {
+    let keyd = Keyd::builder()
+        .bin(bin.to_path_buf())
+        .activation(Activation::SelfBound)
+        .log_level("info")
+        .start_unready();
+    first_200(keyd.socket(), &create_req("cold"), keyd.spawned_at(), "cold start", &|| keyd.log())
+}
+
+fn unconfined_cold_start(bin: &Path) -> Duration {
+    let spawned = Instant::now();
+    let u = Unconfined::spawn(bin);
+    first_200(u.socket(), &create_req("cold"), spawned, "unconfined cold start", &|| u.log())
+}
+
+/// A fresh broker, idle: kill -9 its worker, then time until a request is answered 200.
+fn restart_to_serving(bin: &Path) -> Duration {
+    let keyd = Keyd::builder()
+        .bin(bin.to_path_buf())
+        .activation(Activation::SelfBound)
+        .log_level("info")
+        .start();
+    let req = create_req("after-restart");
+    // served once by the first worker (warm), then idle
+    let _ = first_200(keyd.socket(), &req, Instant::now(), "before the kill", &|| keyd.log());
+    std::thread::sleep(Duration::from_millis(50));
+    let worker = keyd.worker_pid();
+    let killed = Instant::now();
+    // SAFETY: plain syscall on the worker of the keyd started just above.
+    let rc = unsafe { libc::kill(worker, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill -9 {worker}");
+    first_200(keyd.socket(), &req, killed, "restart to serving", &|| keyd.log())
 }
 
 struct FloorProcess {

@@ -82,6 +82,10 @@ pub fn backend(config: &config::Config, dirs: HandedDirs) -> Result<Arc<dyn KeyB
             .map_err(|source| KeydError::Parameter { name, source })?;
     }
     if let Some(store) = native {
+        // Load and C_Initialize a PKCS#11 module now: a sandboxed worker cannot map code later.
+        store
+            .pkcs11_preload()
+            .map_err(|source| KeydError::Parameter { name: "pkcs11_lib_path".into(), source })?;
         for (id, dir, file_name) in dirs.preloaded {
             store
                 .set_preloaded_key_dir(&id, dir, &file_name)

@@ -216,6 +216,7 @@ fn broker(a: &Args) -> Result<ExitCode, String> {
             warnings,
             restarts: 0,
             handed_dirs: Vec::new(),
+            handed_inodes: Vec::new(),
         };
         let path = a.status.clone().ok_or("--serve needs --status FILE")?;
         status.write(&path).map_err(|e| e.to_string())?;

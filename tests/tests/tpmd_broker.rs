@@ -1,0 +1,116 @@
+//! tpmd through the real topology: the root broker opens the TPM (here a connection to a
+//! fresh swtpm) and hands the descriptor to the worker, which runs as aziottpm, confined,
+//! and never opens a path or a socket itself.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aziot_tests::http::{build_request, Conn};
+use aziot_tests::keyd::{aziotctl_bin, aziotd_bin, exchange_as, TempDir};
+
+/// Two consecutive free loopback ports (swtpm's server and control ports).
+fn free_ports() -> u16 {
+    for _ in 0..50 {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < 65535 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no two consecutive free ports");
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        // SAFETY: plain syscall on our own child.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn tpmd_serves_from_a_confined_worker_on_a_handed_over_tpm() {
+    let dir = TempDir::new("tpmd-broker");
+    let root = dir.path();
+    std::fs::create_dir(root.join("state")).unwrap();
+    let port = free_ports();
+    let swtpm = Kill(
+        Command::new("swtpm")
+            .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+            .arg("--tpmstate")
+            .arg(format!("dir={}", root.join("state").display()))
+            .args(["--server", &format!("type=tcp,port={port},bindaddr=127.0.0.1")])
+            .args(["--ctrl", &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("swtpm (apt-get install swtpm)"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "swtpm did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sock = root.join("tpmd.sock");
+    std::fs::write(
+        root.join("config.toml"),
+        format!("tcti = \"swtpm:host=127.0.0.1,port={port}\"\n[endpoints]\naziot_tpmd = \"unix://{}\"\n", sock.display()),
+    )
+    .unwrap();
+    let log = std::fs::File::create(root.join("tpmd.log")).unwrap();
+    let broker = Kill(
+        Command::new(aziotd_bin())
+            .arg("aziot-tpmd")
+            .env_clear()
+            .env("AZIOT_TPMD_CONFIG", root.join("config.toml"))
+            .env("AZIOT_TPMD_CONFIG_DIR", root.join("config.d"))
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let log_text = || std::fs::read_to_string(root.join("tpmd.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !root.join("tpmd.status").exists() {
+        assert!(Instant::now() < deadline, "tpmd did not start:\n{}", log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The API answers as the spec says, from the worker.
+    let mut conn = Conn::connect(&sock).unwrap();
+    let r = conn.request("GET", "/get_tpm_keys?api-version=2020-09-01", None).unwrap();
+    assert_eq!(r.status, 200, "{r}\n{}", log_text());
+    let keys = r.json();
+    for field in ["endorsement_key", "storage_root_key"] {
+        let v = keys[field].as_str().unwrap_or_else(|| panic!("{field} in {keys}"));
+        assert!(v.len() > 100, "{field}: {v}");
+    }
+    // Only root and aziotid may call tpmd (a difference from the original, which lets anyone
+    // who reaches the socket in): uid 4242 is refused.
+    nix::unistd::chown(&sock, None, Some(nix::unistd::Gid::from_raw(aziot_tests::keyd::TEST_GID))).unwrap();
+    let refused = exchange_as(4242, &sock, &build_request("GET", "/get_tpm_keys?api-version=2020-09-01", None)).unwrap();
+    assert_eq!(refused.status, 401, "{refused}");
+
+    // The worker is aziottpm, without capabilities, under seccomp; the audit agrees.
+    let status: serde_json::Value = serde_json::from_slice(&std::fs::read(root.join("tpmd.status")).unwrap()).unwrap();
+    let worker = status["worker_pid"].as_i64().unwrap();
+    let proc_status = std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap();
+    let user = nix::unistd::User::from_name("aziottpm").unwrap().expect("user aziottpm");
+    assert!(proc_status.contains(&format!("Uid:\t{0}\t{0}\t{0}\t{0}", user.uid)), "{proc_status}");
+    assert!(proc_status.contains("CapEff:\t0000000000000000"), "{proc_status}");
+    assert!(proc_status.contains("Seccomp:\t2"), "{proc_status}");
+    let audit = Command::new(aziotctl_bin()).args(["policy", "audit", "--run-dir"]).arg(root).output().unwrap();
+    assert!(
+        audit.status.success(),
+        "audit:\n{}{}",
+        String::from_utf8_lossy(&audit.stdout),
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    drop(broker);
+    drop(swtpm);
+}

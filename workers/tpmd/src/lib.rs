@@ -1,0 +1,145 @@
+//! aziot-tpmd: the TPM service (spec tpmd.md) as a library.
+//!
+//! A request is traced in these files: [`aziot_ipc::server`] (accept, uid, throttle,
+//! api-version, body) -> [`api`] (route, authorize, error mapping) -> [`tpm`] (the command
+//! sequences of spec §5–§8) -> [`esys`] (safe calls into tpm2-tss ESYS, bindings from
+//! tss-esapi) -> the TCTI: [`fd_tcti`] on a descriptor, or tpm2-tss's loader ([`tcti`]
+//! explains both and what the sandbox must allow).
+//!
+//! For the broker: [`load_config`], then before the sandbox locks [`init_tpm_fd`] (fd opened
+//! by the broker; preferred) or [`init_tpm`] (config `tcti` string), then [`serve`].
+
+pub mod api;
+pub mod blob;
+pub mod config;
+pub mod esys;
+pub mod fd_tcti;
+#[cfg(feature = "test-support")]
+pub mod dps_blob;
+pub mod tcti;
+pub mod tpm;
+
+use std::sync::Arc;
+use std::os::fd::OwnedFd;
+
+use aziot_ipc::config::ConfigPaths;
+use aziot_ipc::endpoint::Endpoint;
+use aziot_ipc::server::ServerConfig;
+
+pub use config::Config;
+pub use tpm::{Tpm, TpmError, TpmSettings};
+
+/// Name of the socket in systemd's `LISTEN_FDNAMES` (`FileDescriptorName=` of the unit).
+pub const SOCKET_NAME: &str = "aziot-tpmd.socket";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TpmdError {
+    #[error(transparent)]
+    Config(#[from] aziot_ipc::config::ConfigError),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    #[error("could not initialize TPM")]
+    Tpm(#[from] TpmError),
+    #[error("invalid endpoint")]
+    Endpoint(#[from] aziot_ipc::endpoint::EndpointError),
+    #[error("could not open the listening socket")]
+    Listener(#[from] aziot_ipc::listener::ListenerError),
+    #[error("could not start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("the server stopped")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Reads tpmd's config from the usual places (`$AZIOT_TPMD_CONFIG`, `..._DIR`) and validates it.
+pub fn load_config() -> Result<Config, TpmdError> {
+    let config: Config = aziot_ipc::config::load(&ConfigPaths::from_env("tpmd"))?;
+    config::validate(&config).map_err(TpmdError::Invalid)?;
+    Ok(config)
+}
+
+/// The TPM settings of a config.
+pub fn settings(config: &Config) -> TpmSettings {
+    TpmSettings {
+        auth_key_index: config.auth_key_index,
+        endorsement_auth: config.hierarchy_authorization.endorsement.clone(),
+        owner_auth: config.hierarchy_authorization.owner.clone(),
+    }
+}
+
+/// Opens the TCTI of the config and runs the startup sequence (spec §5). Call before the
+/// sandbox locks: the TCTI module is loaded (dlopen) and the device or socket is opened here.
+pub fn init_tpm(config: &Config) -> Result<Tpm, TpmdError> {
+    config::validate(config).map_err(TpmdError::Invalid)?;
+    let esys = tpm::open_tcti(&config.tcti)?;
+    Ok(Tpm::initialize(esys, &settings(config))?)
+}
+
+/// Like [`init_tpm`], on a descriptor the broker opened (`/dev/tpmrm0`, or a stream socket to
+/// a TPM speaking the raw command stream); the config's `tcti` is not used. The worker then
+/// never opens a path for the TPM ([`fd_tcti`]).
+pub fn init_tpm_fd(config: &Config, fd: OwnedFd) -> Result<Tpm, TpmdError> {
+    config::validate(config).map_err(TpmdError::Invalid)?;
+    let esys = tpm::open_fd(fd)?;
+    Ok(Tpm::initialize(esys, &settings(config))?)
+}
+
+/// The listener endpoint from config (default `unix:///run/aziot/tpmd.sock`).
+pub fn endpoint(config: &Config) -> Result<Endpoint, TpmdError> {
+    Ok(match &config.endpoints.aziot_tpmd {
+        Some(uri) => Endpoint::parse(uri)?,
+        None => Endpoint::default_for("tpmd"),
+    })
+}
+
+/// Serves on `listener` until the server fails. Builds the runtime: call only once the
+/// sandbox is in place. With `control`, a thread applies the config updates the broker sends
+/// (the allowed uids only: tpmd has no runtime reload of anything else).
+pub fn serve(
+    listener: std::os::unix::net::UnixListener,
+    config: &Config,
+    tpm: Tpm,
+    control: Option<std::os::fd::OwnedFd>,
+) -> TpmdError {
+    let api = Arc::new(api::Api::new(tpm, config::allowed_uids(config)));
+    if let Some(control) = control {
+        let api = Arc::clone(&api);
+        let spawned =
+            std::thread::Builder::new().name("aziot-control".into()).spawn(move || control_loop(&control, &api));
+        if let Err(e) = spawned {
+            return TpmdError::Runtime(e);
+        }
+    }
+    let server_config = ServerConfig { max_requests: config.max_requests, ..ServerConfig::default() };
+    tracing::info!("Starting server...");
+    TpmdError::Serve(aziot_ipc::server::run(listener, api, server_config))
+}
+
+fn control_loop(control: &std::os::fd::OwnedFd, api: &api::Api) {
+    use std::os::fd::AsFd;
+    loop {
+        match aziot_ipc::handoff::recv_json::<aziot_ipc::handoff::Control>(control.as_fd()) {
+            Ok(aziot_ipc::handoff::Control::Config { config }) => match toml::from_str::<Config>(&config) {
+                Ok(config) => {
+                    api.set_allowed_uids(config::allowed_uids(&config));
+                    tracing::info!("Config update finished.");
+                }
+                Err(e) => tracing::warn!("Config update failed. Error: {e}"),
+            },
+            Err(aziot_ipc::handoff::HandoffError::Closed) => {
+                tracing::error!("the broker closed the control channel; exiting");
+                std::process::exit(1);
+            }
+            Err(e) => tracing::warn!("bad control message from the broker: {e}"),
+        }
+    }
+}
+
+/// Runs tpmd unconfined in this process (no broker): config, TPM, listener, serve.
+pub fn run() -> Result<(), TpmdError> {
+    tracing::info!("Starting service...");
+    tracing::info!("Version - {}", env!("CARGO_PKG_VERSION"));
+    let config = load_config()?;
+    let tpm = init_tpm(&config)?;
+    let listener = aziot_ipc::listener::open(&endpoint(&config)?, Some(SOCKET_NAME))?;
+    Err(serve(listener, &config, tpm, None))
+}
