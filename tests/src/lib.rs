@@ -1,7 +1,8 @@
 //! Black-box test harness for the aziot services (currently keyd).
 //!
-//! * [`keyd`]: starts the real `aziotd aziot-keyd` in a private temporary prefix, restarts it,
-//!   kills it, exposes its log;
+//! * [`keyd`]: starts the real `aziotd aziot-keyd` in a private temporary prefix — binding its
+//!   own socket, or socket-activated by `systemd-socket-activate` when
+//!   `AZIOT_TEST_ACTIVATION=systemd` — restarts it, kills it, exposes its log and status file;
 //! * [`http`]: a raw HTTP/1.1-over-UDS client written from the spec (no product code);
 //! * [`api`]: one helper per keyd endpoint plus the response-envelope checks;
 //! * [`crypto`]: local reference computations (HMAC, AES-GCM, ECDSA/RSA verification) and
