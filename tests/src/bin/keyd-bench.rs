@@ -148,6 +148,9 @@ fn requests(sock: &Path) -> Requests {
     }
 }
 
+/// Alternating slices per broker/unconfined pair (see [`measure_pair`]).
+const PAIR_ROUNDS: u32 = 4;
+
 const CASES: [&str; 3] = ["HMAC-SHA256 sign 64 B", "ECDSA P-256 sign", "AEAD encrypt 1 KiB"];
 
 fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
@@ -191,17 +194,10 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
     for conc in [1usize, 8] {
         rows.push(measure("floor (hyper, 2 workers)", &floor_sock, &brq.hmac, conc, warmup, duration));
         for (case, (b, u)) in CASES.iter().zip([(&brq.hmac, &urq.hmac), (&brq.ecdsa, &urq.ecdsa), (&brq.aead, &urq.aead)]) {
-            // alternate which goes first, so that neither always runs on a warmer machine
-            let broker = |rows: &mut Vec<Row>| rows.push(measure(&format!("broker {case}"), &sock, b, conc, warmup, duration));
-            let unconf =
-                |rows: &mut Vec<Row>| rows.push(measure(&format!("unconf {case}"), unconfined.socket(), u, conc, warmup, duration));
-            if conc == 1 {
-                broker(&mut rows);
-                unconf(&mut rows);
-            } else {
-                unconf(&mut rows);
-                broker(&mut rows);
-            }
+            let (rb, ru) =
+                measure_pair(case, (&sock, b), (unconfined.socket(), u), conc, warmup, duration, PAIR_ROUNDS);
+            rows.push(rb);
+            rows.push(ru);
         }
     }
     let peak = [
@@ -446,6 +442,47 @@ fn measure(
     warmup: Duration,
     duration: Duration,
 ) -> Row {
+    let (lat, errors) = drive(sock, req, conc, warmup, duration);
+    row(name, conc, lat, errors, duration)
+}
+
+/// Broker vs unconfined, fairly: `rounds` alternating slices of `duration / rounds` each, in
+/// ABBA order (broker, unconfined, unconfined, broker, ...), so that drift in the machine's
+/// load (2 cores, shared) hits both alike; the first slice of each gets the full warm-up.
+#[allow(clippy::too_many_arguments)]
+fn measure_pair(
+    case: &str,
+    broker: (&Path, &[u8]),
+    unconfined: (&Path, &[u8]),
+    conc: usize,
+    warmup: Duration,
+    duration: Duration,
+    rounds: u32,
+) -> (Row, Row) {
+    let slice = duration / rounds;
+    let (mut bl, mut be, mut ul, mut ue) = (Vec::new(), 0, Vec::new(), 0);
+    for round in 0..rounds {
+        let w = if round == 0 { warmup } else { warmup.min(Duration::from_millis(100)) };
+        let order = if round % 2 == 0 { [true, false] } else { [false, true] };
+        for is_broker in order {
+            let (sock, req) = if is_broker { broker } else { unconfined };
+            let (l, e) = drive(sock, req, conc, w, slice);
+            if is_broker {
+                bl.extend(l);
+                be += e;
+            } else {
+                ul.extend(l);
+                ue += e;
+            }
+        }
+    }
+    let total = slice * rounds;
+    (row(&format!("broker {case}"), conc, bl, be, total), row(&format!("unconf {case}"), conc, ul, ue, total))
+}
+
+/// The raw run: latencies (ns) of the successful requests between warm-up and end, and the
+/// number of failed ones.
+fn drive(sock: &Path, req: &[u8], conc: usize, warmup: Duration, duration: Duration) -> (Vec<u64>, u64) {
     let barrier = Arc::new(Barrier::new(conc + 1));
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -499,6 +536,10 @@ fn measure(
         all.extend(l);
         errors += e;
     }
+    (all, errors)
+}
+
+fn row(name: &str, conc: usize, mut all: Vec<u64>, errors: u64, duration: Duration) -> Row {
     all.sort_unstable();
     let pct = |p: f64| {
         if all.is_empty() {
