@@ -450,7 +450,10 @@ fn log_exit(pid: Pid, status: &WaitStatus) {
                 "worker {pid} was killed by seccomp (SIGSYS): forbidden syscall {nr} ({})",
                 aziot_policy::syscall_name(nr).unwrap_or("unknown")
             ),
-            None => tracing::error!("worker {pid} was killed by seccomp (SIGSYS); the syscall number is not in the kernel log"),
+            None => tracing::error!(
+                "worker {pid} was killed by seccomp (SIGSYS); the syscall number is not in the kernel log \
+                 (the kernel rate-limits these records: look for \"callbacks suppressed\" in dmesg)"
+            ),
         },
         WaitStatus::Signaled(_, sig, _) => tracing::warn!("worker {pid} was killed by {sig}"),
         other => tracing::warn!("worker {pid}: {other:?}"),

@@ -172,6 +172,16 @@ impl Api {
         handle_of(&r, &format!("POST /key (import) {id}"))
     }
 
+    /// POST /key with keyBytes and this usage (a PKCS#11 token makes an AES key for
+    /// `encrypt` and a generic secret for `sign`/`derive`; the file backend stores bytes).
+    pub fn import_key_usage(&self, id: &str, bytes: &[u8], usage: &str) -> String {
+        let r = self.post(
+            "/key",
+            &json!({"keyId": id, "usage": usage, "keyBytes": b64(bytes)}),
+        );
+        handle_of(&r, &format!("POST /key (import, {usage}) {id}"))
+    }
+
     pub fn get_key(&self, id: &str) -> String {
         let r = self.get(&format!("/key/{}", pct(id)));
         handle_of(&r, &format!("GET /key/{id}"))

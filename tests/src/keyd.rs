@@ -74,6 +74,168 @@ impl Activation {
     }
 }
 
+/// The environment variable that selects the key [`Backend`] of the keyd suite.
+pub const BACKEND_ENV: &str = "AZIOT_TEST_BACKEND";
+
+/// SoftHSM2's PKCS#11 module (Debian/Ubuntu package softhsm2).
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// Where keyd keeps dynamic keys (keys that are not preloaded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Files in the home directory (no `pkcs11_*` settings).
+    File,
+    /// A fresh SoftHSM2 token per keyd instance ([`SoftHsm`]), configured as
+    /// `pkcs11_lib_path` + `pkcs11_base_slot`; `SOFTHSM2_CONF` in the broker's environment.
+    SoftHsm,
+}
+
+impl Backend {
+    /// `AZIOT_TEST_BACKEND` unset, empty or `file` → [`Backend::File`], `softhsm` →
+    /// [`Backend::SoftHsm`]; anything else fails the test.
+    pub fn from_env() -> Backend {
+        match std::env::var(BACKEND_ENV) {
+            Err(std::env::VarError::NotPresent) => Backend::File,
+            Ok(v) if v.is_empty() || v == "file" => Backend::File,
+            Ok(v) if v == "softhsm" => Backend::SoftHsm,
+            other => panic!("{BACKEND_ENV}={other:?}: expected `softhsm`, `file` or unset"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::File => "file backend",
+            Backend::SoftHsm => "SoftHSM2 (PKCS#11) backend",
+        }
+    }
+}
+
+/// For a test whose subject is the file backend (file names on disk, torn files, preloaded
+/// file keys, handles minted with the file HVK): prints a note when the suite runs with
+/// another backend. The test then starts its keyd with `.backend(Backend::File)`.
+pub fn file_backend_only(test: &str) -> Backend {
+    if Backend::from_env() != Backend::File {
+        println!(
+            "note: {test} checks the file backend itself: it runs with the file backend \
+             ({BACKEND_ENV}={:?} applies to the other tests)",
+            std::env::var(BACKEND_ENV).unwrap_or_default()
+        );
+    }
+    Backend::File
+}
+
+/// A private SoftHSM2 token store: `<dir>/softhsm2.conf` (`directories.tokendir = <dir>/tokens`,
+/// `objectstore.backend = file`) with one initialized token, everything owned by
+/// [`SERVICE_USER`] (the worker opens the token files as that user).
+pub struct SoftHsm {
+    dir: PathBuf,
+    pub label: String,
+    pub pin: String,
+    pub so_pin: String,
+}
+
+impl SoftHsm {
+    /// Token label of every test token.
+    pub const LABEL: &'static str = "aziot-test";
+
+    /// Creates `dir` and a token [`SoftHsm::LABEL`] with a fresh random PIN. Panics (test
+    /// failure) if softhsm2-util is missing or fails.
+    pub fn create(dir: &Path) -> SoftHsm {
+        assert!(
+            Path::new(SOFTHSM_MODULE).is_file(),
+            "{BACKEND_ENV}=softhsm needs {SOFTHSM_MODULE} (apt-get install softhsm2)"
+        );
+        let tokens = dir.join("tokens");
+        fs::create_dir_all(&tokens).unwrap_or_else(|e| panic!("mkdir {}: {e}", tokens.display()));
+        let mut rnd = [0u8; 8];
+        openssl::rand::rand_bytes(&mut rnd).expect("rand");
+        let pin = format!("{:016}", u64::from_le_bytes(rnd) % 10_000_000_000_000_000);
+        openssl::rand::rand_bytes(&mut rnd).expect("rand");
+        let so_pin = format!("{:016}", u64::from_le_bytes(rnd) % 10_000_000_000_000_000);
+        let hsm = SoftHsm { dir: dir.to_path_buf(), label: Self::LABEL.to_owned(), pin, so_pin };
+        fs::write(
+            hsm.conf(),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .expect("write softhsm2.conf");
+        fs::set_permissions(hsm.conf(), fs::Permissions::from_mode(0o644)).expect("chmod conf");
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", hsm.conf())
+            .args(["--init-token", "--free", "--label", &hsm.label, "--pin", &hsm.pin, "--so-pin", &hsm.so_pin])
+            .output()
+            .unwrap_or_else(|e| panic!("softhsm2-util (apt-get install softhsm2): {e}"));
+        assert!(
+            out.status.success(),
+            "softhsm2-util --init-token failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        hsm.chown_to_service_user();
+        hsm
+    }
+
+    /// chown -R the token store to [`SERVICE_USER`] (after a root tool wrote into it).
+    pub fn chown_to_service_user(&self) {
+        let (uid, gid) = service_user();
+        let (uid, gid) = (Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)));
+        fn walk(p: &Path, uid: Option<nix::unistd::Uid>, gid: Option<nix::unistd::Gid>) {
+            nix::unistd::chown(p, uid, gid).unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+            if p.is_dir() {
+                for e in fs::read_dir(p).expect("read token dir").flatten() {
+                    walk(&e.path(), uid, gid);
+                }
+            }
+        }
+        walk(&self.dir.join("tokens"), uid, gid);
+    }
+
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("softhsm2.conf")
+    }
+
+    pub fn token_dir(&self) -> PathBuf {
+        self.dir.join("tokens")
+    }
+
+    /// `CKA_LABEL`s of every object on the token (`pkcs11-tool --list-objects`), one entry
+    /// per object (a key pair shows twice: private and public).
+    pub fn labels(&self) -> Vec<String> {
+        let out = self.pkcs11_tool(&["--list-objects"]);
+        String::from_utf8_lossy(&out)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("label:").map(|v| v.trim().to_owned()))
+            .collect()
+    }
+
+    /// `pkcs11:token=<label>?pin-value=<pin>`.
+    pub fn base_slot(&self) -> String {
+        format!("pkcs11:token={}?pin-value={}", self.label, self.pin)
+    }
+
+    /// Runs `pkcs11-tool --module <softhsm> --token-label <label> --login --pin <pin> <args>`
+    /// (as root, `SOFTHSM2_CONF` set; the store is chowned back to aziotks afterwards);
+    /// stdout. Panics with the output when it fails.
+    pub fn pkcs11_tool(&self, args: &[&str]) -> Vec<u8> {
+        let out = Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", self.conf())
+            .args(["--module", SOFTHSM_MODULE, "--token-label", &self.label, "--login", "--pin", &self.pin])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("pkcs11-tool (apt-get install opensc): {e}"));
+        self.chown_to_service_user();
+        assert!(
+            out.status.success(),
+            "pkcs11-tool {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
 /// uid and gid of [`SERVICE_USER`] (created by `systemd-sysusers packaging/sysusers.d/aziot.conf`).
 pub fn service_user() -> (u32, u32) {
     let user = nix::unistd::User::from_name(SERVICE_USER)
@@ -228,6 +390,8 @@ pub struct Builder {
     chown_socket: bool,
     argv0: Option<String>,
     activation: Activation,
+    backend: Backend,
+    base_slot: Option<String>,
 }
 
 impl Builder {
@@ -266,6 +430,20 @@ impl Builder {
     /// self-bound service; a test that only makes sense in one mode says so and prints it).
     pub fn activation(mut self, activation: Activation) -> Builder {
         self.activation = activation;
+        self
+    }
+
+    /// Use this key backend whatever `AZIOT_TEST_BACKEND` says (tests whose subject is one
+    /// backend).
+    pub fn backend(mut self, backend: Backend) -> Builder {
+        self.backend = backend;
+        self
+    }
+
+    /// SoftHSM backend: write this `pkcs11_base_slot` instead of the token's own URI (to test
+    /// bad URIs, labels and PINs). The token is still created.
+    pub fn pkcs11_base_slot(mut self, uri: &str) -> Builder {
+        self.base_slot = Some(uri.to_owned());
         self
     }
 
@@ -327,8 +505,20 @@ impl Builder {
         let root = dir.path().to_path_buf();
         let home = root.join("home");
         let sock = root.join("keyd.sock");
+        let softhsm = match self.backend {
+            Backend::File => None,
+            Backend::SoftHsm => Some(SoftHsm::create(&root.join("softhsm"))),
+        };
+        let pkcs11 = match &softhsm {
+            None => String::new(),
+            Some(hsm) => format!(
+                "pkcs11_lib_path = {}\npkcs11_base_slot = {}\n",
+                toml_str(SOFTHSM_MODULE),
+                toml_str(self.base_slot.as_deref().unwrap_or(&hsm.base_slot())),
+            ),
+        };
         let config = format!(
-            "{}\n[aziot_keys]\nhomedir_path = {}\n\n[endpoints]\naziot_keyd = {}\n",
+            "{}\n[aziot_keys]\nhomedir_path = {}\n{pkcs11}\n[endpoints]\naziot_keyd = {}\n",
             self.extra,
             toml_str(home.to_str().expect("utf-8 tmp path")),
             toml_str(&format!("unix://{}", sock.display())),
@@ -350,6 +540,7 @@ impl Builder {
             chown_socket: self.chown_socket,
             activation: self.activation,
             activated_socket: None,
+            softhsm,
             home,
             sock,
             spawned_at: Instant::now(),
@@ -376,6 +567,8 @@ pub struct Keyd {
     activation: Activation,
     /// (device, inode) of the socket systemd-socket-activate created at the last start.
     activated_socket: Option<(u64, u64)>,
+    /// The token of the SoftHSM backend (`None`: file backend).
+    softhsm: Option<SoftHsm>,
     home: PathBuf,
     sock: PathBuf,
     spawned_at: Instant,
@@ -405,6 +598,8 @@ impl Keyd {
             chown_socket: true,
             argv0: None,
             activation: Activation::from_env(),
+            backend: Backend::from_env(),
+            base_slot: None,
         }
     }
 
@@ -421,11 +616,15 @@ impl Keyd {
             .open(self.log_path())
             .expect("open log file");
         let root = self.dir.path();
-        let vars = [
+        let mut vars = vec![
             ("AZIOT_KEYD_CONFIG", root.join("config.toml").into_os_string()),
             ("AZIOT_KEYD_CONFIG_DIR", root.join("config.d").into_os_string()),
             ("AZIOT_LOG", self.log_level.clone().into()),
         ];
+        if let Some(hsm) = &self.softhsm {
+            // The broker keeps this one variable and forwards exactly it to the worker.
+            vars.push(("SOFTHSM2_CONF", hsm.conf().into_os_string()));
+        }
         let mut cmd = match self.activation {
             Activation::SelfBound => {
                 let mut cmd = Command::new(&self.bin);
@@ -760,6 +959,26 @@ impl Keyd {
     pub fn activation(&self) -> Activation {
         self.activation
     }
+    /// Where dynamic keys live.
+    pub fn backend(&self) -> Backend {
+        if self.softhsm.is_some() {
+            Backend::SoftHsm
+        } else {
+            Backend::File
+        }
+    }
+    /// Whether key `id` is in this keyd's store: its file (keyd.md §7.2) with the file backend,
+    /// an object labelled `id` on the token with SoftHSM.
+    pub fn key_stored(&self, id: &str) -> bool {
+        match &self.softhsm {
+            None => self.keys_dir().join(crate::crypto::key_file_name(id)).exists(),
+            Some(hsm) => hsm.labels().iter().any(|l| l == id),
+        }
+    }
+    /// The SoftHSM token of this keyd (`None` with the file backend).
+    pub fn softhsm(&self) -> Option<&SoftHsm> {
+        self.softhsm.as_ref()
+    }
     /// Systemd mode: (device, inode) of the socket systemd-socket-activate created at the last
     /// start (the one the service must keep serving on); `None` in self-bound mode.
     pub fn activated_socket(&self) -> Option<(u64, u64)> {
@@ -891,9 +1110,10 @@ impl Drop for Keyd {
             let lines: Vec<&str> = log.lines().collect();
             let start = lines.len().saturating_sub(80);
             eprintln!(
-                "--- keyd log ({}; {}), last {} lines ---\n{}\n--- end of keyd log ---",
+                "--- keyd log ({}; {}; {}), last {} lines ---\n{}\n--- end of keyd log ---",
                 self.log_path().display(),
                 self.activation.name(),
+                self.backend().name(),
                 lines.len() - start,
                 lines[start..].join("\n")
             );

@@ -15,6 +15,7 @@ pub mod api;
 pub mod crypto;
 pub mod http;
 pub mod keyd;
+pub mod tpmd;
 
 pub use api::{Api, V2020, V2021, VERSIONS};
 pub use keyd::Keyd;

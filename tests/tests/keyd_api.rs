@@ -3,6 +3,7 @@
 
 use aziot_tests::api::*;
 use aziot_tests::crypto::*;
+use aziot_tests::keyd::Backend;
 use aziot_tests::{both_versions, Keyd};
 use serde_json::json;
 
@@ -45,22 +46,29 @@ fn key_create_is_idempotent_and_handle_is_well_formed(v: &'static str) {
     );
     assert_eq!(parsed.sig.len(), 32, "sig is an HMAC-SHA256");
 
-    // the generated key is 32 random bytes stored raw (keyd.md §7.3)
-    let file = keyd.keys_dir().join(key_file_name("k1"));
-    let bytes = std::fs::read(&file).expect("key file");
-    assert_eq!(bytes.len(), 32);
     let msg = b"some message to authenticate";
-    assert_eq!(api.sign_hmac(&h1, msg), hmac_sha256(&bytes, msg));
+    let file = keyd.keys_dir().join(key_file_name("k1"));
+    let mac1 = api.sign_hmac(&h1, msg);
+    let bytes = if keyd.backend() == Backend::File {
+        // the generated key is 32 random bytes stored raw (keyd.md §7.3)
+        let bytes = std::fs::read(&file).expect("key file");
+        assert_eq!(bytes.len(), 32);
+        assert_eq!(mac1, hmac_sha256(&bytes, msg));
+        Some(bytes)
+    } else {
+        // a generic secret on the token (the bytes cannot be read), no file
+        assert!(keyd.key_stored("k1"), "k1 on the token");
+        assert!(!file.exists(), "token key k1 also written as a file");
+        None
+    };
 
     // create again (any usage): same key, new handle (new nonce); both handles valid
     let h2 = api.create_key("k1", "encrypt");
     assert_ne!(h1, h2, "every mint has a fresh nonce");
-    assert_eq!(api.sign_hmac(&h2, msg), api.sign_hmac(&h1, msg));
-    assert_eq!(
-        std::fs::read(&file).expect("key file"),
-        bytes,
-        "existing key kept"
-    );
+    assert_eq!(api.sign_hmac(&h2, msg), mac1);
+    if let Some(bytes) = &bytes {
+        assert_eq!(&std::fs::read(&file).expect("key file"), bytes, "existing key kept");
+    }
 
     // keyBytes: null is "absent" → create-if-not-exists
     let r = api.post(
@@ -68,7 +76,7 @@ fn key_create_is_idempotent_and_handle_is_well_formed(v: &'static str) {
         &json!({"keyId": "k1", "usage": "sign", "keyBytes": null}),
     );
     let h3 = handle_of(&r, "keyBytes null");
-    assert_eq!(api.sign_hmac(&h3, msg), hmac_sha256(&bytes, msg));
+    assert_eq!(api.sign_hmac(&h3, msg), mac1, "existing key kept");
 
     // every valid usage spelling
     for (i, usage) in [
@@ -82,6 +90,12 @@ fn key_create_is_idempotent_and_handle_is_well_formed(v: &'static str) {
     .iter()
     .enumerate()
     {
+        if keyd.backend() == Backend::SoftHsm && usage.contains("sign") && usage.contains("encrypt") {
+            // a token key is an HMAC secret or an AES key, not both (docs/pkcs11.md)
+            let r = api.post("/key", &json!({"keyId": format!("usage-{i}"), "usage": usage}));
+            expect_err(&r, 400, LIB_INVALID);
+            continue;
+        }
         let h = api.create_key(&format!("usage-{i}"), usage);
         assert_eq!(Handle::parse(&h).id(), format!("usage-{i}"));
     }
@@ -97,11 +111,12 @@ fn key_import_overwrites(v: &'static str) {
     let h1 = api.import_key("imp", &k1);
     assert_eq!(Handle::parse(&h1).kind(), "Key");
     assert_eq!(api.sign_hmac(&h1, msg), hmac_sha256(&k1, msg));
-    assert_eq!(
-        std::fs::read(&file).expect("file"),
-        k1,
-        "imported bytes stored as given"
-    );
+    let file_backend = keyd.backend() == Backend::File;
+    if file_backend {
+        assert_eq!(std::fs::read(&file).expect("file"), k1, "imported bytes stored as given");
+    } else {
+        assert!(keyd.key_stored("imp") && !file.exists(), "imported onto the token, no file");
+    }
 
     // import again: always overwrites; any length is accepted and stored as given
     let k2 = random(48);
@@ -112,7 +127,9 @@ fn key_import_overwrites(v: &'static str) {
         hmac_sha256(&k2, msg),
         "old handle → new key"
     );
-    assert_eq!(std::fs::read(&file).expect("file"), k2);
+    if file_backend {
+        assert_eq!(std::fs::read(&file).expect("file"), k2);
+    }
 
     // create-if-not-exists keeps the imported key
     let h3 = api.create_key("imp", "sign");
@@ -174,8 +191,7 @@ fn key_delete(v: &'static str) {
     let keyd = Keyd::start("");
     let api = keyd.api(v);
     let h = api.create_key("del", "sign");
-    let file = keyd.keys_dir().join(key_file_name("del"));
-    assert!(file.exists());
+    assert!(keyd.key_stored("del"));
 
     let pair = api.create_keypair("delpair", Some("ec-p256"));
     expect_err(&api.delete_key(&pair), 400, NOT_FOR_KEY);
@@ -184,7 +200,7 @@ fn key_delete(v: &'static str) {
 
     let r = api.delete_key(&h);
     assert_eq!(r.status, 204, "{r}");
-    assert!(!file.exists(), "key file removed");
+    assert!(!keyd.key_stored("del"), "key removed from the store");
     expect_err(&api.get("/key/del"), 400, LIB_INVALID);
     expect_err(&api.sign_hmac_resp(&h, b"m"), 400, LIB_INVALID);
     // idempotent
@@ -250,17 +266,26 @@ fn keypair_create_algorithms(v: &'static str) {
         p.sr_text()
     );
     assert_eq!(api.param(&ec, "algorithm"), "ECDSA");
-    let pem = std::fs::read_to_string(keyd.keys_dir().join(key_file_name("ec"))).expect("pem");
-    assert!(
-        pem.starts_with("-----BEGIN PRIVATE KEY-----"),
-        "generated pairs are PKCS#8: {pem}"
-    );
-    let local = openssl::pkey::PKey::private_key_from_pem(pem.as_bytes()).expect("parse pem");
-    assert_eq!(
-        unb64(&api.param(&ec, "ec-point")),
-        ec_compressed_point(&local.ec_key().expect("ec")),
-        "file and ec-point agree"
-    );
+    if keyd.backend() == Backend::File {
+        let pem = std::fs::read_to_string(keyd.keys_dir().join(key_file_name("ec"))).expect("pem");
+        assert!(
+            pem.starts_with("-----BEGIN PRIVATE KEY-----"),
+            "generated pairs are PKCS#8: {pem}"
+        );
+        let local = openssl::pkey::PKey::private_key_from_pem(pem.as_bytes()).expect("parse pem");
+        assert_eq!(
+            unb64(&api.param(&ec, "ec-point")),
+            ec_compressed_point(&local.ec_key().expect("ec")),
+            "file and ec-point agree"
+        );
+    } else {
+        // private + public object labelled with the id; the pair signs for its ec-point
+        let labels = keyd.softhsm().expect("token").labels();
+        assert_eq!(labels.iter().filter(|l| *l == "ec").count(), 2, "{labels:?}");
+        let digest = sha256(b"token pair");
+        let point = unb64(&api.param(&ec, "ec-point"));
+        assert!(ecdsa_verify(&point, &digest, &api.sign_ecdsa(&ec, &digest)));
+    }
 
     let rsa = api.create_keypair("rsa", Some("rsa-2048"));
     assert_eq!(api.param(&rsa, "algorithm"), "RSA");
@@ -286,7 +311,7 @@ fn keypair_create_algorithms(v: &'static str) {
         let h = handle_of(&api.post("/keypair", &body), id);
         assert_eq!(api.param(&h, "algorithm"), "ECDSA", "{id}");
     }
-    // filesystem: only the first listed algorithm is attempted
+    // filesystem: only the first listed algorithm is attempted (token: the first that works)
     let h = api.create_keypair("rsa-first", Some("rsa-2048:ec-p256"));
     assert_eq!(api.param(&h, "algorithm"), "RSA");
 
@@ -298,7 +323,7 @@ fn keypair_create_algorithms(v: &'static str) {
         );
         expect_err(&r, 400, LIB_INVALID);
     }
-    assert!(!keyd.keys_dir().join(key_file_name("bad")).exists());
+    assert!(!keyd.key_stored("bad"));
     let r = api.post(
         "/keypair",
         &json!({"keyId": "bad", "preferredAlgorithms": 5}),
@@ -365,7 +390,7 @@ fn keypair_get_and_delete(v: &'static str) {
 
     let r = api.delete_keypair(&h);
     assert_eq!(r.status, 204, "{r}");
-    assert!(!keyd.keys_dir().join(key_file_name("p")).exists());
+    assert!(!keyd.key_stored("p"));
     expect_err(&api.get("/keypair/p"), 400, LIB_INVALID);
     expect_err(&api.param_resp(&g, "ec-point"), 400, LIB_INVALID);
     expect_err(&api.sign_ecdsa_resp(&g, &sha256(b"x")), 400, LIB_INVALID);
@@ -380,8 +405,13 @@ fn keypair_and_key_share_one_namespace(v: &'static str) {
     let bytes = random(32);
     let kh = api.import_key("shared", &bytes);
 
-    // GET /keypair on raw symmetric bytes: keyd.md §5.15 → 500
-    expect_err(&api.get("/keypair/shared"), 500, "internal error");
+    if keyd.backend() == Backend::File {
+        // GET /keypair on raw symmetric bytes: keyd.md §5.15 → 500
+        expect_err(&api.get("/keypair/shared"), 500, "internal error");
+    } else {
+        // on the token there is no pair object with that label: not found
+        expect_err(&api.get("/keypair/shared"), 400, LIB_INVALID);
+    }
     // creating a pair over a symmetric key is refused (deliberate difference) ...
     let r = api.post(
         "/keypair",
@@ -390,10 +420,12 @@ fn keypair_and_key_share_one_namespace(v: &'static str) {
     assert_eq!(r.status, 400, "pair over an existing symmetric key\n{r}");
     // ... and the symmetric key survives
     assert_eq!(api.sign_hmac(&kh, b"m"), hmac_sha256(&bytes, b"m"));
-    assert_eq!(
-        std::fs::read(keyd.keys_dir().join(key_file_name("shared"))).expect("file"),
-        bytes
-    );
+    if keyd.backend() == Backend::File {
+        assert_eq!(
+            std::fs::read(keyd.keys_dir().join(key_file_name("shared"))).expect("file"),
+            bytes
+        );
+    }
 
     // GET /key on a key pair is refused (deliberate difference)
     api.create_keypair("pair", Some("ec-p256"));
@@ -428,8 +460,8 @@ fn keypair_move(v: &'static str) {
 
     let r = api.move_keypair("src", "dst");
     assert_eq!(r.status, 204, "{r}");
-    assert!(!keyd.keys_dir().join(key_file_name("src")).exists());
-    assert!(keyd.keys_dir().join(key_file_name("dst")).exists());
+    assert!(!keyd.key_stored("src"));
+    assert!(keyd.key_stored("dst"));
     expect_err(&api.get("/keypair/src"), 400, LIB_INVALID);
     expect_err(&api.param_resp(&src, "ec-point"), 400, LIB_INVALID);
     let dst = api.get_keypair("dst");
@@ -513,13 +545,25 @@ fn parameters_rsa(v: &'static str) {
     assert_eq!(n.len(), 256, "minimal big-endian modulus of a 2048-bit key");
     assert!(n[0] & 0x80 != 0);
     assert_eq!(api.param(&h, "rsa-exponent"), "AQAB");
-    let pem = std::fs::read(keyd.keys_dir().join(key_file_name("rsa"))).expect("pem");
-    let local = openssl::pkey::PKey::private_key_from_pem(&pem).expect("pem");
-    assert_eq!(
-        local.rsa().expect("rsa").n().to_vec(),
-        n,
-        "file and modulus agree"
-    );
+    if keyd.backend() == Backend::File {
+        let pem = std::fs::read(keyd.keys_dir().join(key_file_name("rsa"))).expect("pem");
+        let local = openssl::pkey::PKey::private_key_from_pem(&pem).expect("pem");
+        assert_eq!(
+            local.rsa().expect("rsa").n().to_vec(),
+            n,
+            "file and modulus agree"
+        );
+    } else {
+        // the token's pair: a PKCS#1 signature made through keyd opens with (n, e)
+        let pk = rsa_public(&n, &unb64(&api.param(&h, "rsa-exponent")));
+        let digest_info = [
+            &b"\x30\x31\x30\x0d\x06\x09\x60\x86\x48\x01\x65\x03\x04\x02\x01\x05\x00\x04\x20"[..],
+            &sha256(b"y"),
+        ]
+        .concat();
+        let sig = api.encrypt_rsa(&h, "RSA-PKCS1", &digest_info);
+        assert_eq!(rsa_public_decrypt(&pk, &sig, openssl::rsa::Padding::PKCS1), Some(digest_info));
+    }
     for name in ["ec-point", "ec-curve-oid", "rsa"] {
         expect_err(&api.param_resp(&h, name), 400, LIB_INVALID);
     }

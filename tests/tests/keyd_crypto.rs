@@ -3,6 +3,7 @@
 
 use aziot_tests::api::*;
 use aziot_tests::crypto::*;
+use aziot_tests::keyd::Backend;
 use aziot_tests::{both_versions, Keyd};
 use openssl::rsa::Padding;
 use serde_json::json;
@@ -187,7 +188,7 @@ fn aead_round_trip_and_format(v: &'static str) {
     let keyd = Keyd::start("");
     let api = keyd.api(v);
     let key = random(32);
-    let h = api.import_key("aead", &key);
+    let h = api.import_key_usage("aead", &key, "encrypt");
     let iv = random(12);
     let aad = b"additional data";
     let pt = random(100);
@@ -209,7 +210,12 @@ fn aead_round_trip_and_format(v: &'static str) {
     assert_eq!(api.decrypt_aead(&h, &iv, b"", &v2), b"local plaintext");
     // legacy IoT Edge 1.1 layout: 0x01 ‖ tag ‖ ct
     let v1 = [&[1u8][..], &ltag, &lct].concat();
-    assert_eq!(api.decrypt_aead(&h, &iv, b"", &v1), b"local plaintext");
+    if keyd.backend() == Backend::File {
+        assert_eq!(api.decrypt_aead(&h, &iv, b"", &v1), b"local plaintext");
+    } else {
+        // PKCS#11 keys take only format 0x02 (docs/pkcs11.md: output 0x02 ‖ ct ‖ tag)
+        expect_err(&api.decrypt_aead_resp(&h, &iv, b"", &v1), 400, LIB_INVALID);
+    }
 
     // empty plaintext and other IV lengths
     let e = api.encrypt_aead(&h, &iv, b"", b"");
@@ -240,7 +246,7 @@ fn aead_errors(v: &'static str) {
     let keyd = Keyd::start("");
     let api = keyd.api(v);
     let key = random(32);
-    let h = api.import_key("aead", &key);
+    let h = api.import_key_usage("aead", &key, "encrypt");
     let iv = random(12);
     let ct = api.encrypt_aead(&h, &iv, b"aad", b"secret plaintext");
 
@@ -294,7 +300,7 @@ fn aead_errors(v: &'static str) {
         assert!(!m.contains("secret"), "{m}");
     }
     // another key cannot decrypt
-    let other = api.import_key("other", &random(32));
+    let other = api.import_key_usage("other", &random(32), "encrypt");
     assert_eq!(api.decrypt_aead_resp(&other, &iv, b"aad", &ct).status, 400);
 
     // empty IV → 400 (deliberate difference)

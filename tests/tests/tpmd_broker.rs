@@ -114,3 +114,70 @@ fn tpmd_serves_from_a_confined_worker_on_a_handed_over_tpm() {
     drop(broker);
     drop(swtpm);
 }
+
+#[test]
+fn auth_key_imported_through_the_broker_signs_and_persists_in_the_tpm() {
+    use aziot_tests::tpmd::{Swtpm, Tpmd};
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+
+    let dir = TempDir::new("tpmd-auth-key");
+    let root = dir.path();
+    let swtpm = Swtpm::start(root);
+    let mut tpmd = Tpmd::start(root, &swtpm.tcti(), "info");
+    let sock = tpmd.socket();
+    let request = |method: &str, path: &str, body: serde_json::Value| {
+        let mut conn = Conn::connect(&sock).unwrap();
+        let body = (!body.is_null()).then(|| body.to_string().into_bytes());
+        conn.request(method, &format!("{path}?api-version=2020-09-01"), body.as_deref())
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", tpmd.log()))
+    };
+
+    let r = request("GET", "/get_tpm_keys", serde_json::Value::Null);
+    assert_eq!(r.status, 200, "{r}\n{}", tpmd.log());
+    let keys = r.json();
+    let ek = STANDARD.decode(keys["endorsement_key"].as_str().unwrap()).unwrap();
+    let srk = STANDARD.decode(keys["storage_root_key"].as_str().unwrap()).unwrap();
+
+    // the blob a DPS would send for this TPM, carrying k1
+    let k1 = aziot_tests::crypto::random(32);
+    let blob = aziot_tpmd::dps_blob::build(&ek, &srk, &k1).unwrap();
+    let r = request("POST", "/import_auth_key", serde_json::json!({"key": STANDARD.encode(&blob)}));
+    assert_eq!(r.status, 200, "{r}\n{}", tpmd.log());
+    assert_eq!(r.json(), serde_json::json!({}));
+
+    let sign = |data: &[u8]| {
+        let r = request("POST", "/sign_with_auth_key", serde_json::json!({"data": STANDARD.encode(data)}));
+        assert_eq!(r.status, 200, "{r}");
+        STANDARD.decode(r.json()["digest"].as_str().expect("digest")).unwrap()
+    };
+    let hmac = aziot_tests::crypto::hmac_sha256;
+    assert_eq!(sign(b"sr\n1700000000"), hmac(&k1, b"sr\n1700000000"), "TPM HMAC = software HMAC");
+    assert_ne!(sign(b"other"), hmac(&k1, b"sr\n1700000000"));
+
+    // a corrupted blob is refused with 400 and the imported key still signs
+    let mut corrupted = blob.clone();
+    corrupted[50] ^= 1;
+    let r = request("POST", "/import_auth_key", serde_json::json!({"key": STANDARD.encode(&corrupted)}));
+    assert_eq!(r.status, 400, "{r}");
+    let message = r.json()["message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.starts_with("could not import auth key\ncaused by: "), "{message}");
+    assert_eq!(sign(b"still k1"), hmac(&k1, b"still k1"));
+
+    // stop tpmd (broker and worker), so that swtpm (one client at a time) serves tpm2-tools
+    tpmd.stop();
+
+    // the auth key persists at 0x81000100 (0x81000000 + default auth_key_index 0x100), with
+    // the SRK (0x81000001) and the EK (0x81010001)
+    let handles = String::from_utf8_lossy(&swtpm.tool(&["tpm2_getcap", "handles-persistent"])).into_owned();
+    for h in ["0x81000100", "0x81000001", "0x81010001"] {
+        assert!(handles.contains(h), "{h} not in tpm2_getcap handles-persistent:\n{handles}");
+    }
+    // the EK and SRK tpmd returned are the TPM's persistent ones, byte for byte: both are
+    // TPM2B_PUBLIC (tpm2_readpublic -f tss writes TPM2B_PUBLIC)
+    for (handle, want, what) in [("0x81010001", &ek, "EK"), ("0x81000001", &srk, "SRK")] {
+        let file = root.join(format!("{what}.pub"));
+        swtpm.tool(&["tpm2_readpublic", "-c", handle, "-f", "tss", "-o", file.to_str().unwrap()]);
+        assert_eq!(&std::fs::read(&file).unwrap(), want, "tpm2_readpublic -f tss -c {handle} = tpmd's {what}");
+    }
+}

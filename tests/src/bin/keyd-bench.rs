@@ -19,6 +19,11 @@
 //! answering 200 with a small JSON body: the best an HTTP-over-UDS service on this machine can
 //! do, to which keyd's figures are compared. All are driven by the same raw keep-alive client
 //! (`aziot_tests::http`), one connection per client thread.
+//!
+//! Next to the file backend it measures, through the same broker topology: ECDSA P-256 sign
+//! with the key pair on a fresh SoftHSM2 token (`pkcs11_base_slot`, c=1 and c=8), and tpmd's
+//! `sign_with_auth_key` (HMAC-SHA256 in the TPM) against a fresh swtpm (c=1: the TPM
+//! serializes).
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -220,6 +225,10 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
     drop(keyd);
     floor.stop();
 
+    // other backends, same topology (broker + confined worker), one after the other
+    rows.extend(softhsm_rows(&bin, warmup, duration));
+    rows.extend(tpmd_rows(warmup, duration));
+
     // cold start: spawn (the broker's exec) → first successful response, fresh prefix each time
     let mut colds = Vec::new();
     for _ in 0..cold_starts {
@@ -281,6 +290,18 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
         "broker ECDSA c=8                   {ecdsa8:>8.0}   req/s (target >= 10000: {})",
         verdict(ecdsa8 >= 10_000.0)
     );
+    let soft = |c: usize| find(&format!("broker {SOFTHSM_CASE}"), c);
+    println!(
+        "ECDSA P-256 sign, SoftHSM2 / file    c=1 {:>6.3}   c=8 {:>6.3}   ({:.0} and {:.0} req/s; printed)",
+        ratio(soft(1), find(&format!("broker {}", CASES[1]), 1)),
+        ratio(soft(8), find(&format!("broker {}", CASES[1]), 8)),
+        soft(1),
+        soft(8)
+    );
+    println!(
+        "tpmd sign_with_auth_key (swtpm) c=1 {:>8.0}   req/s (printed)",
+        find(TPMD_CASE, 1)
+    );
     let kib = |v: Option<u64>| v.map_or("n/a".into(), |v| v.to_string());
     println!(
         "RSS idle (VmRSS)                   broker {:>7} KiB   worker {:>7} KiB   unconfined {:>7} KiB",
@@ -326,6 +347,71 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
             "NOTE: some requests failed (see the errors column); their latencies are excluded."
         );
     }
+}
+
+const SOFTHSM_CASE: &str = "ECDSA P-256 sign (SoftHSM2)";
+const TPMD_CASE: &str = "tpmd sign_with_auth_key (swtpm)";
+
+/// ECDSA P-256 sign with the pair on a fresh SoftHSM2 token, keyd through the broker, c=1, 8.
+fn softhsm_rows(bin: &Path, warmup: Duration, duration: Duration) -> Vec<Row> {
+    let keyd = Keyd::builder()
+        .bin(bin.to_path_buf())
+        .activation(Activation::SelfBound)
+        .backend(aziot_tests::keyd::Backend::SoftHsm)
+        .log_level("info")
+        .extra("max_requests = 64")
+        .start();
+    let api = aziot_tests::api::Api::new(keyd.socket().to_path_buf(), VERSION);
+    let ec = api.create_keypair("bench-ec", Some("ec-p256"));
+    let req = build_request(
+        "POST",
+        &format!("/sign?api-version={VERSION}"),
+        Some(&body(&json!({"keyHandle": ec, "algorithm": "ECDSA", "parameters": {"digest": b64(&sha256(b"bench"))}}))),
+    );
+    let rows: Vec<Row> = [1usize, 8]
+        .into_iter()
+        .map(|conc| measure(&format!("broker {SOFTHSM_CASE}"), keyd.socket(), &req, conc, warmup, duration))
+        .collect();
+    if rows.iter().any(|r| r.errors > 0) {
+        let log = keyd.log();
+        let lines: Vec<&str> = log.lines().collect();
+        println!("--- SoftHSM keyd log (last 30 lines) ---\n{}\n---", lines[lines.len().saturating_sub(30)..].join("\n"));
+    }
+    rows
+}
+
+/// tpmd's sign_with_auth_key (64 B) through the broker against a fresh swtpm, c=1.
+fn tpmd_rows(warmup: Duration, duration: Duration) -> Vec<Row> {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    let dir = TempDir::new("bench-tpmd");
+    let swtpm = aziot_tests::tpmd::Swtpm::start(dir.path());
+    let tpmd = aziot_tests::tpmd::Tpmd::start(dir.path(), &swtpm.tcti(), "info");
+    let sock = tpmd.socket();
+    let mut conn = Conn::connect(&sock).expect("connect tpmd");
+    let keys = conn.request("GET", "/get_tpm_keys?api-version=2020-09-01", None).expect("get_tpm_keys").json();
+    let key = |f: &str| STANDARD.decode(keys[f].as_str().expect("key")).expect("base64");
+    let blob = aziot_tpmd::dps_blob::build(&key("endorsement_key"), &key("storage_root_key"), &random(32))
+        .expect("dps blob");
+    let r = conn
+        .request(
+            "POST",
+            "/import_auth_key?api-version=2020-09-01",
+            Some(&body(&json!({"key": STANDARD.encode(&blob)}))),
+        )
+        .expect("import_auth_key");
+    assert_eq!(r.status, 200, "import_auth_key: {r}\n{}", tpmd.log());
+    drop(conn);
+    let req = build_request(
+        "POST",
+        "/sign_with_auth_key?api-version=2020-09-01",
+        Some(&body(&json!({"data": b64(&random(64))}))),
+    );
+    let row = measure(TPMD_CASE, &sock, &req, 1, warmup, duration);
+    if row.errors > 0 {
+        println!("--- tpmd log ---\n{}\n---", tpmd.log());
+    }
+    vec![row]
 }
 
 /// Restart samples (each on a fresh broker: a broker doubles its backoff on every restart

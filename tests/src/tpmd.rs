@@ -1,0 +1,161 @@
+//! Harness for tpmd through the broker against a fresh swtpm (tpmd_broker.rs, keyd-bench).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::keyd::aziotd_bin;
+
+/// Two consecutive free loopback ports (swtpm's server and control ports); the first.
+pub fn free_ports() -> u16 {
+    for _ in 0..50 {
+        let a = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = a.local_addr().expect("addr").port();
+        if port < 65535 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no two consecutive free ports");
+}
+
+/// A child process, SIGTERMed and reaped on drop.
+pub struct Kill(pub Child);
+
+impl Kill {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        // SAFETY: plain syscall on our own child.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// swtpm (TPM 2.0, startup-clear) on fresh state in `<root>/state`, 127.0.0.1:port (control
+/// port + 1). Serves one client at a time.
+pub struct Swtpm {
+    _child: Kill,
+    pub port: u16,
+}
+
+impl Swtpm {
+    pub fn start(root: &Path) -> Swtpm {
+        std::fs::create_dir_all(root.join("state")).expect("mkdir state");
+        let port = free_ports();
+        let child = Kill(
+            Command::new("swtpm")
+                .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+                .arg("--tpmstate")
+                .arg(format!("dir={}", root.join("state").display()))
+                .args(["--server", &format!("type=tcp,port={port},bindaddr=127.0.0.1")])
+                .args(["--ctrl", &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1)])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("swtpm (apt-get install swtpm)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "swtpm did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Swtpm { _child: child, port }
+    }
+
+    /// The TCTI string for tpmd's config and tpm2-tools.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Runs a tpm2-tools command (`TPM2TOOLS_TCTI` = this swtpm; only while no other client,
+    /// e.g. tpmd, is connected); stdout. Panics with the output if it fails.
+    pub fn tool(&self, args: &[&str]) -> Vec<u8> {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .env("TPM2TOOLS_TCTI", self.tcti())
+            .output()
+            .unwrap_or_else(|e| panic!("{} (apt-get install tpm2-tools): {e}", args[0]));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+/// `aziotd aziot-tpmd` (root broker + confined aziottpm worker) in `root` on `tcti`: socket
+/// `<root>/tpmd.sock`, log `<root>/tpmd.log`, status `<root>/tpmd.status`.
+pub struct Tpmd {
+    broker: Option<Kill>,
+    root: PathBuf,
+}
+
+impl Tpmd {
+    /// Starts and waits (20 s) for the broker's status file (a worker reported ready).
+    pub fn start(root: &Path, tcti: &str, log_level: &str) -> Tpmd {
+        let sock = root.join("tpmd.sock");
+        std::fs::write(
+            root.join("config.toml"),
+            format!("tcti = \"{tcti}\"\n[endpoints]\naziot_tpmd = \"unix://{}\"\n", sock.display()),
+        )
+        .expect("write config");
+        let log = std::fs::File::create(root.join("tpmd.log")).expect("log");
+        let broker = Kill(
+            Command::new(aziotd_bin())
+                .arg("aziot-tpmd")
+                .env_clear()
+                .env("AZIOT_TPMD_CONFIG", root.join("config.toml"))
+                .env("AZIOT_TPMD_CONFIG_DIR", root.join("config.d"))
+                .env("AZIOT_LOG", log_level)
+                .stdin(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn aziotd aziot-tpmd"),
+        );
+        let tpmd = Tpmd { broker: Some(broker), root: root.to_path_buf() };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !root.join("tpmd.status").exists() {
+            assert!(Instant::now() < deadline, "tpmd did not start:\n{}", tpmd.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tpmd
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("tpmd.sock")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.join("tpmd.log")).unwrap_or_default()
+    }
+
+    pub fn worker_pid(&self) -> i32 {
+        let status: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.root.join("tpmd.status")).expect("status")).expect("json");
+        i32::try_from(status["worker_pid"].as_i64().expect("worker_pid")).expect("pid")
+    }
+
+    /// SIGTERM the broker, reap it, and wait (10 s) until its worker is gone too, so that the
+    /// TPM connection is closed.
+    pub fn stop(&mut self) {
+        let worker = self.worker_pid();
+        drop(self.broker.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // SAFETY: signal 0 only checks existence.
+        while unsafe { libc::kill(worker, 0) } == 0
+            && !std::fs::read_to_string(format!("/proc/{worker}/stat")).is_ok_and(|s| s.contains(") Z"))
+        {
+            assert!(Instant::now() < deadline, "the tpmd worker {worker} outlived its broker");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

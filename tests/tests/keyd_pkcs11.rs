@@ -1,0 +1,216 @@
+//! keyd with a PKCS#11 token (SoftHSM2), through the broker, the worker confined: key pairs live
+//! on the token (checked with pkcs11-tool, signatures verified with the openssl CLI), the PIN
+//! never reaches the log, and configuration errors are fatal while a wrong PIN is not
+//! (login is lazy, keyd.md §7.1). Runs whatever `AZIOT_TEST_BACKEND` says.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use aziot_tests::api::*;
+use aziot_tests::crypto::*;
+use aziot_tests::keyd::{toml_str, Backend, SoftHsm};
+use aziot_tests::Keyd;
+use serde_json::json;
+
+fn openssl_cli(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("openssl CLI: {e}"))
+}
+
+fn assert_no_pin(keyd: &Keyd, pins: &[&str]) {
+    let log = keyd.log();
+    assert!(!log.is_empty(), "keyd wrote no log at all");
+    for pin in pins {
+        assert!(!log.contains(pin), "the PIN {pin} appears in keyd's log:\n{log}");
+    }
+}
+
+#[test]
+fn token_key_pair_is_listed_and_its_signature_verifies_with_openssl() {
+    let keyd = Keyd::builder().backend(Backend::SoftHsm).log_level("debug").start();
+    let hsm = keyd.softhsm().expect("token");
+    let api = keyd.api(V2021);
+    let h = api.create_keypair("device-id", Some("ec-p256"));
+    assert_eq!(api.param(&h, "algorithm"), "ECDSA");
+
+    // pkcs11-tool sees a private and a public object labelled with the key id, and no file
+    let listing = String::from_utf8_lossy(&hsm.pkcs11_tool(&["--list-objects"])).into_owned();
+    assert!(listing.contains("Private Key Object; EC"), "{listing}");
+    assert!(listing.contains("Public Key Object; EC"), "{listing}");
+    assert_eq!(hsm.labels().iter().filter(|l| *l == "device-id").count(), 2, "{listing}");
+    assert!(
+        !keyd.keys_dir().join(key_file_name("device-id")).exists(),
+        "a token pair must not also be a file"
+    );
+
+    // the public key as pkcs11-tool exports it (DER SubjectPublicKeyInfo)
+    let work = keyd.dir();
+    let der = work.join("pub.der");
+    hsm.pkcs11_tool(&[
+        "--read-object",
+        "--type",
+        "pubkey",
+        "--label",
+        "device-id",
+        "-o",
+        der.to_str().expect("utf-8"),
+    ]);
+    let spki = fs::read(&der).expect("pub.der");
+    let pk = openssl::pkey::PKey::public_key_from_der(&spki).expect("pkcs11-tool wrote a DER SPKI");
+    assert_eq!(
+        unb64(&api.param(&h, "ec-point")),
+        ec_compressed_point_pub(&pk),
+        "keyd's ec-point is the token's public key"
+    );
+
+    // ECDSA through keyd, verified by the openssl CLI over the message
+    let msg = b"signed by a key on the token, through the broker";
+    fs::write(work.join("msg"), msg).expect("msg");
+    fs::write(work.join("other"), b"another message").expect("other");
+    let sig = api.sign_ecdsa(&h, &sha256(msg));
+    fs::write(work.join("sig.der"), &sig).expect("sig");
+    let verify = |file: &str| {
+        openssl_cli(
+            &["dgst", "-sha256", "-keyform", "DER", "-verify", "pub.der", "-signature", "sig.der", file],
+            work,
+        )
+    };
+    let ok = verify("msg");
+    assert!(
+        ok.status.success() && String::from_utf8_lossy(&ok.stdout).contains("Verified OK"),
+        "openssl dgst -verify: {}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(!verify("other").status.success(), "the signature must not verify another message");
+
+    // a second handle (GET) names the same token pair
+    let g = api.get_keypair("device-id");
+    let sig2 = api.sign_ecdsa(&g, &sha256(msg));
+    assert!(ecdsa_verify(&unb64(&api.param(&g, "ec-point")), &sha256(msg), &sig2));
+
+    // the PIN (pin-value in config.toml) never reaches the log, at debug level
+    assert!(keyd.log().contains("DBUG"), "debug logging was on");
+    assert_no_pin(&keyd, &[&hsm.pin, &hsm.so_pin]);
+}
+
+/// Compressed SEC1 point of a public key.
+fn ec_compressed_point_pub(pk: &openssl::pkey::PKey<openssl::pkey::Public>) -> Vec<u8> {
+    let ec = pk.ec_key().expect("EC public key");
+    let mut ctx = openssl::bn::BigNumContext::new().expect("bn");
+    ec.public_key()
+        .to_bytes(ec.group(), openssl::ec::PointConversionForm::COMPRESSED, &mut ctx)
+        .expect("point")
+}
+
+#[test]
+fn malformed_base_slot_uri_refuses_to_start() {
+    for (uri, what) in [
+        ("pkcs11:token=aziot-test;token=again?pin-value=1234", "repeated token"),
+        ("pkcs11:token=aziot-test?pin-value=1234&pin-source=file:/x", "pin-value and pin-source"),
+        ("pkcs11:token=aziot%zztest?pin-value=1234", "bad escape"),
+        ("https://example.com/token", "not a pkcs11 URI"),
+    ] {
+        let (status, log) = Keyd::builder()
+            .backend(Backend::SoftHsm)
+            .pkcs11_base_slot(uri)
+            .start_expecting_exit();
+        assert_eq!(status.code(), Some(1), "{what}: {uri}: exit status {status}\n{log}");
+        assert!(
+            log.contains("pkcs11_base_slot"),
+            "{what}: the message must name pkcs11_base_slot\n{log}"
+        );
+        assert!(!log.contains("1234"), "{what}: the PIN appears in the log\n{log}");
+    }
+}
+
+#[test]
+fn missing_token_label_refuses_to_start() {
+    let b = Keyd::builder().backend(Backend::SoftHsm);
+    let (status, log) = b.pkcs11_base_slot("pkcs11:token=no-such-token?pin-value=98765432").start_expecting_exit();
+    assert_eq!(status.code(), Some(1), "exit status {status}\n{log}");
+    // (the message names the parameter whose setting loaded the module, pkcs11_lib_path)
+    assert!(
+        log.contains("the worker refused to start")
+            && log.contains("no initialized PKCS#11 token matches the URI's token/serial"),
+        "the message must say that no token matches\n{log}"
+    );
+    assert!(!log.contains("98765432"), "the PIN appears in the log\n{log}");
+}
+
+/// keyd with a preloaded file key and a base slot whose PIN is wrong.
+fn start_with_wrong_pin(wrong: &str) -> (Keyd, Vec<u8>) {
+    let b = Keyd::builder().backend(Backend::SoftHsm);
+    // a preloaded file key (owned by aziotks, 0600, as `aziotctl config apply` leaves it)
+    let path = b.dir().join("pre-sym");
+    let sym = random(32);
+    fs::write(&path, &sym).expect("write");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (uid, gid) = aziot_tests::keyd::service_user();
+    nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)))
+        .expect("chown");
+    let keyd = b
+        .extra(&format!("[preloaded_keys]\npre-sym = {}\n", toml_str(&format!("file://{}", path.display()))))
+        .pkcs11_base_slot(&format!("pkcs11:token={}?pin-value={wrong}", SoftHsm::LABEL))
+        .start();
+    (keyd, sym)
+}
+
+fn file_key_works(api: &Api, sym: &[u8]) {
+    let hs = api.get_key("pre-sym");
+    assert_eq!(api.sign_hmac(&hs, b"m"), hmac_sha256(sym, b"m"));
+    let iv = random(12);
+    let ct = api.encrypt_aead(&hs, &iv, b"", b"file key");
+    assert_eq!(
+        aes_gcm_decrypt(sym, &iv, b"", &ct[1..ct.len() - 16], &ct[ct.len() - 16..]),
+        Some(b"file key".to_vec())
+    );
+}
+
+/// Start succeeds with a wrong PIN (login is lazy, spec §7.1), and the PIN is not logged.
+#[test]
+fn wrong_pin_still_starts() {
+    let wrong = "11112222333344445555";
+    let (keyd, _sym) = start_with_wrong_pin(wrong);
+    // the worker set the parameters, loaded the module, found the token, reported ready
+    assert!(
+        keyd.wait_log("of keyd ready", std::time::Duration::from_secs(10)),
+        "no worker became ready\n{}",
+        keyd.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let log = keyd.log();
+    assert!(!log.contains("restarted") && !log.contains("killed"), "the worker died\n{log}");
+    let hsm = keyd.softhsm().expect("token");
+    assert_no_pin(&keyd, &[wrong, &hsm.pin, &hsm.so_pin]);
+}
+
+/// Spec §7.1 with a wrong PIN: a key-pair request is answered with an error, the worker
+/// survives, and a preloaded `file://` key keeps working. FAILS today (product bug, reported):
+/// SoftHSM2 reports the failed C_Login with syslog(), whose socket() the keyd worker's seccomp
+/// filter answers with SIGSYS — on the key-pair request, and even on GET /key of the preloaded
+/// file key (the lookup logs in to the token first). Run with `--ignored`.
+#[test]
+#[ignore = "product bug: SoftHSM2 syslog() on C_Login failure -> socket() -> SIGSYS kills the keyd worker"]
+fn wrong_pin_fails_token_keys_but_file_keys_work() {
+    let wrong = "11112222333344445555";
+    let (mut keyd, sym) = start_with_wrong_pin(wrong);
+    let api = keyd.api(V2021);
+    file_key_works(&api, &sym);
+    for id in ["pair-1", "pair-2"] {
+        let r = api.post("/keypair", &json!({"keyId": id, "preferredAlgorithms": "ec-p256"}));
+        assert!(r.status >= 400, "key pair with a wrong PIN\n{r}");
+    }
+    file_key_works(&api, &sym);
+    assert!(keyd.is_running(), "keyd died\n{}", keyd.log());
+    let log = keyd.log();
+    assert!(!log.contains("restarted") && !log.contains("killed"), "the worker died\n{log}");
+    let hsm = keyd.softhsm().expect("token");
+    assert!(hsm.labels().is_empty(), "nothing on the token");
+    assert_no_pin(&keyd, &[wrong, &hsm.pin, &hsm.so_pin]);
+}
