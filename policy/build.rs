@@ -35,7 +35,7 @@ const NEVER: &[&str] = &[
 
 /// Syscalls that x86_64 has and aarch64 does not, with the aarch64 equivalent that glibc uses.
 const AARCH64_EQUIVALENT: &[(&str, &str)] =
-    &[("epoll_wait", "epoll_pwait"), ("renameat", "renameat2"), ("poll", "ppoll")];
+    &[("epoll_wait", "epoll_pwait"), ("renameat", "renameat2"), ("poll", "ppoll"), ("unlink", "unlinkat")];
 
 fn main() {
     let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));

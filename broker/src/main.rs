@@ -93,6 +93,23 @@ fn unconfined(args: &[std::ffi::OsString]) -> ExitCode {
     }
 }
 
+/// Called by the syslog shim (src/syslog_shim.c) for every syslog(3) message of a module
+/// loaded into this process.
+#[no_mangle]
+pub extern "C" fn aziot_syslog_message(priority: std::os::raw::c_int, message: *const std::os::raw::c_char) {
+    if message.is_null() {
+        return;
+    }
+    // SAFETY: the shim passes a NUL-terminated buffer it owns for the duration of the call.
+    let text = unsafe { std::ffi::CStr::from_ptr(message) }.to_string_lossy();
+    match priority & 0x7 {
+        0..=3 => tracing::error!(target: "module", "{text}"),
+        4 => tracing::warn!(target: "module", "{text}"),
+        5 | 6 => tracing::info!(target: "module", "{text}"),
+        _ => tracing::debug!(target: "module", "{text}"),
+    }
+}
+
 const SERVICES: &[&str] = &["aziot-keyd", "aziot-certd", "aziot-identityd", "aziot-tpmd"];
 
 /// The service named by argv[0]'s file name, or by argv[1] when argv[0] is `aziotd`.

@@ -394,7 +394,7 @@ mod tests {
         for forbidden in ["socket", "connect", "execve", "kill", "ptrace", "bind", "listen"] {
             assert!(!p.allows(forbidden), "keyd allows {forbidden}");
         }
-        assert_eq!(p.syscall_count(), 53);
+        assert_eq!(p.syscall_count(), 54);
         let mmap = p.filters[1].rules.iter().find(|r| r.syscall == "mmap").unwrap();
         assert_eq!(mmap.args[0].test, "& 0x4 == 0x0");
     }
