@@ -82,6 +82,26 @@ pub enum Control {
     Config { config: String },
 }
 
+/// The worker's side of the control channel: applies every config update the broker sends
+/// with `apply` (which returns the error text of a config it cannot use), logging as upstream
+/// does; exits the process when the broker is gone. Runs on its own thread.
+pub fn control_loop(control: &OwnedFd, apply: impl Fn(&str) -> Result<(), String>) {
+    use std::os::fd::AsFd;
+    loop {
+        match recv_json::<Control>(control.as_fd()) {
+            Ok(Control::Config { config }) => match apply(&config) {
+                Ok(()) => tracing::info!("Config update finished."),
+                Err(e) => tracing::warn!("Config update failed. Error: {e}"),
+            },
+            Err(HandoffError::Closed) => {
+                tracing::error!("the broker closed the control channel; exiting");
+                std::process::exit(1);
+            }
+            Err(e) => tracing::warn!("bad control message from the broker: {e}"),
+        }
+    }
+}
+
 /// Sends the manifest with its descriptors (in `manifest.descriptors` order).
 pub fn send_manifest(sock: BorrowedFd<'_>, manifest: &Manifest, fds: &[BorrowedFd<'_>]) -> Result<(), HandoffError> {
     if manifest.descriptors.len() != fds.len() {

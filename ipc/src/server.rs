@@ -194,6 +194,18 @@ impl Request {
         self.json().await?.ok_or_else(ApiError::missing_body)
     }
 
+    /// The answer for a method the route does not implement: like upstream, a PUT body is
+    /// still decoded first (415/422) and a POST/DELETE body too (422), then 400
+    /// `method not allowed` (common-http §5).
+    pub async fn unsupported_method(&mut self) -> ApiError {
+        let decoded = match self.method {
+            Method::PUT => self.put_json::<serde::de::IgnoredAny>().await.map(|_| ()),
+            Method::POST | Method::DELETE => self.json::<serde::de::IgnoredAny>().await.map(|_| ()),
+            _ => Ok(()),
+        };
+        decoded.err().unwrap_or_else(ApiError::method_not_allowed)
+    }
+
     /// The body of a PUT: 415 unless JSON-typed; an empty body is a decode error (422).
     pub async fn put_json<T: DeserializeOwned>(&mut self) -> Result<T, ApiError> {
         if !self.content_type_is_json() {

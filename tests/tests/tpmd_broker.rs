@@ -2,36 +2,12 @@
 //! fresh swtpm) and hands the descriptor to the worker, which runs as aziottpm, confined,
 //! and never opens a path or a socket itself.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aziot_tests::http::{build_request, Conn};
 use aziot_tests::keyd::{aziotctl_bin, aziotd_bin, exchange_as, TempDir};
-
-/// Two consecutive free loopback ports (swtpm's server and control ports).
-fn free_ports() -> u16 {
-    for _ in 0..50 {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        if port < 65535 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no two consecutive free ports");
-}
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        // SAFETY: plain syscall on our own child.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
-}
+use aziot_tests::tpmd::{free_ports, Kill};
 
 #[test]
 fn tpmd_serves_from_a_confined_worker_on_a_handed_over_tpm() {

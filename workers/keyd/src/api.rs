@@ -70,7 +70,7 @@ impl Api {
                         _ => Err(bad_handle("handle is not for a key")),
                     }
                 }
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         if let Some(caps) = match_route("/key/{}", &path) {
@@ -90,7 +90,7 @@ impl Api {
                         Err(ApiError::bad_request("invalid type \"key\""))
                     }
                 }
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         if match_route("/keypair", &path).is_some() {
@@ -120,7 +120,7 @@ impl Api {
                         _ => Err(bad_handle("handle is not for a key pair")),
                     }
                 }
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         if let Some(caps) = match_route("/keypair/{}", &path) {
@@ -144,7 +144,7 @@ impl Api {
                     lib(self.backend.move_key_pair(&body.from, id))?;
                     Ok(Response::no_content())
                 }
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         if let Some(caps) = match_route("/parameters/{}", &path) {
@@ -153,7 +153,7 @@ impl Api {
                     let body: HandleRequest = req.required_json().await?;
                     self.parameter(uid, &caps[0], &body.key_handle)
                 }
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         if match_route("/derivedkey", &path).is_some() {
@@ -169,7 +169,7 @@ impl Api {
                         Validated::Derived { .. } => Err(bad_handle(&HandleError::NestedDerived.to_string())),
                     }
                 }
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         if match_route("/derivedkey/export", &path).is_some() {
@@ -184,25 +184,25 @@ impl Api {
                         _ => Err(bad_handle("handle is not for a derived key")),
                     }
                 }
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         if match_route("/sign", &path).is_some() {
             return match m {
                 Method::POST => self.sign(uid, req.required_json().await?),
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         if match_route("/encrypt", &path).is_some() {
             return match m {
                 Method::POST => self.encrypt(uid, req.required_json().await?),
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         if match_route("/decrypt", &path).is_some() {
             return match m {
                 Method::POST => self.decrypt(uid, req.required_json().await?),
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         Err(ApiError::not_found())
@@ -331,17 +331,6 @@ impl Service for Api {
             Err(e) => e.into(),
         }
     }
-}
-
-/// A method the route does not implement: upstream decodes a PUT body (415/422) and a
-/// POST/DELETE body (422) before answering 400 `method not allowed`.
-async fn unsupported(req: &mut Request) -> ApiError {
-    let decoded = match req.method {
-        Method::PUT => req.put_json::<serde::de::IgnoredAny>().await.map(|_| ()),
-        Method::POST | Method::DELETE => req.json::<serde::de::IgnoredAny>().await.map(|_| ()),
-        _ => Ok(()),
-    };
-    decoded.err().unwrap_or_else(ApiError::method_not_allowed)
 }
 
 /// An ID with a NUL cannot reach the C API.

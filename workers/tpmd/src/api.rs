@@ -108,7 +108,7 @@ impl Api {
                     let (ek, srk) = self.with_tpm("could not get TPM keys", Tpm::get_tpm_keys).await?;
                     Ok(Response::json(StatusCode::OK, &TpmKeysResponse { endorsement_key: B64(ek), storage_root_key: B64(srk) }))
                 }
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         if match_route("/import_auth_key", &path).is_some() {
@@ -120,7 +120,7 @@ impl Api {
                     self.with_tpm("could not import auth key", move |tpm| tpm.import_auth_key(&key)).await?;
                     Ok(Response::json(StatusCode::OK, &Empty {}))
                 }
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         if match_route("/sign_with_auth_key", &path).is_some() {
@@ -132,7 +132,7 @@ impl Api {
                     let digest = self.with_tpm("could not sign with auth key", move |tpm| tpm.sign_with_auth_key(&data)).await?;
                     Ok(Response::json(StatusCode::OK, &SignResponse { digest: B64(digest) }))
                 }
-                _ => Err(unsupported(&mut req).await),
+                _ => Err(req.unsupported_method().await),
             };
         }
         Err(ApiError::not_found())
@@ -150,17 +150,6 @@ impl Service for Api {
             Err(e) => e.into(),
         }
     }
-}
-
-/// A method the route does not implement: a POST/DELETE/PUT body is still decoded first
-/// (422/415), then 400 `method not allowed` (common-http §5).
-async fn unsupported(req: &mut Request) -> ApiError {
-    let decoded = match req.method {
-        Method::PUT => req.put_json::<serde::de::IgnoredAny>().await.map(|_| ()),
-        Method::POST | Method::DELETE => req.json::<serde::de::IgnoredAny>().await.map(|_| ()),
-        _ => Ok(()),
-    };
-    decoded.err().unwrap_or_else(ApiError::method_not_allowed)
 }
 
 /// Bad input (a malformed or foreign blob, too much data) → 400 with the cause chain; TPM

@@ -115,23 +115,11 @@ pub fn serve(
 }
 
 fn control_loop(control: &std::os::fd::OwnedFd, api: &api::Api) {
-    use std::os::fd::AsFd;
-    loop {
-        match aziot_ipc::handoff::recv_json::<aziot_ipc::handoff::Control>(control.as_fd()) {
-            Ok(aziot_ipc::handoff::Control::Config { config }) => match toml::from_str::<Config>(&config) {
-                Ok(config) => {
-                    api.set_allowed_uids(config::allowed_uids(&config));
-                    tracing::info!("Config update finished.");
-                }
-                Err(e) => tracing::warn!("Config update failed. Error: {e}"),
-            },
-            Err(aziot_ipc::handoff::HandoffError::Closed) => {
-                tracing::error!("the broker closed the control channel; exiting");
-                std::process::exit(1);
-            }
-            Err(e) => tracing::warn!("bad control message from the broker: {e}"),
-        }
-    }
+    aziot_ipc::handoff::control_loop(control, |text| {
+        let config = toml::from_str::<Config>(text).map_err(|e| e.to_string())?;
+        api.set_allowed_uids(config::allowed_uids(&config));
+        Ok(())
+    });
 }
 
 /// Runs tpmd unconfined in this process (no broker): config, TPM, listener, serve.
