@@ -95,8 +95,11 @@ fn unconfined(args: &[std::ffi::OsString]) -> ExitCode {
 
 /// Called by the syslog shim (src/syslog_shim.c) for every syslog(3) message of a module
 /// loaded into this process.
+///
+/// # Safety
+/// `message` is NULL or a NUL-terminated string valid for the duration of the call.
 #[no_mangle]
-pub extern "C" fn aziot_syslog_message(priority: std::os::raw::c_int, message: *const std::os::raw::c_char) {
+pub unsafe extern "C" fn aziot_syslog_message(priority: std::os::raw::c_int, message: *const std::os::raw::c_char) {
     if message.is_null() {
         return;
     }

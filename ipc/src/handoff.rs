@@ -82,6 +82,18 @@ pub enum Control {
     Config { config: String },
 }
 
+/// Starts [`control_loop`] on its own thread (`aziot-control`), when the worker has a control
+/// channel.
+pub fn spawn_control(
+    control: Option<OwnedFd>,
+    apply: impl Fn(&str) -> Result<(), String> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Some(control) = control {
+        std::thread::Builder::new().name("aziot-control".into()).spawn(move || control_loop(&control, apply))?;
+    }
+    Ok(())
+}
+
 /// The worker's side of the control channel: applies every config update the broker sends
 /// with `apply` (which returns the error text of a config it cannot use), logging as upstream
 /// does; exits the process when the broker is gone. Runs on its own thread.

@@ -7,31 +7,14 @@ use std::time::{Duration, Instant};
 
 use aziot_tests::http::{build_request, Conn};
 use aziot_tests::keyd::{aziotctl_bin, aziotd_bin, exchange_as, TempDir};
-use aziot_tests::tpmd::{free_ports, Kill};
+use aziot_tests::tpmd::{Kill, Swtpm};
 
 #[test]
 fn tpmd_serves_from_a_confined_worker_on_a_handed_over_tpm() {
     let dir = TempDir::new("tpmd-broker");
     let root = dir.path();
-    std::fs::create_dir(root.join("state")).unwrap();
-    let port = free_ports();
-    let swtpm = Kill(
-        Command::new("swtpm")
-            .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-            .arg("--tpmstate")
-            .arg(format!("dir={}", root.join("state").display()))
-            .args(["--server", &format!("type=tcp,port={port},bindaddr=127.0.0.1")])
-            .args(["--ctrl", &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("swtpm (apt-get install swtpm)"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "swtpm did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let swtpm = Swtpm::start(root);
+    let port = swtpm.port;
     let sock = root.join("tpmd.sock");
     std::fs::write(
         root.join("config.toml"),

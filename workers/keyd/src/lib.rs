@@ -138,24 +138,19 @@ pub fn serve(
     control: Option<std::os::fd::OwnedFd>,
 ) -> KeydError {
     let api = Arc::new(api::Api::new(backend, Principals::new(&config.principal)));
-    if let Some(control) = control {
-        let api = Arc::clone(&api);
-        let spawned = std::thread::Builder::new().name("aziot-control".into()).spawn(move || control_loop(&control, &api));
-        if let Err(e) = spawned {
-            return KeydError::Runtime(e);
-        }
+    let reload = Arc::clone(&api);
+    let applied = aziot_ipc::handoff::spawn_control(control, move |text| {
+        // Only [[principal]] is applied on reload, as upstream.
+        let config = toml::from_str::<config::Config>(text).map_err(|e| e.to_string())?;
+        reload.set_principals(Principals::new(&config.principal));
+        Ok(())
+    });
+    if let Err(e) = applied {
+        return KeydError::Runtime(e);
     }
     let server_config = ServerConfig { max_requests: config.max_requests, ..ServerConfig::default() };
     tracing::info!("Starting server...");
     KeydError::Serve(aziot_ipc::server::run(listener, api, server_config))
-}
-
-fn control_loop(control: &std::os::fd::OwnedFd, api: &api::Api) {
-    aziot_ipc::handoff::control_loop(control, |text| {
-        let config = toml::from_str::<config::Config>(text).map_err(|e| e.to_string())?;
-        api.set_principals(Principals::new(&config.principal));
-        Ok(())
-    });
 }
 
 /// Runs keyd unconfined in this process (no broker): config, library, listener, serve.

@@ -118,14 +118,14 @@ impl Location {
 /// non-empty content is a symmetric key.
 enum CachedKey {
     Pair(KeyPair),
-    Symmetric(SymmetricKey),
+    Symmetric(Box<SymmetricKey>),
 }
 
 impl CachedKey {
     fn parse(bytes: Zeroizing<Vec<u8>>) -> Result<Self> {
         match crypto::parse_private_key_pem(&bytes) {
             Some(pkey) => Ok(CachedKey::Pair(KeyPair::new(pkey)?)),
-            None => Ok(CachedKey::Symmetric(SymmetricKey::new(bytes)?)),
+            None => Ok(CachedKey::Symmetric(Box::new(SymmetricKey::new(bytes)?))),
         }
     }
 }

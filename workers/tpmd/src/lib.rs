@@ -101,25 +101,18 @@ pub fn serve(
     control: Option<std::os::fd::OwnedFd>,
 ) -> TpmdError {
     let api = Arc::new(api::Api::new(tpm, config::allowed_uids(config)));
-    if let Some(control) = control {
-        let api = Arc::clone(&api);
-        let spawned =
-            std::thread::Builder::new().name("aziot-control".into()).spawn(move || control_loop(&control, &api));
-        if let Err(e) = spawned {
-            return TpmdError::Runtime(e);
-        }
+    let reload = Arc::clone(&api);
+    let applied = aziot_ipc::handoff::spawn_control(control, move |text| {
+        let config = toml::from_str::<Config>(text).map_err(|e| e.to_string())?;
+        reload.set_allowed_uids(config::allowed_uids(&config));
+        Ok(())
+    });
+    if let Err(e) = applied {
+        return TpmdError::Runtime(e);
     }
     let server_config = ServerConfig { max_requests: config.max_requests, ..ServerConfig::default() };
     tracing::info!("Starting server...");
     TpmdError::Serve(aziot_ipc::server::run(listener, api, server_config))
-}
-
-fn control_loop(control: &std::os::fd::OwnedFd, api: &api::Api) {
-    aziot_ipc::handoff::control_loop(control, |text| {
-        let config = toml::from_str::<Config>(text).map_err(|e| e.to_string())?;
-        api.set_allowed_uids(config::allowed_uids(&config));
-        Ok(())
-    });
 }
 
 /// Runs tpmd unconfined in this process (no broker): config, TPM, listener, serve.
