@@ -91,25 +91,28 @@ fn hex_digit(b: u8) -> Option<u8> {
     }
 }
 
-fn decode(name: &str, value: &str) -> Result<Vec<u8>, UriError> {
+/// Decodes `%XX` escapes; `None` when a `%` is not followed by two hex digits. The one decoder
+/// of the key library's URIs (`pkcs11:` here, `file://` in `native::params`).
+pub(crate) fn percent_decode(value: &str) -> Option<Vec<u8>> {
     let bytes = value.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hi = bytes.get(i + 1).copied().and_then(hex_digit);
-            let lo = bytes.get(i + 2).copied().and_then(hex_digit);
-            match (hi, lo) {
-                (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
-                _ => return Err(UriError::PercentEscape(name.to_owned())),
-            }
+            let hi = bytes.get(i + 1).copied().and_then(hex_digit)?;
+            let lo = bytes.get(i + 2).copied().and_then(hex_digit)?;
+            out.push(hi << 4 | lo);
             i += 3;
         } else {
             out.push(bytes[i]);
             i += 1;
         }
     }
-    Ok(out)
+    Some(out)
+}
+
+fn decode(name: &str, value: &str) -> Result<Vec<u8>, UriError> {
+    percent_decode(value).ok_or_else(|| UriError::PercentEscape(name.to_owned()))
 }
 
 fn decode_text(name: &str, value: &str) -> Result<String, UriError> {
