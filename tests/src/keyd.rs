@@ -775,13 +775,16 @@ impl Keyd {
                     );
                 }
             }
+            // Ready = the broker has recorded its worker (status file naming this broker: it is
+            // written once the worker's sandbox report arrived, a moment after the worker may
+            // already answer) and, self-bound, the socket accepts connections.
+            let recorded =
+                self.status().is_some_and(|s| s["broker_pid"].as_u64() == broker.map(u64::from));
             let ready = match self.activation {
                 Activation::SelfBound => {
-                    self.sock.exists() && std::os::unix::net::UnixStream::connect(&self.sock).is_ok()
+                    recorded && std::os::unix::net::UnixStream::connect(&self.sock).is_ok()
                 }
-                Activation::Systemd => self
-                    .status()
-                    .is_some_and(|s| s["broker_pid"].as_u64() == broker.map(u64::from)),
+                Activation::Systemd => recorded,
             };
             if ready {
                 break;
