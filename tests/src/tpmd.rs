@@ -102,14 +102,37 @@ pub struct Tpmd {
 impl Tpmd {
     /// Starts and waits (20 s) for the broker's status file (a worker reported ready).
     pub fn start(root: &Path, tcti: &str, log_level: &str) -> Tpmd {
+        Tpmd::start_with(root, tcti, log_level, "")
+    }
+
+    /// Like [`Tpmd::start`], with `extra` placed at the top level of the config (before the
+    /// `[endpoints]` table, so bare keys such as `auth_key_index = ...` stay top-level; tables
+    /// may follow them). The log is appended to, so that it spans restarts in one `root`.
+    pub fn start_with(root: &Path, tcti: &str, log_level: &str, extra: &str) -> Tpmd {
+        let mut broker = Tpmd::spawn(root, tcti, log_level, extra);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !root.join("tpmd.status").exists() {
+            if let Ok(Some(status)) = broker.0.try_wait() {
+                panic!("tpmd exited ({status}) before it was ready:\n{}", read_log(root));
+            }
+            assert!(Instant::now() < deadline, "tpmd did not start:\n{}", read_log(root));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Tpmd { broker: Some(broker), root: root.to_path_buf() }
+    }
+
+    /// Writes the config and spawns `aziotd aziot-tpmd` without waiting for it (stderr appended
+    /// to `<root>/tpmd.log`). A status file left by an earlier run in `root` is removed first.
+    pub fn spawn(root: &Path, tcti: &str, log_level: &str, extra: &str) -> Kill {
         let sock = root.join("tpmd.sock");
+        let _ = std::fs::remove_file(root.join("tpmd.status"));
         std::fs::write(
             root.join("config.toml"),
-            format!("tcti = \"{tcti}\"\n[endpoints]\naziot_tpmd = \"unix://{}\"\n", sock.display()),
+            format!("tcti = \"{tcti}\"\n{extra}\n[endpoints]\naziot_tpmd = \"unix://{}\"\n", sock.display()),
         )
         .expect("write config");
-        let log = std::fs::File::create(root.join("tpmd.log")).expect("log");
-        let broker = Kill(
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(root.join("tpmd.log")).expect("log");
+        Kill(
             Command::new(aziotd_bin())
                 .arg("aziot-tpmd")
                 .env_clear()
@@ -120,14 +143,7 @@ impl Tpmd {
                 .stderr(log)
                 .spawn()
                 .expect("spawn aziotd aziot-tpmd"),
-        );
-        let tpmd = Tpmd { broker: Some(broker), root: root.to_path_buf() };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !root.join("tpmd.status").exists() {
-            assert!(Instant::now() < deadline, "tpmd did not start:\n{}", tpmd.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        tpmd
+        )
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -135,7 +151,7 @@ impl Tpmd {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.root.join("tpmd.log")).unwrap_or_default()
+        read_log(&self.root)
     }
 
     pub fn worker_pid(&self) -> i32 {
@@ -158,4 +174,8 @@ impl Tpmd {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+fn read_log(root: &Path) -> String {
+    std::fs::read_to_string(root.join("tpmd.log")).unwrap_or_default()
 }
