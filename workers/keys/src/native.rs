@@ -298,6 +298,11 @@ impl KeyStore {
         Ok(matches!(self.stored(id)?, Stored::Key(key) if matches!(&*key, CachedKey::Symmetric(_))))
     }
 
+    /// Whether the file location of `id` holds a key pair.
+    fn file_has_pair(&self, id: &str) -> Result<bool> {
+        Ok(matches!(self.stored(id)?, Stored::Key(key) if matches!(&*key, CachedKey::Pair(_))))
+    }
+
     /// Writes `bytes` to the location of `id` and drops every cached key. Caller holds
     /// `write_lock`.
     fn store_bytes(&self, location: &Location, bytes: &[u8]) -> Result<()> {

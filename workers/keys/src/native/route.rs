@@ -129,9 +129,16 @@ impl KeyStore {
         // Token mutations are serialized like file ones: two creates of one ID must not each
         // destroy the other's fresh objects.
         let _w = lock(&self.write_lock);
-        if key.token.find_pair(&key.uri)?.is_none() {
-            key.token.generate_pair(&key.uri, algorithms)?;
+        if key.token.find_pair(&key.uri)?.is_some() {
+            return Ok(true);
         }
+        // Keys and pairs share one namespace (spec §7.2). The token would keep a secret key of
+        // the same label next to a new pair, but the ID would then name both; refused like the
+        // file backend refuses to overwrite one (spec §10 quirk 3, docs/compatibility.md).
+        if key.token.find_secret(&key.uri)?.is_some() || (key.file_fallback && self.file_has_symmetric(id)?) {
+            return Err(Error::invalid("id holds a symmetric key; refusing to create a key pair over it"));
+        }
+        key.token.generate_pair(&key.uri, algorithms)?;
         Ok(true)
     }
 
@@ -140,6 +147,10 @@ impl KeyStore {
         match (self.p11_key(from)?, self.p11_key(to)?) {
             (None, None) => Ok(false),
             (Some(a), Some(b)) if Arc::ptr_eq(&a.token, &b.token) => {
+                // As the file backend: never replace a symmetric key of the destination ID.
+                if b.file_fallback && self.file_has_symmetric(to)? {
+                    return Err(Error::invalid("destination id holds a symmetric key; refusing to overwrite it"));
+                }
                 a.token.move_pair(&a.uri, &b.uri)?;
                 Ok(true)
             }
@@ -171,6 +182,11 @@ impl KeyStore {
         let _w = lock(&self.write_lock);
         if bytes.is_none() && key.token.find_secret(&key.uri)?.is_some() {
             return Ok(true);
+        }
+        // As the file backend: a key pair of the same ID is neither taken for the symmetric key
+        // nor replaced by it (spec §10 quirk 3, docs/compatibility.md).
+        if key.token.find_pair(&key.uri)?.is_some() || (key.file_fallback && self.file_has_pair(id)?) {
+            return Err(Error::invalid("id holds a key pair, not a symmetric key"));
         }
         let created = match bytes {
             Some(bytes) => key.token.import_secret(&key.uri, bytes, usage)?,

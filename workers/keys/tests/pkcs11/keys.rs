@@ -107,7 +107,7 @@ fn rsa_key_pairs() {
     assert!(store.load_key_pair("rsa4k").is_err());
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+pub fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
     let key = PKey::hmac(key).unwrap();
     let mut signer = Signer::new(MessageDigest::sha256(), &key).unwrap();
     signer.update(data).unwrap();
@@ -164,7 +164,7 @@ fn aes_keys() {
     assert_eq!(&**store.decrypt("aes", mech, &ct).unwrap(), b"plaintext");
     let mut bad = ct.clone();
     bad[3] ^= 1;
-    assert!(is_external(store.decrypt("aes", mech, &bad)));
+    assert!(is_invalid(store.decrypt("aes", mech, &bad)), "a tag failure is INVALID_PARAMETER, as with files");
     let mut v1 = ct.clone();
     v1[0] = 1;
     assert!(is_invalid(store.decrypt("aes", mech, &v1)));
@@ -214,4 +214,40 @@ fn concurrent_requests_share_the_token() {
             });
         }
     });
+}
+
+/// Keys and pairs share one namespace (spec §7.2); on the token as with files, neither kind
+/// replaces or stands in for the other (spec §10 quirk 3, docs/compatibility.md).
+#[test]
+fn keys_and_pairs_share_one_namespace() {
+    let Some((home, store, label)) = token_store("namespace") else {
+        return;
+    };
+    let known = b"a symmetric key of thirty-two b!";
+    store.import_key("sym", known, KeyUsage::SIGN).unwrap();
+    assert!(is_invalid(store.load_key_pair("sym")));
+    assert!(is_invalid(store.create_key_pair_if_not_exists("sym", Some("ec-p256"))));
+    assert_eq!(store.sign("sym", SignMechanism::HmacSha256, b"m").unwrap(), hmac(known, b"m"));
+
+    store.create_key_pair_if_not_exists("pair", Some("ec-p256")).unwrap();
+    assert!(is_invalid(store.load_key("pair")));
+    assert!(is_invalid(store.create_key_if_not_exists("pair", KeyUsage::SIGN)));
+    assert!(is_invalid(store.import_key("pair", known, KeyUsage::SIGN)));
+    store.sign("pair", SignMechanism::Ecdsa, &[2; 32]).unwrap();
+
+    // A move never replaces a symmetric key; a missing source is EXTERNAL (as a failed rename).
+    assert!(is_invalid(store.move_key_pair("pair", "sym")));
+    store.sign("pair", SignMechanism::Ecdsa, &[2; 32]).unwrap();
+    assert!(is_external(store.move_key_pair("absent", "elsewhere")));
+    let listing =
+        String::from_utf8(pkcs11_tool(&["--token-label", &label, "--login", "--pin", PIN, "--list-objects"])).unwrap();
+    assert_eq!(listing.matches("label:      pair\n").count(), 2, "{listing}");
+    assert_eq!(listing.matches("label:      sym\n").count(), 1, "{listing}");
+
+    // An "AES" key of a length AES does not have cannot be a token key (a conforming token's
+    // C_CreateObject refuses it; SoftHSM2 would accept it): it goes to the home directory.
+    store.import_key("tiny", &[7], KeyUsage::ENCRYPT).unwrap();
+    assert!(!listing.contains("label:      tiny\n"));
+    assert_eq!(std::fs::read_dir(home.path().join("keys")).unwrap().count(), 1);
+    assert_eq!(store.sign("tiny", SignMechanism::HmacSha256, b"m").unwrap(), hmac(&[7], b"m"));
 }

@@ -7,6 +7,7 @@
 //! not installed.
 
 mod c_abi;
+mod fallback;
 #[path = "../common/mod.rs"]
 mod common;
 mod keys;

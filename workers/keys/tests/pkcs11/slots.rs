@@ -140,9 +140,8 @@ fn the_pin_appears_in_no_error_or_debug_text() {
 /// both, and new keys go to the token.
 ///
 /// The *creation* fallback (token answers `CKR_FUNCTION_NOT_SUPPORTED`/`CKR_MECHANISM_INVALID`
-/// to `C_GenerateKey`, fails the AES test encryption, or refuses `C_CreateObject`) cannot be
-/// shown with SoftHSM2: it supports generic-secret and AES key generation and AES-GCM, and
-/// accepts any CKA_VALUE in `C_CreateObject` (even a 5-byte "AES" key). See docs/pkcs11.md.
+/// to `C_GenerateKey`, or refuses `C_CreateObject`) needs a token without those mechanisms:
+/// see `fallback.rs`.
 #[test]
 fn the_home_directory_is_the_second_candidate() {
     let Some(_) = softhsm() else { return };

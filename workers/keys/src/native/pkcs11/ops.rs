@@ -317,11 +317,19 @@ impl Token {
     }
 
     /// Destroys `to`'s pair objects and relabels `from`'s (same token, spec §7.7).
+    ///
+    /// As the file backend: a destination holding a secret key is refused (INVALID_PARAMETER,
+    /// spec §10 quirk 3, docs/compatibility.md), and a missing source is EXTERNAL (the file
+    /// backend's failed rename; spec §5.7 "source missing → 500").
     pub(crate) fn move_pair(&self, from: &Pkcs11Uri, to: &Pkcs11Uri) -> Result<()> {
         let new_label = need_label(to)?.as_bytes().to_vec();
         need_label(from)?;
         self.with_session(from, |s| {
-            let pair = require_pair(s, from)?;
+            if from.object != to.object && find(s, to, ObjectClass::SECRET_KEY)?.is_some() {
+                return Err(Error::invalid("destination id holds a symmetric key; refusing to overwrite it").into());
+            }
+            let pair = find_pair(s, from)?
+                .ok_or_else(|| OpError::Other(Error::external_msg("the source key pair does not exist")))?;
             if from.object == to.object {
                 return Ok(());
             }
@@ -421,7 +429,15 @@ impl Token {
         let label = need_label(uri)?.as_bytes().to_vec();
         let kind = secret_kind(usage)?;
         self.with_session(uri, |s| {
+            // Destroyed first, also when the key goes to the next candidate: a stale token key
+            // would shadow it (lookups try the token first).
             destroy_all(s, uri, ObjectClass::SECRET_KEY)?;
+            if kind == SecretKind::Aes && ![16, 24, 32].contains(&bytes.len()) {
+                // A conforming token refuses such a `CKA_VALUE` in `C_CreateObject`
+                // (`CKR_ATTRIBUTE_VALUE_INVALID`); SoftHSM2 accepts it and fails only at use.
+                // Treated as that refusal: next candidate (spec §7.6).
+                return Ok(false);
+            }
             let mut t = vec![
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::Value(bytes.to_vec()),
@@ -499,11 +515,13 @@ impl Token {
             let (handle, _) = Self::require_secret(s, uri)?;
             let mut iv = iv.to_vec();
             let params = GcmParams::new(&mut iv, aad, ulong(128)).map_err(ck("CK_GCM_PARAMS"))?;
-            let pt = s.decrypt(&Mechanism::AesGcm(params), handle, &input[1..]).map_err(|e| match rv(&e) {
-                Some(RvError::EncryptedDataInvalid) => {
-                    OpError::Other(Error::external_msg("AEAD tag verification failed"))
+            let pt = s.decrypt(&Mechanism::AesGcm(params), handle, &input[1..]).map_err(|e| {
+                if is_authentication_failure(&e) {
+                    // As the file backend: one generic invalid-parameter error (no oracle detail).
+                    OpError::Other(Error::invalid("decryption failed"))
+                } else {
+                    OpError::Ck("C_Decrypt (AES-GCM) failed", e)
                 }
-                _ => OpError::Ck("C_Decrypt (AES-GCM) failed", e),
             })?;
             Ok(Zeroizing::new(pt))
         })
@@ -514,6 +532,22 @@ impl Token {
         need_label(uri)?;
         self.with_session(uri, |s| destroy_all(s, uri, ObjectClass::SECRET_KEY))
     }
+}
+
+/// Whether a failed `C_Decrypt` (AES-GCM) means the input did not authenticate. PKCS#11 v3.0
+/// names `CKR_ENCRYPTED_DATA_INVALID` for a tag mismatch; SoftHSM2 answers `CKR_GENERAL_ERROR`
+/// (its `decryptFinal` failing), and some modules `CKR_ENCRYPTED_DATA_LEN_RANGE` or
+/// `CKR_DATA_INVALID`. A lost session or login is never an authentication failure.
+fn is_authentication_failure(e: &cryptoki::error::Error) -> bool {
+    matches!(
+        rv(e),
+        Some(
+            RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::DataInvalid
+                | RvError::GeneralError
+        )
+    )
 }
 
 /// Usage → key type: exactly DERIVE/SIGN or exactly ENCRYPT (spec §7.6).
