@@ -124,6 +124,13 @@ fn forbidden(e: &Env, svc: &str) -> Vec<Case> {
         v.push(c("socket-tcp", None, "open a TCP socket", Sigsys, Succeeds));
         v.push(c("connect-unix", Some(e.public_sock.display().to_string()), "connect to a pathname unix socket", Sigsys, Succeeds));
     }
+    if svc == "tpmd" {
+        // The broker opens the TPM and hands the descriptor over: the tpmd worker reaches
+        // neither the port a swtpm grant names nor a character device by path.
+        v.push(c("connect-tcp", Some(e.granted_port.to_string()), "connect to the granted port (the broker connects to swtpm)", Sigsys, Succeeds));
+        v.push(c("open-path", Some("/dev/ptmx".into()), "open a character device (/dev/ptmx, a TPM stand-in's source)", Errno(EACCES), Succeeds));
+        v.push(c("open-path", Some("/dev/null".into()), "open /dev/null", Errno(EACCES), Succeeds));
+    }
     v
 }
 

@@ -123,12 +123,20 @@ impl Tpmd {
 
     /// Writes the config and spawns `aziotd aziot-tpmd` without waiting for it (stderr appended
     /// to `<root>/tpmd.log`). A status file left by an earlier run in `root` is removed first.
+    ///
+    /// `AZIOT_TESTS_TPMD_CONFIG`, when set, is appended after `extra`: for measuring the
+    /// worker's syscalls, e.g. `[sandbox]` `seccomp = "log"` `allow_degraded = true`
+    /// (policy/tools/measure-tpmd-syscalls.sh).
     pub fn spawn(root: &Path, tcti: &str, log_level: &str, extra: &str) -> Kill {
         let sock = root.join("tpmd.sock");
         let _ = std::fs::remove_file(root.join("tpmd.status"));
+        let measuring = std::env::var("AZIOT_TESTS_TPMD_CONFIG").unwrap_or_default();
         std::fs::write(
             root.join("config.toml"),
-            format!("tcti = \"{tcti}\"\n{extra}\n[endpoints]\naziot_tpmd = \"unix://{}\"\n", sock.display()),
+            format!(
+                "tcti = \"{tcti}\"\n{extra}\n{measuring}\n[endpoints]\naziot_tpmd = \"unix://{}\"\n",
+                sock.display()
+            ),
         )
         .expect("write config");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(root.join("tpmd.log")).expect("log");
