@@ -42,6 +42,19 @@ pub struct EsysError {
 /// A short reading of the common TPM format-one response codes (TPM 2.0 Part 2 §6.6), e.g.
 /// ` (TPM_RC_INTEGRITY, parameter 1)`; empty for other codes.
 fn describe(rc: u32) -> String {
+    if rc == RC_SIZE_MISMATCH {
+        return " (the structure does not fill its size field)".to_owned();
+    }
+    if rc >> 16 == MU_RC_LAYER {
+        // tpm2-tss's marshaling layer (tss2_mu.h): what an unmarshaled structure got wrong.
+        return match rc & 0xffff {
+            5 => " (TSS2_MU_RC_BAD_REFERENCE)".to_owned(),
+            6 => " (TSS2_MU_RC_INSUFFICIENT_BUFFER: the structure ends early)".to_owned(),
+            11 => " (TSS2_MU_RC_BAD_VALUE: a field holds an invalid value)".to_owned(),
+            16 => " (TSS2_MU_RC_BAD_SIZE: a size field is out of range)".to_owned(),
+            _ => String::new(),
+        };
+    }
     if rc >> 16 != 0 || rc & 0x080 == 0 {
         return match rc {
             0x101 => " (TPM_RC_FAILURE)".to_owned(),
@@ -72,6 +85,11 @@ fn describe(rc: u32) -> String {
         format!(" ({name}, handle {n})")
     }
 }
+
+/// The layer of tpm2-tss's marshaling functions (`TSS2_MU_RC_LAYER` >> 16).
+const MU_RC_LAYER: u32 = 9;
+/// Not a TSS2 code: an unmarshaled structure consumed fewer bytes than its TPM2B size gave it.
+const RC_SIZE_MISMATCH: u32 = u32::MAX - 1;
 
 fn check(step: &'static str, rc: sys::TSS2_RC) -> Result<(), EsysError> {
     if rc == 0 {
@@ -151,7 +169,7 @@ pub(crate) fn unmarshal<T>(
     // SAFETY: `bytes` is readable for its length; `out` and `offset` are valid out-pointers.
     check(step, unsafe { f(bytes.as_ptr(), bytes.len() as sys::size_t, &mut offset, &mut out) })?;
     if offset as usize != bytes.len() {
-        return Err(EsysError { step, rc: u32::MAX });
+        return Err(EsysError { step, rc: RC_SIZE_MISMATCH });
     }
     Ok(out)
 }
@@ -462,5 +480,16 @@ mod tests {
         assert_eq!(describe(0xa000a), "");
         let e = EsysError { step: "Esys_Import", rc: 0x3df };
         assert_eq!(e.to_string(), "Esys_Import failed with TSS2_RC 0x000003df (TPM_RC_INTEGRITY, parameter 3)");
+        assert_eq!(describe(0x0009_0006), " (TSS2_MU_RC_INSUFFICIENT_BUFFER: the structure ends early)");
+        assert_eq!(describe(0x0009_0010), " (TSS2_MU_RC_BAD_SIZE: a size field is out of range)");
+    }
+
+    #[test]
+    fn a_structure_shorter_than_its_size_field_is_named() {
+        // TPM2B_DIGEST of 2 bytes, wrapped in a TPM2B claiming 3: 1 byte left over
+        let e = unmarshal(&[0, 2, 0xaa, 0xbb, 0xcc], "digest", sys::Tss2_MU_TPM2B_DIGEST_Unmarshal).unwrap_err();
+        assert_eq!(e.to_string(), "digest failed with TSS2_RC 0xfffffffe (the structure does not fill its size field)");
+        let e = unmarshal(&[0, 4, 0xaa], "digest", sys::Tss2_MU_TPM2B_DIGEST_Unmarshal).unwrap_err();
+        assert!(e.to_string().contains("TSS2_MU_RC_INSUFFICIENT_BUFFER"), "{e}");
     }
 }
