@@ -69,7 +69,15 @@ pub fn open_descriptor(tcti: &str) -> Result<Option<std::os::fd::OwnedFd>, TctiE
         TctiTarget::Device { path: Some(path) } => Ok(Some(open_device(&path)?.into())),
         TctiTarget::Device { path: None } => match open_device("/dev/tpmrm0".as_ref()) {
             Ok(f) => Ok(Some(f.into())),
-            Err(_) => Ok(Some(open_device("/dev/tpm0".as_ref())?.into())),
+            Err(TctiError::Open { source: first, .. }) => match open_device("/dev/tpm0".as_ref()) {
+                Ok(f) => Ok(Some(f.into())),
+                // name both devices: the first one's failure is often the telling one
+                Err(TctiError::Open { source, .. }) => {
+                    Err(TctiError::Open { what: format!("/dev/tpm0 (after /dev/tpmrm0: {first})"), source })
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
         },
         TctiTarget::Network { host, port } if tcti.starts_with("swtpm") => {
             let stream = std::net::TcpStream::connect((host.as_str(), port))
@@ -137,6 +145,10 @@ mod tests {
         assert_eq!(target("tabrmd").unwrap(), TctiTarget::Tabrmd);
         assert!(matches!(target("foo:bar"), Err(TctiError::Unknown(_))));
         assert!(matches!(open_descriptor("device:/nonexistent/tpm"), Err(TctiError::Open { .. })));
+        if !std::path::Path::new("/dev/tpmrm0").exists() && !std::path::Path::new("/dev/tpm0").exists() {
+            let e = open_descriptor("device").unwrap_err();
+            assert_eq!(e.to_string(), "could not open the TPM /dev/tpm0 (after /dev/tpmrm0: No such file or directory (os error 2))");
+        }
         assert!(open_descriptor("mssim:port=1").unwrap().is_none());
         assert!(open_descriptor("tabrmd").unwrap().is_none());
         assert!(matches!(target("swtpm:port=x"), Err(TctiError::Invalid(_))));
