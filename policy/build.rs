@@ -91,6 +91,20 @@ fn main() {
         }
     }
     index.push_str("        _ => None,\n    }\n}\n");
+    // The digests of the installed pair (clone3 guard, allowlist), computed here so that the
+    // broker never initialises OpenSSL to describe a policy (see seccomp::digest_of).
+    let read = |name: String| std::fs::read(out.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let clone3_prog = read(format!("clone3-{arch}.bpf"));
+    index.push_str("/// sha256 (hex) of the installed pair in kill or log mode, as `seccomp::digest_of` computes it.\n");
+    index.push_str("pub(crate) fn digest(service: &str, log: bool) -> Option<&'static str> {\n    match (service, log) {\n");
+    for svc in SERVICES {
+        for (mode, log) in [("kill", false), ("log", true)] {
+            let allow = read(format!("{svc}-{mode}-{arch}.bpf"));
+            let digest = digest_of(&[&clone3_prog, &allow]);
+            writeln!(index, "        ({svc:?}, {log}) => Some({digest:?}),").unwrap();
+        }
+    }
+    index.push_str("        _ => None,\n    }\n}\n");
     std::fs::write(out.join("programs.rs"), index).expect("write programs.rs");
 }
 
@@ -201,6 +215,16 @@ fn compile(json: &Value, arch: TargetArch, name: &str) -> Vec<seccompiler::sock_
     let mut map = seccompiler::compile_from_json(text.as_slice(), arch)
         .unwrap_or_else(|e| panic!("seccomp {name} for {arch:?}: {e}"));
     map.remove(name).unwrap_or_else(|| panic!("seccomp: no filter named {name}"))
+}
+
+/// Same construction as `seccomp::digest_of` in the crate (a unit test checks they agree).
+fn digest_of(programs: &[&[u8]]) -> String {
+    let mut data = Vec::new();
+    for program in programs {
+        data.extend_from_slice(&((program.len() / 8) as u32).to_le_bytes());
+        data.extend_from_slice(program);
+    }
+    openssl::sha::sha256(&data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn write_program(path: &Path, program: &[seccompiler::sock_filter]) {

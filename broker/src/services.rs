@@ -146,7 +146,15 @@ fn tpmd() -> Result<ServiceSetup, SetupError> {
     aziot_tpmd::config::validate(&config).map_err(SetupError::Invalid)?;
     let endpoint = aziot_tpmd::endpoint(&config)?;
     // The worker never opens a device path: the broker opens the TPM (device node, or a
-    // connection to a simulator) and hands the descriptor over.
+    // connection to a simulator) and hands the descriptor over. A simulator must be on this
+    // machine: TPM commands (and the auth key's import blob) are not sent over a network.
+    let target = aziot_tpmd::tcti::target(&config.tcti)?;
+    if !target.is_loopback() {
+        return Err(SetupError::Invalid(format!(
+            "tcti {:?}: a TPM simulator must listen on a loopback address of this machine",
+            config.tcti
+        )));
+    }
     let tpm = aziot_tpmd::tcti::open_descriptor(&config.tcti)?.ok_or_else(|| {
         SetupError::Invalid(format!(
             "tcti {:?} cannot be handed to a sandboxed worker; use device[:path] or swtpm:host=...,port=...",

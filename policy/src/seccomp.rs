@@ -186,6 +186,13 @@ fn programs(service: &str, log: bool) -> Result<[&'static [u8]; 2], PolicyError>
     Ok([programs::CLONE3_ENOSYS, allowlist])
 }
 
+/// The digest of `service`'s installed pair, computed by build.rs with [`digest_of`]'s
+/// construction (no hashing, hence no OpenSSL, at run time).
+fn compiled_digest(service: &str, log: bool) -> Result<&'static str, PolicyError> {
+    programs::digest(service, log)
+        .ok_or_else(|| PolicyError::NoProgram { service: service.to_owned(), arch: programs::ARCH.to_owned() })
+}
+
 /// Digest of filters given in dump order (= installation order), see the module doc.
 pub(crate) fn digest_of<'a>(dump_order: impl IntoIterator<Item = &'a [u8]>) -> String {
     let mut data = Vec::new();
@@ -204,14 +211,12 @@ pub(crate) fn sha256_hex(data: &[u8]) -> String {
 impl SeccompPolicy {
     pub(crate) fn builtin(service: &str) -> Result<SeccompPolicy, PolicyError> {
         let text = json_source(service).ok_or_else(|| PolicyError::UnknownService(service.to_owned()))?;
-        let kill = programs(service, false)?;
-        let log = programs(service, true)?;
         Ok(SeccompPolicy {
             service: service.to_owned(),
             arch: programs::ARCH.to_owned(),
             default_action: "kill-process".into(),
-            digest: digest_of(kill.iter().copied()),
-            log_digest: digest_of(log.iter().copied()),
+            digest: compiled_digest(service, false)?.to_owned(),
+            log_digest: compiled_digest(service, true)?.to_owned(),
             filters: vec![
                 docs("clone3.json", include_str!("../seccomp/clone3.json"))?,
                 docs(&format!("{service}.json"), text)?,
@@ -313,9 +318,9 @@ pub struct SeccompReport {
 pub fn apply_seccomp(policy: &Policy, mode: SeccompMode) -> Result<SeccompReport, PolicyError> {
     let log = mode == SeccompMode::Log;
     let progs = programs(&policy.service, log)?;
-    let compiled_kill = digest_of(programs(&policy.service, false)?.iter().copied());
+    let compiled_kill = compiled_digest(&policy.service, false)?;
     if compiled_kill != policy.seccomp.digest {
-        return Err(PolicyError::SeccompDigest { policy: policy.seccomp.digest.clone(), compiled: compiled_kill });
+        return Err(PolicyError::SeccompDigest { policy: policy.seccomp.digest.clone(), compiled: compiled_kill.to_owned() });
     }
     crate::apply::set_no_new_privs().map_err(PolicyError::Seccomp)?;
     let process = crate::apply::process_state().map_err(PolicyError::Process)?;
@@ -334,7 +339,7 @@ pub fn apply_seccomp(policy: &Policy, mode: SeccompMode) -> Result<SeccompReport
     Ok(SeccompReport {
         mode,
         filters: progs.len() as u32,
-        digest: digest_of(progs.iter().copied()),
+        digest: compiled_digest(&policy.service, log)?.to_owned(),
         arch: programs::ARCH.into(),
         process,
     })
@@ -386,6 +391,16 @@ mod tests {
         digests.sort();
         digests.dedup();
         assert_eq!(digests.len(), 4);
+    }
+
+    #[test]
+    fn build_time_digests_hash_the_installed_programs() {
+        for svc in crate::SERVICES {
+            for log in [false, true] {
+                let progs = programs(svc, log).unwrap();
+                assert_eq!(compiled_digest(svc, log).unwrap(), digest_of(progs.iter().copied()), "{svc} log={log}");
+            }
+        }
     }
 
     #[test]

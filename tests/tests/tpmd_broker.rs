@@ -357,6 +357,27 @@ fn a_missing_tpm_device_stops_the_broker_with_the_path_in_the_message() {
     }
 }
 
+#[test]
+fn a_simulator_off_this_machine_is_refused() {
+    // 192.0.2.1 is TEST-NET-1: never this machine; the broker refuses before connecting
+    let dir = TempDir::new("tpmd-remote-sim");
+    let root = dir.path();
+    let tcti = "swtpm:host=192.0.2.1,port=2321";
+    let mut broker = Tpmd::spawn(root, tcti, "info", "");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = broker.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the broker kept running with a remote simulator");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = std::fs::read_to_string(root.join("tpmd.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "{status}\n{log}");
+    assert!(log.contains("a TPM simulator must listen on a loopback address"), "{log}");
+    assert!(!root.join("tpmd.status").exists() && !root.join("tpmd.sock").exists(), "{log}");
+}
+
 /// A character device that speaks the raw TPM stream, as `/dev/tpmrm0` does, for a machine
 /// without a TPM: the slave side of a pseudo-terminal in raw mode, whose master side a thread
 /// relays command by command to swtpm's command port. The broker opens the slave's path
