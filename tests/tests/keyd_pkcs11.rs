@@ -184,8 +184,8 @@ fn wrong_pin_still_starts() {
 /// needs the token fails with an error and a clear cause in the log, and no PIN is logged.
 /// The handle-validation key lives in the base slot when one is configured (spec keyd.md
 /// §4.2), so with a wrong base-slot PIN no handle can be minted or checked — for file keys
-/// too; that a wrong PIN on one token leaves other keys working is shown at the library level
-/// (workers/keys/tests/pkcs11: wrong PIN affects only that token).
+/// too; that a wrong PIN on one token leaves other keys working is shown by
+/// `a_wrong_pin_or_a_missing_token_fails_only_its_own_keys` below.
 #[test]
 fn wrong_pin_fails_token_requests_and_keyd_stays_up() {
     let wrong = "11112222333344445555";
@@ -204,4 +204,66 @@ fn wrong_pin_fails_token_requests_and_keyd_stays_up() {
     let hsm = keyd.softhsm().expect("token");
     assert!(hsm.labels().is_empty(), "nothing on the token");
     assert_no_pin(&keyd, &[wrong, &hsm.pin, &hsm.so_pin]);
+}
+
+/// Two bad preloaded locations beside a good token: a key on a second token whose PIN in the
+/// URI is wrong, and a key on a token that does not exist. Each fails on its own requests with
+/// its cause in the log; keys on the base slot keep being created and used, and keyd stays up.
+#[test]
+fn a_wrong_pin_or_a_missing_token_fails_only_its_own_keys() {
+    let mut keyd = Keyd::builder().backend(Backend::SoftHsm).start();
+    keyd.stop();
+    // a second token in the same store, holding an EC pair "k", made with its right PIN
+    let hsm = keyd.softhsm().expect("token");
+    let (other_pin, wrong_pin) = ("5555666677778888", "5555666677770000");
+    let init = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", hsm.conf())
+        .args(["--init-token", "--free", "--label", "aziot-other", "--pin", other_pin, "--so-pin", "1234123412341234"])
+        .output()
+        .expect("softhsm2-util");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let gen = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", hsm.conf())
+        .args(["--module", aziot_tests::keyd::SOFTHSM_MODULE, "--token-label", "aziot-other", "--login", "--pin", other_pin])
+        .args(["--keypairgen", "--key-type", "EC:prime256v1", "--label", "k"])
+        .output()
+        .expect("pkcs11-tool");
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    hsm.chown_to_service_user();
+    fs::create_dir_all(keyd.config_dir()).expect("config.d");
+    fs::write(
+        keyd.config_dir().join("50-preloaded.toml"),
+        format!(
+            "[preloaded_keys]\non-other = {}\non-missing = {}\n",
+            toml_str(&format!("pkcs11:token=aziot-other;object=k?pin-value={wrong_pin}")),
+            toml_str("pkcs11:token=no-such-token;object=x?pin-value=24682468"),
+        ),
+    )
+    .expect("config.d/50-preloaded.toml");
+    keyd.start_again();
+
+    let api = keyd.api(V2021);
+    // a token failure is the library's EXTERNAL error: 500 `internal error` on the wire (spec
+    // keyd.md §4), the cause in the log
+    for (id, what) in [("on-other", "a key behind a wrong PIN"), ("on-missing", "a key on a missing token")] {
+        let r = api.get(&format!("/keypair/{id}"));
+        assert_eq!(r.status, 500, "{what}\n{r}");
+        assert_eq!(r.json()["message"], "internal error", "{what}\n{r}");
+    }
+
+    // the base slot works: a pair is created on it and signs, before and after the failures
+    let h = api.create_keypair("fresh", Some("ec-p256"));
+    let digest = sha256(b"still serving");
+    let sig = api.sign_ecdsa(&h, &digest);
+    assert!(ecdsa_verify(&unb64(&api.param(&h, "ec-point")), &digest, &sig));
+    assert_eq!(api.get("/keypair/on-other").status, 500);
+    assert!(ecdsa_verify(&unb64(&api.param(&h, "ec-point")), &digest, &api.sign_ecdsa(&h, &digest)));
+
+    assert!(keyd.is_running(), "keyd died\n{}", keyd.log());
+    let log = keyd.log();
+    assert!(!log.contains("restarted") && !log.contains("killed"), "the worker died\n{log}");
+    assert!(log.contains("PKCS#11 login failed: the PIN is incorrect"), "the wrong PIN's cause\n{log}");
+    assert!(log.contains("no initialized PKCS#11 token matches"), "the missing token's cause\n{log}");
+    let hsm = keyd.softhsm().expect("token");
+    assert_no_pin(&keyd, &[wrong_pin, other_pin, "24682468", &hsm.pin, &hsm.so_pin]);
 }
