@@ -327,6 +327,23 @@ fn bad_input_through_the_broker_is_refused_and_the_imported_key_still_signs() {
     assert_eq!(sign(&tpmd, b"k2"), hmac_sha256(&k2, b"k2"));
 }
 
+/// Starts `aziotd aziot-tpmd` with `tcti` under `root`, expects it to exit 1 on its own (within
+/// 20 s); its log.
+fn refused_at_start(root: &Path, tcti: &str) -> String {
+    let mut broker = Tpmd::spawn(root, tcti, "info", "");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = broker.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{tcti}: the broker kept running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = std::fs::read_to_string(root.join("tpmd.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "{tcti}: {status}\n{log}");
+    log
+}
+
 #[test]
 fn a_missing_tpm_device_stops_the_broker_with_the_path_in_the_message() {
     let mut cases = vec![("device:/nonexistent/tpmrm0", vec!["could not open the TPM /nonexistent/tpmrm0"])];
@@ -337,17 +354,7 @@ fn a_missing_tpm_device_stops_the_broker_with_the_path_in_the_message() {
     for (tcti, needles) in cases {
         let dir = TempDir::new("tpmd-no-device");
         let root = dir.path();
-        let mut broker = Tpmd::spawn(root, tcti, "info", "");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = broker.0.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "{tcti}: the broker kept running without its TPM");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let log = std::fs::read_to_string(root.join("tpmd.log")).unwrap();
-        assert_eq!(status.code(), Some(1), "{tcti}: {status}\n{log}");
+        let log = refused_at_start(root, tcti);
         for needle in needles {
             assert!(log.contains(needle), "{tcti}: the message names the device ({needle:?}):\n{log}");
         }
@@ -362,18 +369,7 @@ fn a_simulator_off_this_machine_is_refused() {
     // 192.0.2.1 is TEST-NET-1: never this machine; the broker refuses before connecting
     let dir = TempDir::new("tpmd-remote-sim");
     let root = dir.path();
-    let tcti = "swtpm:host=192.0.2.1,port=2321";
-    let mut broker = Tpmd::spawn(root, tcti, "info", "");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = broker.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the broker kept running with a remote simulator");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let log = std::fs::read_to_string(root.join("tpmd.log")).unwrap();
-    assert_eq!(status.code(), Some(1), "{status}\n{log}");
+    let log = refused_at_start(root, "swtpm:host=192.0.2.1,port=2321");
     assert!(log.contains("a TPM simulator must listen on a loopback address"), "{log}");
     assert!(!root.join("tpmd.status").exists() && !root.join("tpmd.sock").exists(), "{log}");
 }
