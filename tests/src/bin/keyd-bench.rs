@@ -49,7 +49,7 @@ fn main() {
     }
     let mut duration = Duration::from_secs(3);
     let mut warmup = Duration::from_millis(500);
-    let mut cold_starts = 10;
+    let cold_starts = 10;
     let mut i = 1;
     while i < args.len() {
         match args[i].as_str() {
@@ -64,7 +64,6 @@ fn main() {
             "--quick" => {
                 duration = Duration::from_millis(500);
                 warmup = Duration::from_millis(100);
-                cold_starts = 3;
             }
             "--cold" => {
                 let n: usize = args.get(i + 1).and_then(|s| s.parse().ok()).expect("--cold N");
