@@ -34,16 +34,9 @@ pub enum HandoffError {
     FdCount { names: usize, fds: usize },
 }
 
-/// What a descriptor is, so the worker can check it (fstat type, SO_ACCEPTCONN).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DescriptorKind {
-    UnixListener,
-    Directory,
-    File,
-    Device,
-    Socket,
-}
+/// What a descriptor is, so the worker can check it (fstat type, SO_ACCEPTCONN): the kinds a
+/// policy declares its descriptors with.
+pub use aziot_policy::DescriptorKind;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DescriptorEntry {
