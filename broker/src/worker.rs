@@ -87,6 +87,9 @@ fn serve(sock: &OwnedFd, manifest: Manifest, fds: Vec<OwnedFd>) -> Result<(), Wo
             let backend = aziot_keyd::backend(&config, aziot_keyd::HandedDirs { home, preloaded })?;
             let dirs: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = rule_dirs.iter().map(|(n, fd)| (*n, fd.as_fd())).collect();
             let report = lock_in(&policy, &manifest, &dirs)?;
+            // the duplicates served only to make the Landlock rules
+            drop(dirs);
+            drop(rule_dirs);
             handoff::send_json(sock.as_fd(), &report)?;
             let listener = std::os::unix::net::UnixListener::from(listener);
             let control = sock.try_clone().map_err(|e| WorkerError::BadDescriptor { name: format!("hand-off socket ({e})"), kind: DescriptorKind::Socket })?;
