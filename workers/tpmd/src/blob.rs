@@ -4,6 +4,7 @@
 use tss_esapi::tss2_esys as sys;
 
 use crate::esys::{unmarshal, EsysError};
+use crate::tss_lib::Tss;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BlobError {
@@ -64,13 +65,13 @@ impl AuthKeyBlob {
 
     /// The elements as the TPM structures (unmarshaled by tpm2-tss's MU functions, which
     /// check each structure's inner sizes).
-    pub(crate) fn to_sys(&self) -> Result<SysBlob, EsysError> {
+    pub(crate) fn to_sys(&self, tss: &Tss) -> Result<SysBlob, EsysError> {
         Ok(SysBlob {
-            credential_blob: unmarshal(&tpm2b(&self.credential_blob), "credentialBlob", sys::Tss2_MU_TPM2B_ID_OBJECT_Unmarshal)?,
-            secret: unmarshal(&tpm2b(&self.secret), "secret", sys::Tss2_MU_TPM2B_ENCRYPTED_SECRET_Unmarshal)?,
-            duplicate: unmarshal(&tpm2b(&self.duplicate), "duplicate", sys::Tss2_MU_TPM2B_PRIVATE_Unmarshal)?,
-            in_sym_seed: unmarshal(&tpm2b(&self.in_sym_seed), "inSymSeed", sys::Tss2_MU_TPM2B_ENCRYPTED_SECRET_Unmarshal)?,
-            object_public: unmarshal(&tpm2b(&self.object_public), "objectPublic", sys::Tss2_MU_TPM2B_PUBLIC_Unmarshal)?,
+            credential_blob: unmarshal(&tpm2b(&self.credential_blob), "credentialBlob", tss.Tss2_MU_TPM2B_ID_OBJECT_Unmarshal)?,
+            secret: unmarshal(&tpm2b(&self.secret), "secret", tss.Tss2_MU_TPM2B_ENCRYPTED_SECRET_Unmarshal)?,
+            duplicate: unmarshal(&tpm2b(&self.duplicate), "duplicate", tss.Tss2_MU_TPM2B_PRIVATE_Unmarshal)?,
+            in_sym_seed: unmarshal(&tpm2b(&self.in_sym_seed), "inSymSeed", tss.Tss2_MU_TPM2B_ENCRYPTED_SECRET_Unmarshal)?,
+            object_public: unmarshal(&tpm2b(&self.object_public), "objectPublic", tss.Tss2_MU_TPM2B_PUBLIC_Unmarshal)?,
         })
     }
 }

@@ -1,5 +1,6 @@
-//! A thin, safe layer over the ESYS C API (tpm2-tss, through tss-esapi's `tss2_esys`
-//! bindings), with exactly the commands tpmd uses.
+//! A thin, safe layer over the ESYS C API (tpm2-tss, loaded at run time by
+//! [`crate::tss_lib`]; the C types are tss-esapi's `tss2_esys` bindings), with exactly the
+//! commands tpmd uses.
 //!
 //! Why not tss-esapi's `Context`: it can only be created from a TCTI loader name, so it cannot
 //! run on [`FdTcti`] (the broker-provided descriptor), and it lacks the HMAC sequence commands
@@ -14,6 +15,7 @@ use std::ptr::null_mut;
 use tss_esapi::tss2_esys as sys;
 
 use crate::fd_tcti::FdTcti;
+use crate::tss_lib::{tss, Tss, TssError};
 
 /// An ESYS object handle (`ESYS_TR`).
 pub type Tr = sys::ESYS_TR;
@@ -91,6 +93,15 @@ const MU_RC_LAYER: u32 = 9;
 /// Not a TSS2 code: an unmarshaled structure consumed fewer bytes than its TPM2B size gave it.
 const RC_SIZE_MISMATCH: u32 = u32::MAX - 1;
 
+/// An ESYS context could not be made: tpm2-tss did not load, or the TCTI/ESYS setup failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Load(#[from] TssError),
+    #[error(transparent)]
+    Esys(#[from] EsysError),
+}
+
 fn check(step: &'static str, rc: sys::TSS2_RC) -> Result<(), EsysError> {
     if rc == 0 {
         Ok(())
@@ -99,21 +110,24 @@ fn check(step: &'static str, rc: sys::TSS2_RC) -> Result<(), EsysError> {
     }
 }
 
-/// Memory returned by ESYS, freed with `Esys_Free`.
-struct Out<T>(*mut T);
+/// Memory returned by ESYS, freed with `Esys_Free` (made by [`Esys::out`]).
+struct Out<T> {
+    ptr: *mut T,
+    tss: &'static Tss,
+}
 
 impl<T> Out<T> {
     fn get(&self, step: &'static str) -> Result<&T, EsysError> {
         // SAFETY: when non-null, the pointer is a valid T allocated by ESYS and owned by us.
-        unsafe { self.0.as_ref() }.ok_or(EsysError { step, rc: u32::MAX })
+        unsafe { self.ptr.as_ref() }.ok_or(EsysError { step, rc: u32::MAX })
     }
 }
 
 impl<T> Drop for Out<T> {
     fn drop(&mut self) {
-        if !self.0.is_null() {
+        if !self.ptr.is_null() {
             // SAFETY: the pointer was allocated by ESYS for us and is freed exactly once.
-            unsafe { sys::Esys_Free(self.0.cast()) };
+            unsafe { (self.tss.Esys_Free)(self.ptr.cast()) };
         }
     }
 }
@@ -132,6 +146,8 @@ enum TctiOwner {
 
 /// An ESYS context and the TCTI under it.
 pub struct Esys {
+    /// tpm2-tss, loaded (see [`crate::tss_lib`]).
+    tss: &'static Tss,
     ctx: *mut sys::ESYS_CONTEXT,
     // Dropped after `ctx` is finalized (see Drop).
     tcti: TctiOwner,
@@ -150,10 +166,10 @@ impl std::fmt::Debug for Esys {
 impl Drop for Esys {
     fn drop(&mut self) {
         // SAFETY: `ctx` came from Esys_Initialize and is finalized once; the TCTI outlives it.
-        unsafe { sys::Esys_Finalize(&mut self.ctx) };
+        unsafe { (self.tss.Esys_Finalize)(&mut self.ctx) };
         if let TctiOwner::Loader(tcti) = &mut self.tcti {
             // SAFETY: `tcti` came from Tss2_TctiLdr_Initialize and nothing uses it any more.
-            unsafe { sys::Tss2_TctiLdr_Finalize(tcti) };
+            unsafe { (self.tss.Tss2_TctiLdr_Finalize)(tcti) };
         }
     }
 }
@@ -175,37 +191,49 @@ pub(crate) fn unmarshal<T>(
 }
 
 impl Esys {
-    fn init(mut tcti: TctiOwner) -> Result<Esys, EsysError> {
+    fn init(tss: &'static Tss, mut tcti: TctiOwner) -> Result<Esys, EsysError> {
         let ptr = match &mut tcti {
             TctiOwner::Loader(p) => *p,
             TctiOwner::Fd(f) => f.as_tcti_ptr(),
         };
         let mut ctx = null_mut();
         // SAFETY: `ptr` is a live TCTI context owned by `tcti`, which the returned Esys keeps.
-        let rc = unsafe { sys::Esys_Initialize(&mut ctx, ptr, null_mut()) };
+        let rc = unsafe { (tss.Esys_Initialize)(&mut ctx, ptr, null_mut()) };
         if rc != 0 {
             if let TctiOwner::Loader(mut p) = tcti {
                 // SAFETY: the loader TCTI is not used by anything else.
-                unsafe { sys::Tss2_TctiLdr_Finalize(&mut p) };
+                unsafe { (tss.Tss2_TctiLdr_Finalize)(&mut p) };
             }
             return Err(EsysError { step: "Esys_Initialize", rc });
         }
-        Ok(Esys { ctx, tcti })
+        Ok(Esys { tss, ctx, tcti })
     }
 
     /// Opens a TCTI through tpm2-tss's loader (`device:/dev/tpmrm0`, `swtpm:port=...`, ...;
     /// empty = the loader's default list).
-    pub fn open_loader(name_conf: &str) -> Result<Esys, EsysError> {
+    pub fn open_loader(name_conf: &str) -> Result<Esys, OpenError> {
+        let tss = tss()?;
         let c = CString::new(name_conf).map_err(|_| EsysError { step: "Tss2_TctiLdr_Initialize", rc: u32::MAX })?;
         let mut tcti = null_mut();
         // SAFETY: `c` is a valid C string; `tcti` a valid out-pointer.
-        check("Tss2_TctiLdr_Initialize", unsafe { sys::Tss2_TctiLdr_Initialize(c.as_ptr(), &mut tcti) })?;
-        Esys::init(TctiOwner::Loader(tcti))
+        check("Tss2_TctiLdr_Initialize", unsafe { (tss.Tss2_TctiLdr_Initialize)(c.as_ptr(), &mut tcti) })?;
+        Ok(Esys::init(tss, TctiOwner::Loader(tcti))?)
     }
 
     /// Uses a descriptor speaking the raw TPM stream (see [`FdTcti`]).
-    pub fn open_fd(fd: OwnedFd) -> Result<Esys, EsysError> {
-        Esys::init(TctiOwner::Fd(FdTcti::new(fd)))
+    pub fn open_fd(fd: OwnedFd) -> Result<Esys, OpenError> {
+        let tss = tss()?;
+        Ok(Esys::init(tss, TctiOwner::Fd(FdTcti::new(fd)))?)
+    }
+
+    /// The loaded tpm2-tss functions (for the MU functions [`unmarshal`] takes).
+    pub(crate) fn tss(&self) -> &'static Tss {
+        self.tss
+    }
+
+    /// Takes ownership of memory ESYS returned.
+    fn out<T>(&self, ptr: *mut T) -> Out<T> {
+        Out { ptr, tss: self.tss }
     }
 
     pub fn set_auth(&mut self, tr: Tr, auth: &[u8]) -> Result<(), EsysError> {
@@ -216,7 +244,7 @@ impl Esys {
         value.size = auth.len() as u16;
         value.buffer[..auth.len()].copy_from_slice(auth);
         // SAFETY: valid context and input pointer.
-        let rc = unsafe { sys::Esys_TR_SetAuth(self.ctx, tr, &value) };
+        let rc = unsafe { (self.tss.Esys_TR_SetAuth)(self.ctx, tr, &value) };
         zeroize::Zeroize::zeroize(&mut value.buffer[..]);
         check("Esys_TR_SetAuth", rc)
     }
@@ -226,7 +254,7 @@ impl Esys {
         let mut tr = TR_NONE;
         // SAFETY: valid context and out-pointer.
         check("Esys_TR_FromTPMPublic", unsafe {
-            sys::Esys_TR_FromTPMPublic(self.ctx, handle, TR_NONE, TR_NONE, TR_NONE, &mut tr)
+            (self.tss.Esys_TR_FromTPMPublic)(self.ctx, handle, TR_NONE, TR_NONE, TR_NONE, &mut tr)
         })?;
         Ok(tr)
     }
@@ -236,8 +264,8 @@ impl Esys {
         let mut more: u8 = 0;
         let mut data = null_mut();
         // SAFETY: valid context and out-pointers; output freed by `Out`.
-        let rc = unsafe { sys::Esys_GetCapability(self.ctx, TR_NONE, TR_NONE, TR_NONE, 1, first, 254, &mut more, &mut data) };
-        let data: Out<sys::TPMS_CAPABILITY_DATA> = Out(data);
+        let rc = unsafe { (self.tss.Esys_GetCapability)(self.ctx, TR_NONE, TR_NONE, TR_NONE, 1, first, 254, &mut more, &mut data) };
+        let data: Out<sys::TPMS_CAPABILITY_DATA> = self.out(data);
         check("Esys_GetCapability", rc)?;
         let data = data.get("Esys_GetCapability")?;
         // SAFETY: for TPM_CAP_HANDLES the TPM answers with the `handles` member of the union.
@@ -261,7 +289,7 @@ impl Esys {
         let mut offset: sys::size_t = 0;
         // SAFETY: `template` readable for its length; valid out-pointers.
         check("Tss2_MU_TPMT_PUBLIC_Unmarshal", unsafe {
-            sys::Tss2_MU_TPMT_PUBLIC_Unmarshal(template.as_ptr(), template.len() as sys::size_t, &mut offset, &mut public.publicArea)
+            (self.tss.Tss2_MU_TPMT_PUBLIC_Unmarshal)(template.as_ptr(), template.len() as sys::size_t, &mut offset, &mut public.publicArea)
         })?;
         let (sensitive, outside, pcrs) =
             (zeroed::<sys::TPM2B_SENSITIVE_CREATE>(), zeroed::<sys::TPM2B_DATA>(), zeroed::<sys::TPML_PCR_SELECTION>());
@@ -269,12 +297,12 @@ impl Esys {
         let (mut a, mut b, mut c, mut d) = (null_mut(), null_mut(), null_mut(), null_mut());
         // SAFETY: valid context, inputs and out-pointers; outputs are freed by `Out`.
         let rc = unsafe {
-            sys::Esys_CreatePrimary(
+            (self.tss.Esys_CreatePrimary)(
                 self.ctx, hierarchy, TR_PASSWORD, TR_NONE, TR_NONE, &sensitive, &public, &outside, &pcrs, &mut tr,
                 &mut a, &mut b, &mut c, &mut d,
             )
         };
-        let _owned = (Out(a), Out(b), Out(c), Out(d));
+        let _owned = (self.out(a), self.out(b), self.out(c), self.out(d));
         check("Esys_CreatePrimary", rc)?;
         Ok(tr)
     }
@@ -285,29 +313,29 @@ impl Esys {
         let mut tr = TR_NONE;
         // SAFETY: valid context and out-pointer.
         check("Esys_EvictControl", unsafe {
-            sys::Esys_EvictControl(self.ctx, TR_OWNER, object, TR_PASSWORD, TR_NONE, TR_NONE, persistent, &mut tr)
+            (self.tss.Esys_EvictControl)(self.ctx, TR_OWNER, object, TR_PASSWORD, TR_NONE, TR_NONE, persistent, &mut tr)
         })?;
         Ok(tr)
     }
 
     pub fn flush(&mut self, tr: Tr) -> Result<(), EsysError> {
         // SAFETY: valid context.
-        check("Esys_FlushContext", unsafe { sys::Esys_FlushContext(self.ctx, tr) })
+        check("Esys_FlushContext", unsafe { (self.tss.Esys_FlushContext)(self.ctx, tr) })
     }
 
     /// `TPM2_ReadPublic`, marshaled as `TPM2B_PUBLIC`.
     pub fn read_public(&mut self, tr: Tr) -> Result<Vec<u8>, EsysError> {
         let (mut a, mut b, mut c) = (null_mut(), null_mut(), null_mut());
         // SAFETY: valid context and out-pointers; outputs freed by `Out`.
-        let rc = unsafe { sys::Esys_ReadPublic(self.ctx, tr, TR_NONE, TR_NONE, TR_NONE, &mut a, &mut b, &mut c) };
+        let rc = unsafe { (self.tss.Esys_ReadPublic)(self.ctx, tr, TR_NONE, TR_NONE, TR_NONE, &mut a, &mut b, &mut c) };
         let (public, _name, _qname): (Out<sys::TPM2B_PUBLIC>, Out<sys::TPM2B_NAME>, Out<sys::TPM2B_NAME>) =
-            (Out(a), Out(b), Out(c));
+            (self.out(a), self.out(b), self.out(c));
         check("Esys_ReadPublic", rc)?;
         let mut buf = vec![0u8; std::mem::size_of::<sys::TPM2B_PUBLIC>()];
         let mut offset: sys::size_t = 0;
         // SAFETY: `public` is a valid TPM2B_PUBLIC; `buf` writable for its length.
         check("Tss2_MU_TPM2B_PUBLIC_Marshal", unsafe {
-            sys::Tss2_MU_TPM2B_PUBLIC_Marshal(public.get("Esys_ReadPublic")?, buf.as_mut_ptr(), buf.len() as sys::size_t, &mut offset)
+            (self.tss.Tss2_MU_TPM2B_PUBLIC_Marshal)(public.get("Esys_ReadPublic")?, buf.as_mut_ptr(), buf.len() as sys::size_t, &mut offset)
         })?;
         buf.truncate(offset as usize);
         Ok(buf)
@@ -323,7 +351,7 @@ impl Esys {
         let mut session = TR_NONE;
         // SAFETY: valid context, inputs and out-pointer.
         check("Esys_StartAuthSession", unsafe {
-            sys::Esys_StartAuthSession(
+            (self.tss.Esys_StartAuthSession)(
                 self.ctx, TR_NONE, TR_NONE, TR_NONE, TR_NONE, TR_NONE, std::ptr::null(), SE_POLICY, &symmetric, ALG_SHA256,
                 &mut session,
             )
@@ -331,18 +359,18 @@ impl Esys {
         let result = (|| {
             // SAFETY: valid context and session.
             check("Esys_TRSess_SetAttributes", unsafe {
-                sys::Esys_TRSess_SetAttributes(self.ctx, session, TPMA_SESSION_CONTINUESESSION, 0xff)
+                (self.tss.Esys_TRSess_SetAttributes)(self.ctx, session, TPMA_SESSION_CONTINUESESSION, 0xff)
             })?;
             let (nonce, cp_hash, policy_ref) = (zeroed::<sys::TPM2B_NONCE>(), zeroed::<sys::TPM2B_DIGEST>(), zeroed::<sys::TPM2B_NONCE>());
             let (mut a, mut b) = (null_mut(), null_mut());
             // SAFETY: valid context, inputs and out-pointers; outputs freed by `Out`.
             let rc = unsafe {
-                sys::Esys_PolicySecret(
+                (self.tss.Esys_PolicySecret)(
                     self.ctx, TR_ENDORSEMENT, session, TR_PASSWORD, TR_NONE, TR_NONE, &nonce, &cp_hash, &policy_ref, 0,
                     &mut a, &mut b,
                 )
             };
-            let _owned: (Out<sys::TPM2B_TIMEOUT>, Out<sys::TPMT_TK_AUTH>) = (Out(a), Out(b));
+            let _owned: (Out<sys::TPM2B_TIMEOUT>, Out<sys::TPMT_TK_AUTH>) = (self.out(a), self.out(b));
             check("Esys_PolicySecret", rc)
         })();
         if let Err(e) = result {
@@ -364,9 +392,9 @@ impl Esys {
         let mut a = null_mut();
         // SAFETY: valid context, inputs and out-pointer; output freed by `Out`.
         let rc = unsafe {
-            sys::Esys_ActivateCredential(self.ctx, activate, key, TR_PASSWORD, policy, TR_NONE, credential, secret, &mut a)
+            (self.tss.Esys_ActivateCredential)(self.ctx, activate, key, TR_PASSWORD, policy, TR_NONE, credential, secret, &mut a)
         };
-        let cert: Out<sys::TPM2B_DIGEST> = Out(a);
+        let cert: Out<sys::TPM2B_DIGEST> = self.out(a);
         check("Esys_ActivateCredential", rc)?;
         let d = cert.get("Esys_ActivateCredential")?;
         Ok(d.buffer[..usize::from(d.size).min(d.buffer.len())].to_vec())
@@ -394,9 +422,9 @@ impl Esys {
         let mut a = null_mut();
         // SAFETY: valid context, inputs and out-pointer; output freed by `Out`.
         let rc = unsafe {
-            sys::Esys_Import(self.ctx, parent, TR_PASSWORD, TR_NONE, TR_NONE, &key, public, duplicate, seed, &symmetric, &mut a)
+            (self.tss.Esys_Import)(self.ctx, parent, TR_PASSWORD, TR_NONE, TR_NONE, &key, public, duplicate, seed, &symmetric, &mut a)
         };
-        let private: Out<sys::TPM2B_PRIVATE> = Out(a);
+        let private: Out<sys::TPM2B_PRIVATE> = self.out(a);
         zeroize::Zeroize::zeroize(&mut key.buffer[..]);
         check("Esys_Import", rc)?;
         Ok(*private.get("Esys_Import")?)
@@ -406,7 +434,7 @@ impl Esys {
     pub fn load(&mut self, parent: Tr, private: &sys::TPM2B_PRIVATE, public: &sys::TPM2B_PUBLIC) -> Result<Tr, EsysError> {
         let mut tr = TR_NONE;
         // SAFETY: valid context, inputs and out-pointer.
-        check("Esys_Load", unsafe { sys::Esys_Load(self.ctx, parent, TR_PASSWORD, TR_NONE, TR_NONE, private, public, &mut tr) })?;
+        check("Esys_Load", unsafe { (self.tss.Esys_Load)(self.ctx, parent, TR_PASSWORD, TR_NONE, TR_NONE, private, public, &mut tr) })?;
         Ok(tr)
     }
 
@@ -428,8 +456,8 @@ impl Esys {
             let input = buffer(data);
             let mut a = null_mut();
             // SAFETY: valid context, input and out-pointer; output freed by `Out`.
-            let rc = unsafe { sys::Esys_HMAC(self.ctx, key, TR_PASSWORD, TR_NONE, TR_NONE, &input, ALG_SHA256, &mut a) };
-            let out: Out<sys::TPM2B_DIGEST> = Out(a);
+            let rc = unsafe { (self.tss.Esys_HMAC)(self.ctx, key, TR_PASSWORD, TR_NONE, TR_NONE, &input, ALG_SHA256, &mut a) };
+            let out: Out<sys::TPM2B_DIGEST> = self.out(a);
             check("Esys_HMAC", rc)?;
             return digest(&out, "Esys_HMAC");
         }
@@ -437,7 +465,7 @@ impl Esys {
         let mut sequence = TR_NONE;
         // SAFETY: valid context, input and out-pointer.
         check("Esys_HMAC_Start", unsafe {
-            sys::Esys_HMAC_Start(self.ctx, key, TR_PASSWORD, TR_NONE, TR_NONE, &auth, ALG_SHA256, &mut sequence)
+            (self.tss.Esys_HMAC_Start)(self.ctx, key, TR_PASSWORD, TR_NONE, TR_NONE, &auth, ALG_SHA256, &mut sequence)
         })?;
         let result = (|| {
             let mut chunks: Vec<&[u8]> = data.chunks(MAX_BUFFER).collect();
@@ -446,16 +474,16 @@ impl Esys {
                 let input = buffer(chunk);
                 // SAFETY: valid context, sequence and input.
                 check("Esys_SequenceUpdate", unsafe {
-                    sys::Esys_SequenceUpdate(self.ctx, sequence, TR_PASSWORD, TR_NONE, TR_NONE, &input)
+                    (self.tss.Esys_SequenceUpdate)(self.ctx, sequence, TR_PASSWORD, TR_NONE, TR_NONE, &input)
                 })?;
             }
             let input = buffer(last);
             let (mut a, mut b) = (null_mut(), null_mut());
             // SAFETY: valid context, sequence, input and out-pointers; outputs freed by `Out`.
             let rc = unsafe {
-                sys::Esys_SequenceComplete(self.ctx, sequence, TR_PASSWORD, TR_NONE, TR_NONE, &input, TR_RH_NULL, &mut a, &mut b)
+                (self.tss.Esys_SequenceComplete)(self.ctx, sequence, TR_PASSWORD, TR_NONE, TR_NONE, &input, TR_RH_NULL, &mut a, &mut b)
             };
-            let (out, _ticket): (Out<sys::TPM2B_DIGEST>, Out<sys::TPMT_TK_HASHCHECK>) = (Out(a), Out(b));
+            let (out, _ticket): (Out<sys::TPM2B_DIGEST>, Out<sys::TPMT_TK_HASHCHECK>) = (self.out(a), self.out(b));
             check("Esys_SequenceComplete", rc)?;
             digest(&out, "Esys_SequenceComplete")
         })();
@@ -487,9 +515,9 @@ mod tests {
     #[test]
     fn a_structure_shorter_than_its_size_field_is_named() {
         // TPM2B_DIGEST of 2 bytes, wrapped in a TPM2B claiming 3: 1 byte left over
-        let e = unmarshal(&[0, 2, 0xaa, 0xbb, 0xcc], "digest", sys::Tss2_MU_TPM2B_DIGEST_Unmarshal).unwrap_err();
+        let e = unmarshal(&[0, 2, 0xaa, 0xbb, 0xcc], "digest", tss().unwrap().Tss2_MU_TPM2B_DIGEST_Unmarshal).unwrap_err();
         assert_eq!(e.to_string(), "digest failed with TSS2_RC 0xfffffffe (the structure does not fill its size field)");
-        let e = unmarshal(&[0, 4, 0xaa], "digest", sys::Tss2_MU_TPM2B_DIGEST_Unmarshal).unwrap_err();
+        let e = unmarshal(&[0, 4, 0xaa], "digest", tss().unwrap().Tss2_MU_TPM2B_DIGEST_Unmarshal).unwrap_err();
         assert!(e.to_string().contains("TSS2_MU_RC_INSUFFICIENT_BUFFER"), "{e}");
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! A request is traced in these files: [`aziot_ipc::server`] (accept, uid, throttle,
 //! api-version, body) -> [`api`] (route, authorize, error mapping) -> [`tpm`] (the command
-//! sequences of spec §5–§8) -> [`esys`] (safe calls into tpm2-tss ESYS, bindings from
-//! tss-esapi) -> the TCTI: [`fd_tcti`] on a descriptor, or tpm2-tss's loader ([`tcti`]
-//! explains both and what the sandbox must allow).
+//! sequences of spec §5–§8) -> [`esys`] (safe calls into tpm2-tss ESYS, which [`tss_lib`]
+//! loads at run time; types from tss-esapi) -> the TCTI: [`fd_tcti`] on a descriptor, or
+//! tpm2-tss's loader ([`tcti`] explains both and what the sandbox must allow).
 //!
 //! For the broker: [`load_config`], then before the sandbox locks [`init_tpm_fd`] (fd opened
 //! by the broker; preferred) or [`init_tpm`] (config `tcti` string), then [`serve`].
@@ -18,6 +18,7 @@ pub mod fd_tcti;
 pub mod dps_blob;
 pub mod tcti;
 pub mod tpm;
+pub mod tss_lib;
 
 use std::sync::Arc;
 use std::os::fd::OwnedFd;

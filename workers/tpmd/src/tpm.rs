@@ -8,7 +8,7 @@
 use std::os::fd::OwnedFd;
 
 use crate::blob::AuthKeyBlob;
-use crate::esys::{Esys, EsysError, Tr, TR_ENDORSEMENT, TR_OWNER};
+use crate::esys::{Esys, EsysError, OpenError, Tr, TR_ENDORSEMENT, TR_OWNER};
 
 /// Persistent handle of the EK (TCG EK Credential Profile).
 pub const EK_HANDLE: u32 = 0x8101_0001;
@@ -28,9 +28,9 @@ const SRK_TEMPLATE_PREFIX: &str = "0001000b0003047200000006008000430010080000000
 #[derive(Debug, thiserror::Error)]
 pub enum TpmError {
     #[error("could not open the TCTI {tcti:?}")]
-    Tcti { tcti: String, #[source] source: EsysError },
+    Tcti { tcti: String, #[source] source: OpenError },
     #[error("could not open the TPM descriptor")]
-    Fd(#[source] EsysError),
+    Fd(#[source] OpenError),
     #[error("invalid hierarchy authorization value for {0}")]
     HierarchyAuth(&'static str, #[source] EsysError),
     #[error("could not create the {which} primary key")]
@@ -186,7 +186,7 @@ impl Tpm {
     /// persisted key evicted and the new one persisted. A bad blob leaves the old key in place.
     pub fn import_auth_key(&mut self, blob: &[u8]) -> Result<(), TpmError> {
         let blob = AuthKeyBlob::parse(blob).map_err(|e| TpmError::InvalidBlob(e.to_string()))?;
-        let parts = blob.to_sys().map_err(|e| TpmError::InvalidBlob(e.to_string()))?;
+        let parts = blob.to_sys(self.esys.tss()).map_err(|e| TpmError::InvalidBlob(e.to_string()))?;
         let (ek, srk) = (self.ek, self.srk);
 
         let session = self.esys.endorsement_policy_session().map_err(TpmError::Command)?;
