@@ -392,6 +392,7 @@ pub struct Builder {
     activation: Activation,
     backend: Backend,
     base_slot: Option<String>,
+    pin_file: Option<String>,
 }
 
 impl Builder {
@@ -444,6 +445,13 @@ impl Builder {
     /// bad URIs, labels and PINs). The token is still created.
     pub fn pkcs11_base_slot(mut self, uri: &str) -> Builder {
         self.base_slot = Some(uri.to_owned());
+        self
+    }
+
+    /// With a SoftHSM token: write its user PIN (and a newline) to `<dir>/<name>`, 0400, owned
+    /// by the service user, before keyd starts (for `pin-source=file:` URIs).
+    pub fn softhsm_pin_file(mut self, name: &str) -> Builder {
+        self.pin_file = Some(name.to_owned());
         self
     }
 
@@ -509,6 +517,14 @@ impl Builder {
             Backend::File => None,
             Backend::SoftHsm => Some(SoftHsm::create(&root.join("softhsm"))),
         };
+        if let (Some(name), Some(hsm)) = (&self.pin_file, &softhsm) {
+            let path = root.join(name);
+            fs::write(&path, format!("{}\n", hsm.pin)).expect("write the PIN file");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).expect("chmod the PIN file");
+            let (uid, gid) = service_user();
+            nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)))
+                .expect("chown the PIN file");
+        }
         let pkcs11 = match &softhsm {
             None => String::new(),
             Some(hsm) => format!(
@@ -600,6 +616,7 @@ impl Keyd {
             activation: Activation::from_env(),
             backend: Backend::from_env(),
             base_slot: None,
+            pin_file: None,
         }
     }
 

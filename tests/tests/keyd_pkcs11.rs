@@ -267,3 +267,35 @@ fn a_wrong_pin_or_a_missing_token_fails_only_its_own_keys() {
     let hsm = keyd.softhsm().expect("token");
     assert_no_pin(&keyd, &[wrong_pin, other_pin, "24682468", &hsm.pin, &hsm.so_pin]);
 }
+
+/// `pin-source=file:` (RFC 7512; the original reads only `pin-value`): the worker reads the PIN
+/// file while it pre-loads, before Landlock would forbid the path, so token keys work from the
+/// confined worker; an unreadable PIN file stops keyd at start with the file named, the PIN
+/// nowhere in the log.
+#[test]
+fn a_pin_source_file_is_read_before_the_sandbox_locks() {
+    let b = Keyd::builder().backend(Backend::SoftHsm);
+    let pin_file = b.dir().join("hsm-pin");
+    let keyd = b
+        .pkcs11_base_slot(&format!(
+            "pkcs11:token={}?pin-source=file:{}",
+            SoftHsm::LABEL,
+            pin_file.display()
+        ))
+        .softhsm_pin_file("hsm-pin")
+        .start();
+    let api = keyd.api(V2021);
+    let h = api.create_keypair("via-pin-file", Some("ec-p256"));
+    let digest = sha256(b"pin from a file");
+    assert!(ecdsa_verify(&unb64(&api.param(&h, "ec-point")), &digest, &api.sign_ecdsa(&h, &digest)));
+    let hsm = keyd.softhsm().expect("token");
+    assert_eq!(hsm.labels().iter().filter(|l| *l == "via-pin-file").count(), 2, "the pair is on the token");
+    assert_no_pin(&keyd, &[&hsm.pin, &hsm.so_pin]);
+
+    let missing = Keyd::builder()
+        .backend(Backend::SoftHsm)
+        .pkcs11_base_slot(&format!("pkcs11:token={}?pin-source=file:/nonexistent/hsm-pin", SoftHsm::LABEL));
+    let (status, log) = missing.start_expecting_exit();
+    assert_eq!(status.code(), Some(1), "{status}\n{log}");
+    assert!(log.contains("/nonexistent/hsm-pin"), "the message names the PIN file\n{log}");
+}

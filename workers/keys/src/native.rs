@@ -395,14 +395,16 @@ impl KeyBackend for KeyStore {
                 if value.is_empty() {
                     return Err(Error::invalid(format!("{name} is empty")));
                 }
-                if name == "pkcs11_base_slot" {
-                    params::validate_pkcs11_uri(value)?;
-                }
+                let value = if name == "pkcs11_base_slot" {
+                    params::resolve_pkcs11_uri(value)?
+                } else {
+                    Zeroizing::new(value.to_owned())
+                };
                 let _w = lock(&self.write_lock);
                 let mut config = write(&self.config);
                 let slot =
                     if name == "pkcs11_lib_path" { &mut config.pkcs11_lib_path } else { &mut config.pkcs11_base_slot };
-                let previous = slot.replace(Zeroizing::new(value.to_owned()));
+                let previous = slot.replace(value);
                 let previous_state = config.pkcs11.take();
                 let both = config.pkcs11_lib_path.is_some() && config.pkcs11_base_slot.is_some();
                 drop(config);

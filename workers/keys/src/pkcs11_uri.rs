@@ -2,8 +2,8 @@
 //!
 //! Path attributes (`;`-separated): `token`, `slot-id`, `serial`, `object`, `id` (raw bytes),
 //! `type` (`private` | `public` | `secret-key` | `cert` | `data`). Query attributes
-//! (`&`-separated): `pin-value`, `pin-source` (a `file:` path whose content is read when the PIN
-//! is needed). Other RFC 7512 attributes (`manufacturer`, `model`, `library-*`, `module-*`, ...)
+//! (`&`-separated): `pin-value`, `pin-source` (a `file:` path whose first line is the PIN; the
+//! key store reads it once, when the parameter is set: [`Pkcs11Uri::resolve_pin_file`]). Other RFC 7512 attributes (`manufacturer`, `model`, `library-*`, `module-*`, ...)
 //! are accepted and ignored, as upstream does. Values are percent-decoded; text values must be
 //! UTF-8. A repeated attribute is an error (RFC 7512 §2.3).
 //!
@@ -57,7 +57,8 @@ pub enum ObjectType {
 pub enum PinSource {
     /// `pin-value=`.
     Value(Zeroizing<String>),
-    /// `pin-source=file:...`: read (first line, trailing newline removed) each time it is used.
+    /// `pin-source=file:...`: read (first line, trailing newline removed) by [`Pkcs11Uri::pin`];
+    /// the key store turns it into a `Value` at `set_parameter` ([`Pkcs11Uri::resolve_pin_file`]).
     File(PathBuf),
 }
 
@@ -226,6 +227,44 @@ impl Pkcs11Uri {
         Ok(uri)
     }
 
+    /// `text`, a `pkcs11:` URI, with its `pin-source=file:` attribute replaced by a `pin-value`
+    /// holding the file's PIN, read now. The keys service does this while it starts (in
+    /// `set_parameter`), so a worker reads its PIN file before its sandbox forbids the path and
+    /// a missing or unreadable file is an error at start, not at the first login. A URI without
+    /// a PIN file comes back unchanged. The result carries a PIN: it is zeroized on drop and
+    /// reserved up front so that no reallocation leaves a copy behind.
+    pub fn resolve_pin_file(text: &str) -> Result<Zeroizing<String>, UriError> {
+        let uri = Self::parse_any(text)?;
+        if !matches!(uri.pin, Some(PinSource::File(_))) {
+            return Ok(Zeroizing::new(text.to_owned()));
+        }
+        let pin = uri.pin()?.unwrap_or_default();
+        // a PIN file is a query attribute, so there is a '?'
+        let (path, query) = text.split_once('?').unwrap_or((text, ""));
+        let mut out = Zeroizing::new(String::with_capacity(text.len() + 3 * pin.len() + 16));
+        out.push_str(path);
+        out.push('?');
+        for attr in query.split('&').filter(|a| !a.is_empty()) {
+            let name = attr.split_once('=').map_or(attr, |(n, _)| n);
+            if attr_name(name) != "pin-source" {
+                out.push_str(attr);
+                out.push('&');
+            }
+        }
+        out.push_str("pin-value=");
+        for &b in pin.as_bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                out.push(char::from(b));
+            } else {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                out.push('%');
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 15)]));
+            }
+        }
+        Ok(out)
+    }
+
     /// This URI with `object` set to `label` (the dynamic-key location of spec §7.2).
     pub fn with_object(&self, label: &str) -> Self {
         Pkcs11Uri { object: Some(label.to_owned()), ..self.clone() }
@@ -375,5 +414,30 @@ mod tests {
         std::fs::write(&path, "9999").unwrap();
         assert_eq!(uri.pin().unwrap().as_deref().map(String::as_str), Some("9999"));
         assert_eq!(uri.with_object("k").object.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn a_pin_file_is_resolved_into_a_pin_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        std::fs::write(&path, "12 34&=%\nsecond line\n").unwrap();
+        let text = format!("pkcs11:token=t;object=o?module-name=m&pin-source=file:{}&x=1", path.display());
+        let resolved = Pkcs11Uri::resolve_pin_file(&text).unwrap();
+        assert!(!resolved.contains("pin-source") && !resolved.contains(&*path.to_string_lossy()), "{}", *resolved);
+        let uri = Pkcs11Uri::parse(&resolved).unwrap();
+        assert!(matches!(uri.pin, Some(PinSource::Value(_))));
+        assert_eq!(uri.pin().unwrap().as_deref().map(String::as_str), Some("12 34&=%"));
+        assert_eq!((uri.token.as_deref(), uri.object.as_deref()), (Some("t"), Some("o")));
+        // read once: a later change of the file does not matter any more
+        std::fs::write(&path, "9999").unwrap();
+        assert_eq!(uri.pin().unwrap().as_deref().map(String::as_str), Some("12 34&=%"));
+        // without a PIN file the text is kept as it is
+        for plain in ["pkcs11:token=t?pin-value=1%202", "pkcs11:slot-id=3;object=k"] {
+            assert_eq!(*Pkcs11Uri::resolve_pin_file(plain).unwrap(), plain);
+        }
+        // a missing file is an error that names it
+        let missing = format!("pkcs11:token=t?pin-source=file:{}/nope", dir.path().display());
+        let e = Pkcs11Uri::resolve_pin_file(&missing).unwrap_err();
+        assert!(matches!(e, UriError::PinRead(_)) && e.to_string().contains("/nope"), "{e}");
     }
 }

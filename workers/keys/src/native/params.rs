@@ -71,9 +71,13 @@ pub(crate) fn parse_file_uri(value: &str) -> Result<PathBuf> {
 }
 
 /// Validates a `pkcs11:` URI (see [`crate::pkcs11_uri`]): the scheme, well-formed attributes,
-/// and a `slot-id`, `token` or `serial` path attribute.
-pub(crate) fn validate_pkcs11_uri(value: &str) -> Result<()> {
-    crate::pkcs11_uri::Pkcs11Uri::parse(value).map(drop).map_err(|e| Error::invalid(e.to_string()))
+/// and a `slot-id`, `token` or `serial` path attribute; returns the text to keep, with a
+/// `pin-source` file already read into a `pin-value` (see
+/// [`crate::pkcs11_uri::Pkcs11Uri::resolve_pin_file`]).
+pub(crate) fn resolve_pkcs11_uri(value: &str) -> Result<Zeroizing<String>> {
+    let invalid = |e: crate::pkcs11_uri::UriError| Error::invalid(e.to_string());
+    crate::pkcs11_uri::Pkcs11Uri::parse(value).map_err(invalid)?;
+    crate::pkcs11_uri::Pkcs11Uri::resolve_pin_file(value).map_err(invalid)
 }
 
 /// Parses the value of `preloaded_key:<id>`.
@@ -81,8 +85,7 @@ pub(crate) fn parse_preloaded_location(value: &str) -> Result<PreloadedLocation>
     if strip_prefix_ignore_case(value, "file:").is_some() {
         parse_file_uri(value).map(PreloadedLocation::File)
     } else if strip_prefix_ignore_case(value, "pkcs11:").is_some() {
-        validate_pkcs11_uri(value)?;
-        Ok(PreloadedLocation::Pkcs11(Zeroizing::new(value.to_owned())))
+        Ok(PreloadedLocation::Pkcs11(resolve_pkcs11_uri(value)?))
     } else {
         Err(Error::invalid("preloaded key location must be a file:// or pkcs11: URI"))
     }
@@ -114,12 +117,12 @@ mod tests {
 
     #[test]
     fn pkcs11_uris() {
-        validate_pkcs11_uri("pkcs11:token=Key%20pairs?pin-value=1234").unwrap();
-        validate_pkcs11_uri("pkcs11:slot-id=3;object=device-id").unwrap();
+        resolve_pkcs11_uri("pkcs11:token=Key%20pairs?pin-value=1234").unwrap();
+        resolve_pkcs11_uri("pkcs11:slot-id=3;object=device-id").unwrap();
         for bad in
             ["pkcs11:object=x", "pkcs11:slot-id=abc", "pkcs11:token=%ff", "file:///x", "pkcs11:token=a?pin-value=%zz"]
         {
-            assert!(matches!(validate_pkcs11_uri(bad), Err(Error::InvalidParameter(_))), "{bad}");
+            assert!(matches!(resolve_pkcs11_uri(bad), Err(Error::InvalidParameter(_))), "{bad}");
         }
     }
 
