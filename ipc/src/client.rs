@@ -243,14 +243,14 @@ mod tests {
         fn api_versions(&self) -> &'static [&'static str] {
             &["2020-09-01"]
         }
-        async fn handle(self: Arc<Self>, mut req: Request) -> Response {
+        async fn handle(self: Arc<Self>, mut req: Request) -> Result<Response, ApiError> {
             match (req.method.as_str(), req.path.as_str()) {
-                ("POST", "/echo") => match req.required_json::<serde_json::Value>().await {
-                    Ok(v) => Response::json(hyper::StatusCode::OK, &serde_json::json!({"uid": req.uid, "got": v})),
-                    Err(e) => e.into(),
-                },
-                ("DELETE", "/thing") => Response::no_content(),
-                _ => ApiError::not_found().into(),
+                ("POST", "/echo") => {
+                    let v = req.required_json::<serde_json::Value>().await?;
+                    Ok(Response::json(hyper::StatusCode::OK, &serde_json::json!({"uid": req.uid, "got": v})))
+                }
+                ("DELETE", "/thing") => Ok(Response::no_content()),
+                _ => Err(ApiError::not_found()),
             }
         }
     }

@@ -41,11 +41,12 @@ impl Default for ServerConfig {
 }
 
 /// A service: its api-versions and a handler. The pipeline has already checked the
-/// api-version when `handle` runs; routing and method dispatch are the service's.
+/// api-version when `handle` runs; routing and method dispatch are the service's. An error is
+/// answered as its status and `{"message": ...}`.
 pub trait Service: Send + Sync + 'static {
     /// Accepted `api-version` values, exact strings.
     fn api_versions(&self) -> &'static [&'static str];
-    fn handle(self: Arc<Self>, req: Request) -> impl Future<Output = Response> + Send;
+    fn handle(self: Arc<Self>, req: Request) -> impl Future<Output = Result<Response, ApiError>> + Send;
 }
 
 /// An error answered as `status` + `{"message": message}`.
@@ -292,6 +293,40 @@ struct Accepted {
     slot: Slot,
 }
 
+/// Why a worker's [`serve_worker`] returned.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerServeError {
+    #[error("could not start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("the server stopped")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A worker's serving loop, the same for every service: with `control` (the hand-off socket),
+/// a thread parses each config the broker sends as `C` and gives it to `reload` (which applies
+/// what the service hot-reloads, as upstream: the callers); then `service` is served on
+/// `listener` with `max_requests` connections per uid. Builds the runtime: call only once the
+/// sandbox is in place (the runtime's threads inherit it). Returns only on failure.
+pub fn serve_worker<S: Service, C: DeserializeOwned>(
+    listener: std::os::unix::net::UnixListener,
+    service: Arc<S>,
+    max_requests: usize,
+    control: Option<std::os::fd::OwnedFd>,
+    reload: impl Fn(&S, C) + Send + 'static,
+) -> WorkerServeError {
+    let target = Arc::clone(&service);
+    let applied = crate::handoff::spawn_control(control, move |text| {
+        let config = toml::from_str::<C>(text).map_err(|e| e.to_string())?;
+        reload(&target, config);
+        Ok(())
+    });
+    if let Err(e) = applied {
+        return WorkerServeError::Runtime(e);
+    }
+    tracing::info!("Starting server...");
+    WorkerServeError::Serve(run(listener, service, ServerConfig { max_requests, ..ServerConfig::default() }))
+}
+
 /// Serves `service` on `listener` until the acceptor fails. Runs `config.threads`
 /// single-threaded runtimes (this thread is the first): this thread accepts, and each
 /// connection is handed to the least-loaded thread, which serves it to the end — no
@@ -466,7 +501,7 @@ async fn pipeline<S: Service>(
         body_limit: config.body_limit,
         body_timeout: config.body_timeout,
     };
-    service.handle(request).await
+    service.handle(request).await.unwrap_or_else(Response::from)
 }
 
 #[cfg(test)]

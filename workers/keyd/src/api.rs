@@ -325,11 +325,8 @@ impl Service for Api {
         API_VERSIONS
     }
 
-    async fn handle(self: Arc<Self>, req: Request) -> Response {
-        match self.route(req).await {
-            Ok(r) => r,
-            Err(e) => e.into(),
-        }
+    async fn handle(self: Arc<Self>, req: Request) -> Result<Response, ApiError> {
+        self.route(req).await
     }
 }
 

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use aziot_ipc::config::ConfigPaths;
 use aziot_ipc::endpoint::Endpoint;
 use aziot_ipc::principal::Principals;
-use aziot_ipc::server::ServerConfig;
 use aziot_keys::KeyBackend;
 
 /// Name of the socket in systemd's `LISTEN_FDNAMES` (`FileDescriptorName=` of the unit).
@@ -34,10 +33,8 @@ pub enum KeydError {
     Endpoint(#[from] aziot_ipc::endpoint::EndpointError),
     #[error("could not open the listening socket")]
     Listener(#[from] aziot_ipc::listener::ListenerError),
-    #[error("could not start the async runtime")]
-    Runtime(#[source] std::io::Error),
-    #[error("the server stopped")]
-    Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] aziot_ipc::server::WorkerServeError),
 }
 
 /// Builds the key backend from config: the built-in library, or a replacement `.so`.
@@ -138,19 +135,9 @@ pub fn serve(
     control: Option<std::os::fd::OwnedFd>,
 ) -> KeydError {
     let api = Arc::new(api::Api::new(backend, Principals::new(&config.principal)));
-    let reload = Arc::clone(&api);
-    let applied = aziot_ipc::handoff::spawn_control(control, move |text| {
-        // Only [[principal]] is applied on reload, as upstream.
-        let config = toml::from_str::<config::Config>(text).map_err(|e| e.to_string())?;
-        reload.set_principals(Principals::new(&config.principal));
-        Ok(())
-    });
-    if let Err(e) = applied {
-        return KeydError::Runtime(e);
-    }
-    let server_config = ServerConfig { max_requests: config.max_requests, ..ServerConfig::default() };
-    tracing::info!("Starting server...");
-    KeydError::Serve(aziot_ipc::server::run(listener, api, server_config))
+    // Only [[principal]] is applied on reload, as upstream.
+    let reload = |api: &api::Api, config: config::Config| api.set_principals(Principals::new(&config.principal));
+    aziot_ipc::server::serve_worker(listener, api, config.max_requests, control, reload).into()
 }
 
 /// Runs keyd unconfined in this process (no broker): config, library, listener, serve.

@@ -25,7 +25,6 @@ use std::os::fd::OwnedFd;
 
 use aziot_ipc::config::ConfigPaths;
 use aziot_ipc::endpoint::Endpoint;
-use aziot_ipc::server::ServerConfig;
 
 pub use config::Config;
 pub use tpm::{Tpm, TpmError, TpmSettings};
@@ -45,10 +44,8 @@ pub enum TpmdError {
     Endpoint(#[from] aziot_ipc::endpoint::EndpointError),
     #[error("could not open the listening socket")]
     Listener(#[from] aziot_ipc::listener::ListenerError),
-    #[error("could not start the async runtime")]
-    Runtime(#[source] std::io::Error),
-    #[error("the server stopped")]
-    Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] aziot_ipc::server::WorkerServeError),
 }
 
 /// Reads tpmd's config from the usual places (`$AZIOT_TPMD_CONFIG`, `..._DIR`) and validates it.
@@ -102,18 +99,8 @@ pub fn serve(
     control: Option<std::os::fd::OwnedFd>,
 ) -> TpmdError {
     let api = Arc::new(api::Api::new(tpm, config::allowed_uids(config)));
-    let reload = Arc::clone(&api);
-    let applied = aziot_ipc::handoff::spawn_control(control, move |text| {
-        let config = toml::from_str::<Config>(text).map_err(|e| e.to_string())?;
-        reload.set_allowed_uids(config::allowed_uids(&config));
-        Ok(())
-    });
-    if let Err(e) = applied {
-        return TpmdError::Runtime(e);
-    }
-    let server_config = ServerConfig { max_requests: config.max_requests, ..ServerConfig::default() };
-    tracing::info!("Starting server...");
-    TpmdError::Serve(aziot_ipc::server::run(listener, api, server_config))
+    let reload = |api: &api::Api, config: Config| api.set_allowed_uids(config::allowed_uids(&config));
+    aziot_ipc::server::serve_worker(listener, api, config.max_requests, control, reload).into()
 }
 
 /// Runs tpmd unconfined in this process (no broker): config, TPM, listener, serve.
