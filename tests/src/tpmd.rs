@@ -1,11 +1,12 @@
-//! Harness for tpmd through the broker against a fresh swtpm (tpmd_broker.rs, keyd-bench).
+//! Harness for tpmd against a fresh swtpm: through the broker (tpmd_broker.rs, keyd-bench) and
+//! in process (tpmd_core.rs, tpmd_http_api.rs, tpmd_fd_tcti.rs).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::keyd::aziotd_bin;
+use crate::keyd::{aziotd_bin, TempDir};
 
 /// Two consecutive free loopback ports (swtpm's server and control ports); the first.
 pub fn free_ports() -> u16 {
@@ -26,47 +27,61 @@ impl Kill {
     pub fn pid(&self) -> u32 {
         self.0.id()
     }
+
+    /// SIGTERM and reap (once: a reaped child is not signalled again, its pid may be reused).
+    pub fn stop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: plain syscall on our own child, not yet reaped.
+            unsafe {
+                libc::kill(self.0.id() as i32, libc::SIGTERM);
+            }
+            let _ = self.0.wait();
+        }
+    }
 }
 
 impl Drop for Kill {
     fn drop(&mut self) {
-        // SAFETY: plain syscall on our own child.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
+        self.stop();
     }
 }
 
 /// swtpm (TPM 2.0, startup-clear) on fresh state in `<root>/state`, 127.0.0.1:port (control
 /// port + 1). Serves one client at a time.
 pub struct Swtpm {
-    _child: Kill,
+    child: Kill,
     pub port: u16,
+    root: PathBuf,
+    /// Removed after `child` is stopped (fields drop in order).
+    _temp: Option<TempDir>,
 }
 
 impl Swtpm {
     pub fn start(root: &Path) -> Swtpm {
         std::fs::create_dir_all(root.join("state")).expect("mkdir state");
-        let port = free_ports();
-        let child = Kill(
-            Command::new("swtpm")
-                .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-                .arg("--tpmstate")
-                .arg(format!("dir={}", root.join("state").display()))
-                .args(["--server", &format!("type=tcp,port={port},bindaddr=127.0.0.1")])
-                .args(["--ctrl", &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1)])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("swtpm (apt-get install swtpm)"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "swtpm did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Swtpm { _child: child, port }
+        let (child, port) = spawn_swtpm(&root.join("state"));
+        Swtpm { child, port, root: root.to_path_buf(), _temp: None }
+    }
+
+    /// On a temporary directory of its own (in-process tests).
+    pub fn start_temp() -> Swtpm {
+        let temp = TempDir::new("swtpm");
+        let mut swtpm = Swtpm::start(temp.path());
+        swtpm._temp = Some(temp);
+        swtpm
+    }
+
+    /// The directory swtpm's state lives in (under `state/`); scratch files may go here.
+    pub fn dir(&self) -> &Path {
+        &self.root
+    }
+
+    /// Stops swtpm and starts a new process on the same state (new ports).
+    pub fn restart(&mut self) {
+        self.child.stop();
+        let (child, port) = spawn_swtpm(&self.root.join("state"));
+        self.child = child;
+        self.port = port;
     }
 
     /// The TCTI string for tpmd's config and tpm2-tools.
@@ -90,6 +105,42 @@ impl Swtpm {
         );
         out.stdout
     }
+}
+
+/// Starts swtpm on `state`; retries on other ports when it loses a race for its ports.
+fn spawn_swtpm(state: &Path) -> (Kill, u16) {
+    for _ in 0..20 {
+        let port = free_ports();
+        let mut child = Kill(
+            Command::new("swtpm")
+                .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+                .arg("--tpmstate")
+                .arg(format!("dir={}", state.display()))
+                .args(["--server", &format!("type=tcp,port={port},bindaddr=127.0.0.1")])
+                .args(["--ctrl", &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1)])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("swtpm (apt-get install swtpm)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if child.0.try_wait().expect("wait for swtpm").is_some() {
+                break; // lost the ports to another process: try others
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (child, port);
+            }
+            assert!(Instant::now() < deadline, "swtpm did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("could not start swtpm");
+}
+
+/// A tpmd config on this swtpm, with `extra` TOML after the `tcti` line (in-process tests).
+pub fn config(swtpm: &Swtpm, extra: &str) -> aziot_tpmd::Config {
+    toml::from_str(&format!("tcti = {:?}\n{extra}", swtpm.tcti())).expect("valid tpmd config")
 }
 
 /// `aziotd aziot-tpmd` (root broker + confined aziottpm worker) in `root` on `tcti`: socket

@@ -1,25 +1,24 @@
 //! tpmd's HTTP API (spec tpmd.md §4) served on a Unix socket, TPM = swtpm.
 
-mod common;
-
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
 use aziot_ipc::client::BlockingClient;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use common::{config, hmac, random, Swtpm};
+use aziot_tests::crypto::{hmac_sha256 as hmac, random};
+use aziot_tests::tpmd::{config, Swtpm};
 use serde_json::{json, Value};
 
 struct Server {
     socket: PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: aziot_tests::keyd::TempDir,
 }
 
 fn serve(swtpm: &Swtpm, extra: &str) -> Server {
     let cfg = config(swtpm, extra);
     let tpm = aziot_tpmd::init_tpm(&cfg).unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = aziot_tests::keyd::TempDir::new("tpmd-http");
     let socket = dir.path().join("tpmd.sock");
     let listener = UnixListener::bind(&socket).unwrap();
     std::thread::spawn(move || {
@@ -41,7 +40,7 @@ fn b64(v: &Value) -> Vec<u8> {
 
 #[test]
 fn keys_import_sign_and_errors() {
-    let swtpm = Swtpm::start();
+    let swtpm = Swtpm::start_temp();
     let server = serve(&swtpm, "");
     let client = BlockingClient::new(&server.socket, "2020-09-01");
 
@@ -123,7 +122,7 @@ fn only_principals_may_call() {
         eprintln!("skipped: needs root to run a client as another uid");
         return;
     }
-    let swtpm = Swtpm::start();
+    let swtpm = Swtpm::start_temp();
     let server = serve(&swtpm, "[[principal]]\nuid = 65533\n");
     std::fs::set_permissions(server.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&server.socket, std::fs::Permissions::from_mode(0o777)).unwrap();

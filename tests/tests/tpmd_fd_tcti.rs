@@ -1,14 +1,12 @@
 //! The fd TCTI against swtpm: a TCP socket connected to swtpm's command port carries the raw
 //! TPM command/response stream, exactly like a TPM device fd.
 
-mod common;
-
 use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::ptr::null_mut;
 
 use aziot_tpmd::fd_tcti::FdTcti;
-use common::{config, Swtpm};
+use aziot_tests::tpmd::{config, Swtpm};
 use tss_esapi::tss2_esys as sys;
 
 fn check(rc: u32, what: &str) {
@@ -56,7 +54,7 @@ fn read_ek_over_fd(port: u16) -> Vec<u8> {
 
 #[test]
 fn esys_over_the_fd_tcti_reads_what_tpmd_created() {
-    let swtpm = Swtpm::start();
+    let swtpm = Swtpm::start_temp();
     let mut tpm = aziot_tpmd::init_tpm(&config(&swtpm, "")).unwrap();
     let (ek, _) = tpm.get_tpm_keys().unwrap();
     drop(tpm); // swtpm serves one connection at a time
@@ -69,17 +67,17 @@ fn esys_over_the_fd_tcti_reads_what_tpmd_created() {
 /// sequence), all through a descriptor the process did not open by path.
 #[test]
 fn tpmd_core_runs_on_a_descriptor() {
-    let swtpm = Swtpm::start();
+    let swtpm = Swtpm::start_temp();
     let cfg = config(&swtpm, "");
     // What the broker does: open the descriptor from the config's `tcti`.
     let fd = aziot_tpmd::tcti::open_descriptor(&cfg.tcti).unwrap().expect("swtpm gets a descriptor");
     let mut tpm = aziot_tpmd::init_tpm_fd(&cfg, fd).unwrap();
     let (ek, srk) = tpm.get_tpm_keys().unwrap();
-    let key = common::random(32);
+    let key = aziot_tests::crypto::random(32);
     tpm.import_auth_key(&aziot_tpmd::dps_blob::build(&ek, &srk, &key).unwrap()).unwrap();
     for len in [10, 3000] {
-        let data = common::random(len);
-        assert_eq!(tpm.sign_with_auth_key(&data).unwrap(), common::hmac(&key, &data));
+        let data = aziot_tests::crypto::random(len);
+        assert_eq!(tpm.sign_with_auth_key(&data).unwrap(), aziot_tests::crypto::hmac_sha256(&key, &data));
     }
     drop(tpm);
     // The loader path sees the same keys.
@@ -92,7 +90,7 @@ fn tpmd_core_runs_on_a_descriptor() {
 /// flushed at startup, so they cannot exhaust swtpm's few slots.
 #[test]
 fn stale_handles_are_flushed_at_startup() {
-    let swtpm = Swtpm::start();
+    let swtpm = Swtpm::start_temp();
     drop(aziot_tpmd::init_tpm(&config(&swtpm, "")).unwrap());
     {
         // A "crashed" client: three policy sessions, never flushed.
@@ -107,7 +105,7 @@ fn stale_handles_are_flushed_at_startup() {
     assert_eq!(sessions.lines().count(), 3, "{sessions}");
     let mut tpm = aziot_tpmd::init_tpm(&config(&swtpm, "")).unwrap();
     let (ek, srk) = tpm.get_tpm_keys().unwrap();
-    let key = common::random(32);
+    let key = aziot_tests::crypto::random(32);
     tpm.import_auth_key(&aziot_tpmd::dps_blob::build(&ek, &srk, &key).unwrap()).unwrap();
     drop(tpm);
     let sessions = String::from_utf8(swtpm.tool(&["tpm2_getcap", "handles-loaded-session"])).unwrap();

@@ -1,9 +1,8 @@
 //! The TPM core against swtpm, cross-checked with tpm2-tools and a software HMAC.
 
-mod common;
-
 use aziot_tpmd::{dps_blob, init_tpm, TpmdError};
-use common::{config, hmac, random, Swtpm};
+use aziot_tests::crypto::{hmac_sha256 as hmac, random};
+use aziot_tests::tpmd::{config, Swtpm};
 
 /// Marshaled template prefixes (spec tpmd.md §5.1/§5.2) up to `unique`.
 const EK_PREFIX: &str = "0001000b000300b20020837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa00060080004300100800000000000100";
@@ -14,14 +13,14 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn read_public(swtpm: &Swtpm, handle: &str) -> Vec<u8> {
-    let out = swtpm.dir.path().join(format!("{handle}.pub"));
+    let out = swtpm.dir().join(format!("{handle}.pub"));
     swtpm.tool(&["tpm2_readpublic", "-c", handle, "-o", out.to_str().unwrap()]);
     std::fs::read(out).unwrap()
 }
 
 #[test]
 fn ek_and_srk_are_created_match_tpm2_tools_and_survive_restarts() {
-    let mut swtpm = Swtpm::start();
+    let mut swtpm = Swtpm::start_temp();
     let cfg = config(&swtpm, "");
     let mut tpm = init_tpm(&cfg).expect("init on a fresh swtpm");
     let (ek, srk) = tpm.get_tpm_keys().unwrap();
@@ -50,7 +49,7 @@ fn ek_and_srk_are_created_match_tpm2_tools_and_survive_restarts() {
 
 #[test]
 fn import_persists_and_hmac_matches_tpm2_hmac_and_software() {
-    let swtpm = Swtpm::start();
+    let swtpm = Swtpm::start_temp();
     let cfg = config(&swtpm, "auth_key_index = 0x00_02_00");
     let mut tpm = init_tpm(&cfg).unwrap();
     assert_eq!(tpm.auth_key_handle(), 0x8100_0200);
@@ -75,9 +74,9 @@ fn import_persists_and_hmac_matches_tpm2_hmac_and_software() {
     let handles = String::from_utf8(swtpm.tool(&["tpm2_getcap", "handles-persistent"])).unwrap();
     assert!(handles.contains("0x81000200"), "{handles}");
     assert!(handles.contains("0x81010001") && handles.contains("0x81000001"), "{handles}");
-    let input = swtpm.dir.path().join("data");
+    let input = swtpm.dir().join("data");
     std::fs::write(&input, data).unwrap();
-    let out = swtpm.dir.path().join("hmac");
+    let out = swtpm.dir().join("hmac");
     swtpm.tool(&["tpm2_hmac", "-c", "0x81000200", "-g", "sha256", "-o", out.to_str().unwrap(), input.to_str().unwrap()]);
     assert_eq!(std::fs::read(&out).unwrap(), hmac(&k1, data));
     let long = random(3000);
@@ -104,7 +103,7 @@ fn import_persists_and_hmac_matches_tpm2_hmac_and_software() {
 
 #[test]
 fn bad_blobs_fail_without_touching_the_current_key_or_leaking_handles() {
-    let swtpm = Swtpm::start();
+    let swtpm = Swtpm::start_temp();
     let mut tpm = init_tpm(&config(&swtpm, "")).unwrap();
     let (ek, srk) = tpm.get_tpm_keys().unwrap();
     let k1 = random(32);
@@ -136,7 +135,7 @@ fn bad_blobs_fail_without_touching_the_current_key_or_leaking_handles() {
 
 #[test]
 fn auth_key_index_colliding_with_ek_or_srk_is_refused() {
-    let swtpm = Swtpm::start();
+    let swtpm = Swtpm::start_temp();
     for index in ["1", "0x010001", "0x01ABCD"] {
         let e = init_tpm(&config(&swtpm, &format!("auth_key_index = {index}"))).unwrap_err();
         assert!(matches!(e, TpmdError::Invalid(_)), "{e:?}");
@@ -145,7 +144,7 @@ fn auth_key_index_colliding_with_ek_or_srk_is_refused() {
 
 #[test]
 fn hierarchy_passwords_are_used() {
-    let swtpm = Swtpm::start();
+    let swtpm = Swtpm::start_temp();
     swtpm.tool(&["tpm2_changeauth", "-c", "owner", "world"]);
     swtpm.tool(&["tpm2_changeauth", "-c", "endorsement", "hello"]);
     let e = init_tpm(&config(&swtpm, "")).unwrap_err();
