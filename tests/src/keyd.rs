@@ -11,10 +11,11 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::api::Api;
+pub use crate::softhsm::{SoftHsm, SOFTHSM_MODULE};
+pub use crate::tempdir::TempDir;
 use crate::http::{self, Conn, Response};
 
 /// Group every "other uid" client runs with; the harness chowns the socket (mode 0660) to
@@ -25,7 +26,6 @@ pub const TEST_GID: u32 = 4200;
 /// How long to wait for a started keyd to accept connections.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 /// The environment variable that selects the [`Activation`] mode of the whole suite.
 pub const ACTIVATION_ENV: &str = "AZIOT_TEST_ACTIVATION";
@@ -77,9 +77,6 @@ impl Activation {
 /// The environment variable that selects the key [`Backend`] of the keyd suite.
 pub const BACKEND_ENV: &str = "AZIOT_TEST_BACKEND";
 
-/// SoftHSM2's PKCS#11 module (Debian/Ubuntu package softhsm2).
-pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
 /// Where keyd keeps dynamic keys (keys that are not preloaded).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -122,118 +119,6 @@ pub fn file_backend_only(test: &str) -> Backend {
         );
     }
     Backend::File
-}
-
-/// A private SoftHSM2 token store: `<dir>/softhsm2.conf` (`directories.tokendir = <dir>/tokens`,
-/// `objectstore.backend = file`) with one initialized token, everything owned by
-/// [`SERVICE_USER`] (the worker opens the token files as that user).
-pub struct SoftHsm {
-    dir: PathBuf,
-    pub label: String,
-    pub pin: String,
-    pub so_pin: String,
-}
-
-impl SoftHsm {
-    /// Token label of every test token.
-    pub const LABEL: &'static str = "aziot-test";
-
-    /// Creates `dir` and a token [`SoftHsm::LABEL`] with a fresh random PIN. Panics (test
-    /// failure) if softhsm2-util is missing or fails.
-    pub fn create(dir: &Path) -> SoftHsm {
-        assert!(
-            Path::new(SOFTHSM_MODULE).is_file(),
-            "{BACKEND_ENV}=softhsm needs {SOFTHSM_MODULE} (apt-get install softhsm2)"
-        );
-        let tokens = dir.join("tokens");
-        fs::create_dir_all(&tokens).unwrap_or_else(|e| panic!("mkdir {}: {e}", tokens.display()));
-        let mut rnd = [0u8; 8];
-        openssl::rand::rand_bytes(&mut rnd).expect("rand");
-        let pin = format!("{:016}", u64::from_le_bytes(rnd) % 10_000_000_000_000_000);
-        openssl::rand::rand_bytes(&mut rnd).expect("rand");
-        let so_pin = format!("{:016}", u64::from_le_bytes(rnd) % 10_000_000_000_000_000);
-        let hsm = SoftHsm { dir: dir.to_path_buf(), label: Self::LABEL.to_owned(), pin, so_pin };
-        fs::write(
-            hsm.conf(),
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .expect("write softhsm2.conf");
-        fs::set_permissions(hsm.conf(), fs::Permissions::from_mode(0o644)).expect("chmod conf");
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", hsm.conf())
-            .args(["--init-token", "--free", "--label", &hsm.label, "--pin", &hsm.pin, "--so-pin", &hsm.so_pin])
-            .output()
-            .unwrap_or_else(|e| panic!("softhsm2-util (apt-get install softhsm2): {e}"));
-        assert!(
-            out.status.success(),
-            "softhsm2-util --init-token failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        hsm.chown_to_service_user();
-        hsm
-    }
-
-    /// chown -R the token store to [`SERVICE_USER`] (after a root tool wrote into it).
-    pub fn chown_to_service_user(&self) {
-        let (uid, gid) = service_user();
-        let (uid, gid) = (Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)));
-        fn walk(p: &Path, uid: Option<nix::unistd::Uid>, gid: Option<nix::unistd::Gid>) {
-            nix::unistd::chown(p, uid, gid).unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
-            if p.is_dir() {
-                for e in fs::read_dir(p).expect("read token dir").flatten() {
-                    walk(&e.path(), uid, gid);
-                }
-            }
-        }
-        walk(&self.dir.join("tokens"), uid, gid);
-    }
-
-    pub fn conf(&self) -> PathBuf {
-        self.dir.join("softhsm2.conf")
-    }
-
-    pub fn token_dir(&self) -> PathBuf {
-        self.dir.join("tokens")
-    }
-
-    /// `CKA_LABEL`s of every object on the token (`pkcs11-tool --list-objects`), one entry
-    /// per object (a key pair shows twice: private and public).
-    pub fn labels(&self) -> Vec<String> {
-        let out = self.pkcs11_tool(&["--list-objects"]);
-        String::from_utf8_lossy(&out)
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("label:").map(|v| v.trim().to_owned()))
-            .collect()
-    }
-
-    /// `pkcs11:token=<label>?pin-value=<pin>`.
-    pub fn base_slot(&self) -> String {
-        format!("pkcs11:token={}?pin-value={}", self.label, self.pin)
-    }
-
-    /// Runs `pkcs11-tool --module <softhsm> --token-label <label> --login --pin <pin> <args>`
-    /// (as root, `SOFTHSM2_CONF` set; the store is chowned back to aziotks afterwards);
-    /// stdout. Panics with the output when it fails.
-    pub fn pkcs11_tool(&self, args: &[&str]) -> Vec<u8> {
-        let out = Command::new("pkcs11-tool")
-            .env("SOFTHSM2_CONF", self.conf())
-            .args(["--module", SOFTHSM_MODULE, "--token-label", &self.label, "--login", "--pin", &self.pin])
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("pkcs11-tool (apt-get install opensc): {e}"));
-        self.chown_to_service_user();
-        assert!(
-            out.status.success(),
-            "pkcs11-tool {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    }
 }
 
 /// uid and gid of [`SERVICE_USER`] (created by `systemd-sysusers packaging/sysusers.d/aziot.conf`).
@@ -321,64 +206,6 @@ pub fn client_bin() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// A private temporary directory under /tmp, removed on drop unless the thread is panicking
-/// (then it is kept for inspection and its path printed).
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let tag: String = tag
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .take(40)
-            .collect();
-        let path = PathBuf::from(format!(
-            "/tmp/aziot-tests-{}-{}-{:08x}-{}",
-            std::process::id(),
-            seq,
-            nanos,
-            tag
-        ));
-        fs::DirBuilder::new()
-            .mode(0o755)
-            .create(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        // Other-uid clients must be able to traverse to the socket.
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod tmp");
-        TempDir { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "(test failed: keeping {} for inspection)",
-                self.path.display()
-            );
-        } else {
-            let _ = fs::remove_dir_all(&self.path);
-        }
-    }
 }
 
 /// How to start a keyd.

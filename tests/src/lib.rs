@@ -1,8 +1,11 @@
-//! Black-box test harness for the aziot services (currently keyd).
+//! Black-box test harness for the aziot services (keyd and tpmd).
 //!
 //! * [`keyd`]: starts the real `aziotd aziot-keyd` in a private temporary prefix — binding its
 //!   own socket, or socket-activated by `systemd-socket-activate` when
 //!   `AZIOT_TEST_ACTIVATION=systemd` — restarts it, kills it, exposes its log and status file;
+//! * [`softhsm`]: a private SoftHSM2 token store (`AZIOT_TEST_BACKEND=softhsm`, PKCS#11 tests);
+//! * [`tpmd`]: a fresh swtpm, and tpmd through the broker;
+//! * [`tempdir`]: private temporary directories;
 //! * [`http`]: a raw HTTP/1.1-over-UDS client written from the spec (no product code);
 //! * [`api`]: one helper per keyd endpoint plus the response-envelope checks;
 //! * [`crypto`]: local reference computations (HMAC, AES-GCM, ECDSA/RSA verification) and
@@ -15,6 +18,8 @@ pub mod api;
 pub mod crypto;
 pub mod http;
 pub mod keyd;
+pub mod softhsm;
+pub mod tempdir;
 pub mod tpmd;
 
 pub use api::{Api, V2020, V2021, VERSIONS};
