@@ -5,10 +5,11 @@
 //! config, open the resources, spawn the confined worker, supervise ([`supervise`]).
 //! `aziotd --worker` is the **worker** ([`worker`]), exec'ed by the broker only.
 
-mod kmsg;
+mod mountns;
 mod notify;
 mod sanitize;
 mod services;
+mod statedir;
 mod supervise;
 mod watch;
 mod worker;
@@ -80,9 +81,18 @@ fn unconfined(args: &[std::ffi::OsString]) -> ExitCode {
         tracing::error!("--unconfined refuses to run as root: run it as the service user, or run the service normally");
         return ExitCode::from(1);
     }
-    let result = match args.get(2).and_then(|a| a.to_str()) {
-        Some("aziot-keyd") => aziot_keyd::run().map_err(anyhow::Error::from),
-        other => Err(anyhow::anyhow!("--unconfined: unknown or unbuilt service {other:?}")),
+    let program = args.get(2).and_then(|a| a.to_str());
+    let service = program
+        .and_then(aziot_policy::services::by_program)
+        .and_then(|info| services::implementation(info.short));
+    let result = match service {
+        Some(service) => service.run_unconfined().map_err(|e| match e {
+            aziot_ipc::service::ServiceError::NotBuilt(_) => {
+                anyhow::anyhow!("--unconfined: unknown or unbuilt service {program:?}")
+            }
+            e => anyhow::Error::from(e),
+        }),
+        None => Err(anyhow::anyhow!("--unconfined: unknown or unbuilt service {program:?}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,8 +123,6 @@ pub unsafe extern "C" fn aziot_syslog_message(priority: std::os::raw::c_int, mes
     }
 }
 
-const SERVICES: &[&str] = &["aziot-keyd", "aziot-certd", "aziot-identityd", "aziot-tpmd"];
-
 /// The service named by argv[0]'s file name, or by argv[1] when argv[0] is `aziotd`.
 fn service_name(args: &[std::ffi::OsString]) -> anyhow::Result<String> {
     let file_name = |s: &std::ffi::OsString| {
@@ -124,11 +132,14 @@ fn service_name(args: &[std::ffi::OsString]) -> anyhow::Result<String> {
     let name = if argv0 == "aziotd" {
         args.get(1)
             .map(|a| a.to_string_lossy().into_owned())
-            .ok_or_else(|| anyhow::anyhow!("usage: aziotd <{}>", SERVICES.join("|")))?
+            .ok_or_else(|| {
+                let programs: Vec<&str> = aziot_policy::services::SERVICES.iter().map(|s| s.program).collect();
+                anyhow::anyhow!("usage: aziotd <{}>", programs.join("|"))
+            })?
     } else {
         argv0
     };
-    if SERVICES.contains(&name.as_str()) {
+    if aziot_policy::services::by_program(&name).is_some() {
         Ok(name)
     } else {
         Err(anyhow::anyhow!("could not read argv[0]: unrecognized process name {name:?}"))

@@ -1,9 +1,14 @@
 //! Steps 4–7 of the broker: open the resources, spawn the confined worker, hand over, wait for
 //! its sandbox report, then supervise — restart with backoff while the listener stays open,
 //! forward SIGTERM.
+//!
+//! Every wait is a poll on the signalfd (with the hand-off socket while a worker starts):
+//! SIGTERM/SIGINT end the restart backoff, the wait for a report, spawn retries and a stop's
+//! grace period at once. A worker that dies by SIGSYS (seccomp trap) has left the syscall on
+//! its hand-off socket (`aziot_policy::sigsys`); the broker reads it after the death, as
+//! untrusted data, and logs the syscall by number and name.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -24,6 +29,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A worker that ran this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// How long a stopping worker may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -33,8 +40,8 @@ pub enum BrokerError {
     Policy(#[from] aziot_policy::PolicyError),
     #[error(transparent)]
     Listener(#[from] aziot_ipc::listener::ListenerError),
-    #[error("could not prepare the state directory {path}")]
-    StateDir { path: PathBuf, #[source] source: std::io::Error },
+    #[error(transparent)]
+    Dir(#[from] crate::statedir::DirError),
     #[error("could not set the owner of {path}")]
     Chown { path: PathBuf, #[source] source: nix::Error },
     #[error("could not spawn the worker")]
@@ -45,10 +52,14 @@ pub enum BrokerError {
     ReportTimeout(Duration),
     #[error("the worker refused to start: {0}")]
     WorkerRefused(String),
+    #[error("the worker died before reporting its sandbox")]
+    WorkerDied,
     #[error("{0}")]
     Sys(#[from] nix::Error),
     #[error("invalid [sandbox] config: {0}")]
     Sandbox(String),
+    #[error("refusing to start the worker without its private mount namespace (allow_degraded is not set)")]
+    MountNs(#[from] aziot_policy::mountns::MountNsError),
 }
 
 /// What the worker sends back once its sandbox is in force (untrusted: recorded only).
@@ -70,12 +81,25 @@ pub struct Worker {
     pid: Pid,
     report: WorkerReport,
     control: OwnedFd,
+    /// Its private mount namespace, as set up (`None`: the policy asks for none).
+    mount_namespace: Option<aziot_policy::mountns::MountNsRecord>,
+}
+
+/// `timeout` for poll(2), rounded up to the next millisecond (a wait never ends early).
+fn poll_timeout(timeout: Duration) -> nix::poll::PollTimeout {
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+    nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)
+}
+
+/// SIGTERM and SIGINT: stop the service, whatever the broker is waiting for.
+fn is_stop(signo: i32) -> bool {
+    signo == Signal::SIGTERM as i32 || signo == Signal::SIGINT as i32
 }
 
 /// Waits up to `timeout` for a signal; `None` on timeout.
 fn wait_signal(sfd: &mut SignalFd, timeout: Duration) -> Result<Option<i32>, BrokerError> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
+    use nix::poll::{poll, PollFd, PollFlags};
+    let ms = poll_timeout(timeout);
     let ready = {
         let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, ms) {
@@ -120,27 +144,31 @@ impl Broker {
                 "seccomp = {seccomp_mode:?} weakens the sandbox; set allow_degraded = true to accept that"
             )));
         }
-        let policy_d = PathBuf::from(format!("/etc/aziot/{}/policy.d", setup.short));
+        let policy_d = aziot_ipc::config::policy_dir(setup.short);
         let policy = aziot_policy::effective(setup.short, &setup.grants, Some(&policy_d))?;
         let creds = aziot_policy::resolve_credentials(&policy)?;
+        let state_dir = match &setup.state_dir {
+            Some(path) => Some(crate::statedir::open_state_dir(path, &creds)?),
+            None => None,
+        };
+        let mut extra_dirs = Vec::new();
+        for (name, path) in &setup.extra_dirs {
+            // Walked without following links; a missing directory is not an error (its key is).
+            match crate::statedir::open_existing_dir(path) {
+                Ok(dir) => extra_dirs.push((name.clone(), dir)),
+                Err(e) if e.is_not_found() => {
+                    tracing::warn!("could not open {} ({name}): it does not exist; not handed to the worker", path.display())
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // The listener last: a refused path must not have touched the socket path.
         let activated = !crate::sanitize::activated_range().is_empty();
         let listener: OwnedFd = aziot_ipc::listener::open(&setup.endpoint, Some(setup.socket_name))?.into();
         if let (false, aziot_ipc::endpoint::Endpoint::Unix(path)) = (activated, &setup.endpoint) {
             // A socket we bound ourselves gets the socket unit's owner and mode (0660, set at bind).
             nix::unistd::chown(path, Some(creds.uid.into()), Some(creds.gid.into()))
                 .map_err(|source| BrokerError::Chown { path: path.clone(), source })?;
-        }
-        let state_dir = match &setup.state_dir {
-            Some(path) => Some(open_state_dir(path, &creds)?),
-            None => None,
-        };
-        let mut extra_dirs = Vec::new();
-        for (name, path) in &setup.extra_dirs {
-            match std::fs::File::open(path) {
-                Ok(dir) if dir.metadata().map(|m| m.is_dir()).unwrap_or(false) => extra_dirs.push((name.clone(), dir.into())),
-                Ok(_) => tracing::warn!("{} ({name}) is not a directory; not handed to the worker", path.display()),
-                Err(e) => tracing::warn!("could not open {} ({name}): {e}; not handed to the worker", path.display()),
-            }
         }
         let status_path = match &setup.endpoint {
             aziot_ipc::endpoint::Endpoint::Unix(p) => {
@@ -149,7 +177,10 @@ impl Broker {
             _ => PathBuf::from(format!("{}/{}.status", aziot_ipc::SOCKET_DIR, setup.short)),
         };
         let exe = std::env::current_exe().map_err(BrokerError::Spawn)?;
-        Ok(Broker { setup, policy, creds, listener, state_dir, extra_dirs, status_path, seccomp_mode, restarts: 0, exe })
+        let broker = Broker { setup, policy, creds, listener, state_dir, extra_dirs, status_path, seccomp_mode, restarts: 0, exe };
+        // Only what the policy's [[descriptor]] entries declare is handed over (the worker checks again).
+        crate::worker::check_handoff(&broker.policy, &broker.descriptors().0)?;
+        Ok(broker)
     }
 
     /// Runs until SIGTERM/SIGINT (then exits cleanly) or until the first worker fails before
@@ -163,7 +194,14 @@ impl Broker {
         let mut sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
 
         let started = Instant::now();
-        let mut worker = self.spawn_and_handoff(&mut sfd)?;
+        let mut reload_pending = false;
+        let mut worker = match self.spawn_and_handoff(&mut sfd, &mut reload_pending)? {
+            Started::Worker(w) => w,
+            Started::Stopped(signo) => {
+                tracing::info!("received signal {signo} while the first worker was starting; stopped it, exiting");
+                return Ok(());
+            }
+        };
         tracing::info!("worker {} of {} ready (sandbox report received in {:?})", worker.pid, self.setup.short, started.elapsed());
         self.write_status(&worker);
         crate::notify::sd_notify(&format!("READY=1\nSTATUS=worker {} serving\nMAINPID={}", worker.pid, std::process::id()));
@@ -172,23 +210,26 @@ impl Broker {
         let mut worker_started = Instant::now();
         let mut watcher = crate::watch::ConfigWatcher::new(&self.setup.paths);
         loop {
+            if std::mem::take(&mut reload_pending) {
+                self.reload(Some(&worker));
+            }
             let signo = match wait_signal(&mut sfd, WATCH_INTERVAL)? {
                 Some(signo) => signo,
                 None => {
                     if watcher.changed() {
-                        self.reload(&worker);
+                        self.reload(Some(&worker));
                     }
                     continue;
                 }
             };
-            if signo == Signal::SIGTERM as i32 || signo == Signal::SIGINT as i32 {
+            if is_stop(signo) {
                 tracing::info!("received signal {signo}, stopping the worker");
-                self.stop(worker.pid);
+                self.stop(worker.pid, &mut sfd)?;
                 let _ = std::fs::remove_file(&self.status_path);
                 return Ok(());
             }
             if signo == Signal::SIGHUP as i32 {
-                self.reload(&worker);
+                self.reload(Some(&worker));
                 continue;
             }
             if signo != Signal::SIGCHLD as i32 {
@@ -201,7 +242,11 @@ impl Broker {
                     Ok(WaitStatus::StillAlive) | Err(nix::Error::ECHILD) => break,
                     Ok(status) => {
                         if status.pid() == Some(worker.pid) {
-                            log_exit(worker.pid, &status);
+                            // What its SIGSYS handler reported, if it died of a seccomp trap.
+                            let violation = matches!(status, WaitStatus::Signaled(_, Signal::SIGSYS, _))
+                                .then(|| pending_violation(worker.control.as_fd()))
+                                .flatten();
+                            log_exit(worker.pid, &status, violation);
                             worker_died = true;
                         }
                     }
@@ -215,21 +260,13 @@ impl Broker {
                 backoff = BACKOFF_MIN;
             }
             // Keep the listener open while we wait: clients queue in the backlog.
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            loop {
-                match self.spawn_and_handoff(&mut sfd) {
-                    Ok(w) => {
-                        worker = w;
-                        break;
-                    }
-                    Err(e) => {
-                        log_chain(&e);
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
+            worker = match self.restart(&mut sfd, &mut backoff, &mut reload_pending)? {
+                Some(w) => w,
+                None => {
+                    let _ = std::fs::remove_file(&self.status_path);
+                    return Ok(());
                 }
-            }
+            };
             self.restarts += 1;
             worker_started = Instant::now();
             tracing::info!("worker {} of {} restarted (restart #{})", worker.pid, self.setup.short, self.restarts);
@@ -237,13 +274,14 @@ impl Broker {
         }
     }
 
-    /// Re-reads the config as root and sends it to the worker; a config that does not parse
-    /// leaves the old one in force.
-    fn reload(&mut self, worker: &Worker) {
+    /// Re-reads the config as root and sends it to the worker (if one is running; the next
+    /// one starts with it anyway); a config that does not parse leaves the old one in force.
+    fn reload(&mut self, worker: Option<&Worker>) {
         tracing::info!("Detected change in config files. Updating config.");
         match crate::services::reload(self.setup.short, &self.setup.paths) {
             Ok(text) => {
                 self.setup.config_text = text.clone();
+                let Some(worker) = worker else { return };
                 if let Err(e) = handoff::send_json(worker.control.as_fd(), &handoff::Control::Config { config: text }) {
                     tracing::warn!("Config update failed. Error: {e}");
                 }
@@ -252,11 +290,64 @@ impl Broker {
         }
     }
 
-    /// Spawns a worker, hands the manifest over and waits for its report.
-    fn spawn_and_handoff(&self, sfd: &mut SignalFd) -> Result<Worker, BrokerError> {
+    /// Waits out `backoff`, then spawns workers until one reports, doubling the backoff after
+    /// every wait; `None` when SIGTERM/SIGINT arrived meanwhile (the worker being started, if
+    /// any, is killed). Every wait listens to the signalfd.
+    fn restart(
+        &mut self,
+        sfd: &mut SignalFd,
+        backoff: &mut Duration,
+        reload_pending: &mut bool,
+    ) -> Result<Option<Worker>, BrokerError> {
+        loop {
+            tracing::info!("restarting the worker of {} in {backoff:?}", self.setup.short);
+            if let Some(signo) = self.pause(sfd, *backoff)? {
+                tracing::info!("received signal {signo} while waiting to restart the worker; exiting");
+                return Ok(None);
+            }
+            *backoff = (*backoff * 2).min(BACKOFF_MAX);
+            if std::mem::take(reload_pending) {
+                self.reload(None);
+            }
+            match self.spawn_and_handoff(sfd, reload_pending) {
+                Ok(Started::Worker(w)) => return Ok(Some(w)),
+                Ok(Started::Stopped(signo)) => {
+                    tracing::info!("received signal {signo} while a worker was starting; stopped it, exiting");
+                    return Ok(None);
+                }
+                Err(e) => log_chain(&e),
+            }
+        }
+    }
+
+    /// Waits `duration` on the signalfd: `Some(signal)` as soon as SIGTERM/SIGINT arrives.
+    /// SIGHUP re-reads the config; SIGCHLD reaps (no worker is running during a pause).
+    fn pause(&mut self, sfd: &mut SignalFd, duration: Duration) -> Result<Option<i32>, BrokerError> {
+        let deadline = Instant::now() + duration;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            match wait_signal(sfd, left)? {
+                Some(signo) if is_stop(signo) => return Ok(Some(signo)),
+                Some(signo) if signo == Signal::SIGHUP as i32 => self.reload(None),
+                Some(_) => reap_any(),
+                None => {}
+            }
+        }
+    }
+
+    /// Spawns a worker, hands the manifest over and waits for its report, or for SIGTERM/SIGINT
+    /// (then the worker is killed and reaped: [`Started::Stopped`]). A SIGHUP meanwhile sets
+    /// `reload_pending`.
+    fn spawn_and_handoff(&self, sfd: &mut SignalFd, reload_pending: &mut bool) -> Result<Started, BrokerError> {
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
         let child_fd = theirs.as_raw_fd();
         let creds = self.creds.clone();
+        // Before fork: the worker's private mount namespace (crate::mountns), if the policy asks.
+        let mountns = crate::mountns::prepare(&self.policy, self.setup.sandbox.allow_degraded)?;
+        let (prepared, mount_namespace) = (mountns.prepared, mountns.record);
         let mut cmd = Command::new(&self.exe);
         cmd.arg0("aziotd").arg("--worker").env_clear().stdin(Stdio::null());
         for var in crate::sanitize::WORKER_ENV {
@@ -266,8 +357,9 @@ impl Broker {
         }
         // SAFETY: the closure runs in the forked child before exec and only makes raw,
         // async-signal-safe calls (sigemptyset/sigprocmask, dup2, then the policy crate's
-        // privilege drop, which allocates nothing and takes no lock); `empty` is a local
-        // sigset_t initialised by sigemptyset before use.
+        // mount namespace entry and privilege drop, which allocate nothing and take no lock, on
+        // what was prepared before fork); `empty` is a local sigset_t initialised by
+        // sigemptyset before use.
         unsafe {
             cmd.pre_exec(move || {
                 // The broker blocks the signals it reads through its signalfd; the worker
@@ -280,10 +372,15 @@ impl Broker {
                 if libc::dup2(child_fd, aziot_ipc::handoff::HANDOFF_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                if let Some(p) = &prepared {
+                    aziot_policy::mountns::enter_in_child(p)?;
+                }
                 aziot_policy::drop_privileges_in_child(&creds)
             });
         }
         let child = cmd.spawn().map_err(BrokerError::Spawn)?;
+        // Closes the broker's copies of the detached socket mounts.
+        drop(cmd);
         drop(theirs);
         let pid = Pid::from_raw(child.id() as i32);
 
@@ -297,18 +394,29 @@ impl Broker {
             log_filter: std::env::var("AZIOT_LOG").unwrap_or_default(),
             seccomp_mode: self.seccomp_mode.clone(),
             allow_degraded: self.setup.sandbox.allow_degraded,
+            escape: None,
         };
         let result = handoff::send_manifest(ours.as_fd(), &manifest, &fds)
             .map_err(BrokerError::from)
-            .and_then(|()| wait_report(ours.as_fd(), REPORT_TIMEOUT));
+            .and_then(|()| wait_report(ours.as_fd(), sfd, REPORT_TIMEOUT, reload_pending));
         match result {
-            Ok(report) if report.ok => Ok(Worker { pid, report, control: ours }),
-            Ok(report) => {
-                self.reap(pid, sfd);
+            Ok(Awaited::Report(report)) if report.ok => {
+                Ok(Started::Worker(Worker { pid, report, control: ours, mount_namespace }))
+            }
+            Ok(Awaited::Report(report)) => {
+                self.reap(pid, None);
                 Err(BrokerError::WorkerRefused(report.error.unwrap_or_else(|| "no reason given".to_owned())))
             }
+            Ok(Awaited::Stop(signo)) => {
+                self.reap(pid, None);
+                Ok(Started::Stopped(signo))
+            }
+            Ok(Awaited::Died(violation)) => {
+                self.reap(pid, violation);
+                Err(BrokerError::WorkerDied)
+            }
             Err(e) => {
-                self.reap(pid, sfd);
+                self.reap(pid, pending_violation(ours.as_fd()));
                 Err(e)
             }
         }
@@ -332,40 +440,64 @@ impl Broker {
         (entries, fds)
     }
 
-    /// Kills and reaps a worker that failed its start.
-    fn reap(&self, pid: Pid, _sfd: &mut SignalFd) {
+    /// Kills and reaps a worker that failed its start (SIGKILL: the wait for its death is the
+    /// kernel's, not a grace period), and logs how it ended.
+    fn reap(&self, pid: Pid, violation: Option<aziot_policy::SeccompViolation>) {
         let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-        if let Ok(status) = waitpid(pid, None) {
-            log_exit(pid, &status);
+        loop {
+            match waitpid(pid, None) {
+                Ok(status) => return log_exit(pid, &status, violation),
+                Err(nix::Error::EINTR) => continue,
+                Err(_) => return,
+            }
         }
     }
 
-    fn stop(&self, worker: Pid) {
+    /// SIGTERM to the worker, then up to [`STOP_GRACE`] for it to exit, woken by SIGCHLD on the
+    /// signalfd (no polling sleep); SIGKILL after the grace period, or at once when SIGTERM or
+    /// SIGINT arrives again (an impatient operator).
+    fn stop(&self, worker: Pid, sfd: &mut SignalFd) -> Result<(), BrokerError> {
         let _ = nix::sys::signal::kill(worker, Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
+        let deadline = Instant::now() + STOP_GRACE;
+        loop {
             match waitpid(worker, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(10)),
-                _ => return,
+                Ok(WaitStatus::StillAlive) => {}
+                Err(nix::Error::EINTR) => continue,
+                _ => return Ok(()),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!("worker {worker} did not stop within {STOP_GRACE:?}; killing it");
+                break;
+            }
+            if let Some(signo) = wait_signal(sfd, left)? {
+                if is_stop(signo) {
+                    tracing::warn!("received signal {signo} again; killing worker {worker}");
+                    break;
+                }
             }
         }
         let _ = nix::sys::signal::kill(worker, Signal::SIGKILL);
-        let _ = waitpid(worker, None);
+        while let Err(nix::Error::EINTR) = waitpid(worker, None) {}
+        Ok(())
     }
 
     fn write_status(&self, worker: &Worker) {
         let report = &worker.report;
-        let degraded = self.seccomp_mode != "kill" || aziot_policy::is_degraded(&report.warnings);
+        let mut warnings = report.warnings.clone();
+        warnings.extend(worker.mount_namespace.as_ref().and_then(crate::mountns::degraded_warning));
+        let degraded = self.seccomp_mode != "kill" || aziot_policy::is_degraded(&warnings);
         let status = aziot_policy::Status {
             service: self.setup.short.to_owned(),
             broker_pid: std::process::id() as i32,
             worker_pid: worker.pid.as_raw(),
             policy_digest: self.policy.digest(),
             seccomp_digest: report.seccomp.as_ref().map(|s| s.digest.clone()).unwrap_or_default(),
+            seccomp_program: self.policy.seccomp.program_name().to_owned(),
             landlock: report.landlock.clone().unwrap_or_default(),
             seccomp_mode: self.seccomp_mode.clone(),
             degraded,
-            warnings: report.warnings.clone(),
+            warnings: warnings.clone(),
             restarts: self.restarts,
             handed_dirs: self
                 .setup
@@ -381,8 +513,9 @@ impl Broker {
                 .filter_map(|fd| nix::sys::stat::fstat(fd.as_raw_fd()).ok())
                 .map(|st| (st.st_dev, st.st_ino))
                 .collect(),
+            mount_namespace: worker.mount_namespace.clone(),
         };
-        for w in &report.warnings {
+        for w in &warnings {
             tracing::warn!("sandbox degraded: {w}");
         }
         match serde_json::to_vec_pretty(&status) {
@@ -396,63 +529,154 @@ impl Broker {
     }
 }
 
-fn wait_report(sock: BorrowedFd<'_>, timeout: Duration) -> Result<WorkerReport, BrokerError> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(sock, PollFlags::POLLIN)];
-    let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
-    if poll(&mut fds, ms)? == 0 {
-        return Err(BrokerError::ReportTimeout(timeout));
-    }
-    Ok(handoff::recv_json(sock)?)
+/// How a spawn ended: a worker that reported its sandbox, or SIGTERM/SIGINT during its start
+/// (the worker was killed and reaped).
+enum Started {
+    Worker(Worker),
+    Stopped(i32),
 }
 
-/// Ensures the state directory exists, owned by the service user, mode 0700, as systemd's
-/// StateDirectory= does (including its recursive chown when the directory's owner does not
-/// match), and opens it.
-fn open_state_dir(path: &Path, creds: &aziot_policy::Credentials) -> Result<OwnedFd, BrokerError> {
-    use std::os::unix::fs::MetadataExt;
-    let err = |source| BrokerError::StateDir { path: path.to_owned(), source };
-    std::fs::create_dir_all(path).map_err(err)?;
-    let meta = std::fs::symlink_metadata(path).map_err(err)?;
-    if !meta.is_dir() {
-        return Err(err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory")));
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    if meta.uid() != creds.uid || meta.gid() != creds.gid {
-        chown_tree(path, creds)?;
-    }
-    let dir = std::fs::File::open(path).map_err(err)?;
-    Ok(dir.into())
+/// What ended the wait for a worker's report.
+enum Awaited {
+    Report(WorkerReport),
+    /// SIGTERM or SIGINT.
+    Stop(i32),
+    /// The worker closed the hand-off socket (it died) without reporting; what its SIGSYS
+    /// handler sent, if anything.
+    Died(Option<aziot_policy::SeccompViolation>),
 }
 
-/// `chown -R` without following symlinks (a symlink itself is re-owned, never its target).
-fn chown_tree(path: &Path, creds: &aziot_policy::Credentials) -> Result<(), BrokerError> {
-    use nix::fcntl::AtFlags;
-    let chown_err = |source| BrokerError::Chown { path: path.to_owned(), source };
-    nix::unistd::fchownat(None, path, Some(creds.uid.into()), Some(creds.gid.into()), AtFlags::AT_SYMLINK_NOFOLLOW)
-        .map_err(chown_err)?;
-    let meta = std::fs::symlink_metadata(path).map_err(|source| BrokerError::StateDir { path: path.to_owned(), source })?;
-    if meta.is_dir() {
-        let entries = std::fs::read_dir(path).map_err(|source| BrokerError::StateDir { path: path.to_owned(), source })?;
-        for entry in entries {
-            let entry = entry.map_err(|source| BrokerError::StateDir { path: path.to_owned(), source })?;
-            chown_tree(&entry.path(), creds)?;
+/// Waits for the worker's report on the hand-off socket and for signals on the signalfd, both
+/// in one poll: a stop signal ends the wait at once, SIGHUP sets `reload_pending`, SIGCHLD is
+/// left to the socket (a dead worker's end closes).
+fn wait_report(
+    sock: BorrowedFd<'_>,
+    sfd: &mut SignalFd,
+    timeout: Duration,
+    reload_pending: &mut bool,
+) -> Result<Awaited, BrokerError> {
+    use nix::poll::{poll, PollFd, PollFlags};
+    let deadline = Instant::now() + timeout;
+    let mut violation = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(BrokerError::ReportTimeout(timeout));
+        }
+        let (sig_ready, sock_ready) = {
+            let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN), PollFd::new(sock, PollFlags::POLLIN)];
+            match poll(&mut fds, poll_timeout(left)) {
+                Ok(_) => {}
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), ready(&fds[1]))
+        };
+        if sig_ready {
+            if let Some(info) = sfd.read_signal()? {
+                let signo = info.ssi_signo as i32;
+                if is_stop(signo) {
+                    return Ok(Awaited::Stop(signo));
+                }
+                if signo == Signal::SIGHUP as i32 {
+                    *reload_pending = true;
+                }
+            }
+        }
+        if sock_ready {
+            match recv_message(sock, false)? {
+                None => return Ok(Awaited::Died(violation)),
+                Some(bytes) => match aziot_policy::parse_violation(&bytes) {
+                    // The worker trapped before reporting; it is dying: wait for the close.
+                    Some(v) => violation = violation.or(Some(v)),
+                    None => return Ok(Awaited::Report(serde_json::from_slice(&bytes).map_err(handoff::HandoffError::from)?)),
+                },
+            }
         }
     }
-    Ok(())
 }
 
-fn log_exit(pid: Pid, status: &WaitStatus) {
+/// One message from the worker's end of the hand-off socket (`None`: closed, or nothing
+/// pending with `nonblocking`). Attached descriptors are closed, truncation is an error.
+fn recv_message(sock: BorrowedFd<'_>, nonblocking: bool) -> Result<Option<Vec<u8>>, BrokerError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{FromRawFd, RawFd};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+    if nonblocking {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), flags) {
+        Ok(msg) => msg,
+        Err(nix::Error::EAGAIN) if nonblocking => return Ok(None),
+        Err(e) => return Err(handoff::HandoffError::from(e).into()),
+    };
+    for c in msg.cmsgs().map_err(handoff::HandoffError::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: installed in our table by the kernel for this message; only closed.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+        return Err(handoff::HandoffError::Truncated.into());
+    }
+    let len = msg.bytes;
+    if len == 0 {
+        return Ok(None);
+    }
+    Ok(Some(buf[..len].to_vec()))
+}
+
+/// The violation record a dead worker's SIGSYS handler left on the hand-off socket: reads
+/// (without blocking) what is pending and keeps the first message that parses as one. The
+/// worker's messages are untrusted data: only the integer syscall number is used.
+fn pending_violation(sock: BorrowedFd<'_>) -> Option<aziot_policy::SeccompViolation> {
+    // Bounded: a dead worker cannot add messages, and the socket buffer holds few.
+    for _ in 0..64 {
+        match recv_message(sock, true) {
+            Ok(Some(bytes)) => {
+                if let Some(v) = aziot_policy::parse_violation(&bytes) {
+                    return Some(v);
+                }
+            }
+            Ok(None) | Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Reaps every exited child without blocking (SIGCHLD while no worker is running).
+fn reap_any() {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(status) => tracing::debug!("reaped {status:?}"),
+        }
+    }
+}
+
+/// Logs how a worker ended; a death by SIGSYS names the syscall its handler reported.
+fn log_exit(pid: Pid, status: &WaitStatus, violation: Option<aziot_policy::SeccompViolation>) {
     match status {
         WaitStatus::Exited(_, code) => tracing::warn!("worker {pid} exited with status {code}"),
-        WaitStatus::Signaled(_, Signal::SIGSYS, _) => match crate::kmsg::seccomp_syscall(pid.as_raw()) {
-            Some(nr) => tracing::error!(
-                "worker {pid} was killed by seccomp (SIGSYS): forbidden syscall {nr} ({})",
-                aziot_policy::syscall_name(nr).unwrap_or("unknown")
-            ),
+        WaitStatus::Signaled(_, Signal::SIGSYS, _) => match violation {
+            Some(v) => {
+                let nr = i64::from(v.syscall);
+                // A record for another architecture (x32, compat) would name the wrong call.
+                let name = if v.arch == aziot_policy::AUDIT_ARCH { aziot_policy::syscall_name(nr) } else { None };
+                tracing::error!(
+                    "worker {pid} was killed by seccomp (SIGSYS): forbidden syscall {nr} ({})",
+                    name.unwrap_or("unknown")
+                )
+            }
             None => tracing::error!(
-                "worker {pid} was killed by seccomp (SIGSYS); the syscall number is not in the kernel log \
-                 (the kernel rate-limits these records: look for \"callbacks suppressed\" in dmesg)"
+                "worker {pid} was killed by SIGSYS without reporting a syscall (a seccomp trap before its \
+                 handler was installed, or a SIGSYS sent to it)"
             ),
         },
         WaitStatus::Signaled(_, sig, _) => tracing::warn!("worker {pid} was killed by {sig}"),

@@ -3,9 +3,10 @@
 //! descriptor, pre-loads, locks itself in (rlimits, Landlock, seccomp — before any thread),
 //! reports to the broker, and only then serves.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use aziot_ipc::handoff::{self, DescriptorKind, Manifest, HANDOFF_FD};
+use aziot_ipc::service::{Handed, ServiceError};
 
 use crate::supervise::WorkerReport;
 
@@ -17,20 +18,16 @@ pub enum WorkerError {
     Handoff(#[from] aziot_ipc::handoff::HandoffError),
     #[error("descriptor {name:?} is not a {kind:?}")]
     BadDescriptor { name: String, kind: DescriptorKind },
-    #[error("the manifest has no descriptor {0:?}")]
-    Missing(&'static str),
-    #[error("invalid config in the manifest")]
-    Config(#[from] toml::de::Error),
     #[error("invalid policy in the manifest")]
     Policy(#[from] serde_json::Error),
+    #[error("the manifest is for service {manifest:?} but its policy is {policy:?}'s")]
+    PolicyService { manifest: String, policy: String },
     #[error(transparent)]
     Sandbox(#[from] aziot_policy::PolicyError),
     #[error(transparent)]
-    Keyd(#[from] aziot_keyd::KeydError),
-    #[error(transparent)]
-    Tpmd(#[from] aziot_tpmd::TpmdError),
+    Service(#[from] aziot_ipc::service::ServiceError),
     #[error("unknown service {0:?}")]
-    Service(String),
+    Unknown(String),
 }
 
 /// Runs the worker; returns only on failure.
@@ -39,6 +36,8 @@ pub fn main() -> Result<(), WorkerError> {
     // else in this fresh process owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(HANDOFF_FD) };
     let _ = nix::fcntl::fcntl(sock.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    // A seccomp trap is reported to the broker on this socket (open until the process exits).
+    aziot_policy::report_seccomp_violations_to(sock.as_raw_fd());
     let (manifest, fds) = handoff::recv_manifest(sock.as_fd())?;
     aziot_ipc::logging::init_with(&manifest.log_filter);
     let result = serve(&sock, manifest, fds);
@@ -49,73 +48,54 @@ pub fn main() -> Result<(), WorkerError> {
     result
 }
 
+/// The generic steps: refuse root, check the handed descriptors against the policy's
+/// `[[descriptor]]` declarations and against what they claim to be, then hand over to the
+/// service's implementation, which pre-loads and calls back [`lock_in`] (+ the report) before
+/// it serves.
 fn serve(sock: &OwnedFd, manifest: Manifest, fds: Vec<OwnedFd>) -> Result<(), WorkerError> {
     if nix::unistd::getuid().is_root() || nix::unistd::geteuid().is_root() {
         return Err(WorkerError::Root);
     }
+    let policy: aziot_policy::Policy = serde_json::from_value(manifest.policy.clone())?;
+    if policy.service != manifest.service {
+        return Err(WorkerError::PolicyService { manifest: manifest.service.clone(), policy: policy.service.clone() });
+    }
+    // The broker checked this before spawning; checked again on receipt.
+    policy.check_handoff(manifest.descriptors.iter().map(|e| (e.name.as_str(), e.kind)))?;
     let mut named = Vec::new();
     for (entry, fd) in manifest.descriptors.iter().zip(fds) {
         check_descriptor(&entry.name, entry.kind, &fd)?;
         named.push((entry.name.clone(), fd));
     }
-    let policy: aziot_policy::Policy = serde_json::from_value(manifest.policy.clone())?;
-    match manifest.service.as_str() {
-        "keyd" => {
-            openssl::init();
-            let config: aziot_keyd::config::Config = toml::from_str(&manifest.config)?;
-            let listener = take_named(&mut named, "listener").ok_or(WorkerError::Missing("listener"))?;
-            let home = take_named(&mut named, "state");
-            let mut preloaded = Vec::new();
-            for (id, path) in aziot_keyd::preloaded_files(&config) {
-                let (Some(fd), Some(file_name)) = (take_named(&mut named, &format!("preloaded-key:{id}")), path.file_name())
-                else {
-                    continue;
-                };
-                preloaded.push((id, fd, file_name.to_string_lossy().into_owned()));
-            }
-            // Landlock rules are made on the same directories.
-            let mut rule_dirs = Vec::new();
-            for (name, fd) in home.iter().map(|fd| ("state", fd)).chain(preloaded.iter().map(|(_, fd, _)| ("preloaded-keys", fd))) {
-                let dup = fd.try_clone().map_err(|e| WorkerError::BadDescriptor {
-                    name: format!("{name} ({e})"),
-                    kind: DescriptorKind::Directory,
-                })?;
-                rule_dirs.push((name, dup));
-            }
-            // Pre-load: the key library (a replacement .so is dlopen'ed here, before seccomp
-            // forbids PROT_EXEC).
-            let backend = aziot_keyd::backend(&config, aziot_keyd::HandedDirs { home, preloaded })?;
-            let dirs: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = rule_dirs.iter().map(|(n, fd)| (*n, fd.as_fd())).collect();
-            let report = lock_in(&policy, &manifest, &dirs)?;
-            // the duplicates served only to make the Landlock rules
-            drop(dirs);
-            drop(rule_dirs);
-            handoff::send_json(sock.as_fd(), &report)?;
-            let listener = std::os::unix::net::UnixListener::from(listener);
-            let control = sock.try_clone().map_err(|e| WorkerError::BadDescriptor { name: format!("hand-off socket ({e})"), kind: DescriptorKind::Socket })?;
-            Err(aziot_keyd::serve(listener, &config, backend, Some(control)).into())
+    let mut lock_in_and_report = |dirs: &[(&str, BorrowedFd<'_>)]| -> Result<(), ServiceError> {
+        let report = lock_in(&policy, &manifest, dirs).map_err(ServiceError::lock_in)?;
+        handoff::send_json(sock.as_fd(), &report).map_err(ServiceError::lock_in)?;
+        // TEST-ONLY escape attempt (feature escape-probe; a real manifest has none): never returns.
+        aziot_policy::escape::run_if_requested(manifest.escape.as_ref(), sock.as_fd(), dirs);
+        Ok(())
+    };
+    let Some(service) = crate::services::implementation(&manifest.service) else {
+        // No worker yet (certd, identityd): the escape suite still locks it in with its policy.
+        if manifest.escape.is_some() {
+            openssl::init(); // what every worker pre-loads (DESIGN.md §1, worker step 2)
+            lock_in_and_report(&named.iter().map(|(n, fd)| (n.as_str(), fd.as_fd())).collect::<Vec<_>>())?;
         }
-        "tpmd" => {
-            let config: aziot_tpmd::Config = toml::from_str(&manifest.config)?;
-            let listener = take_named(&mut named, "listener").ok_or(WorkerError::Missing("listener"))?;
-            let tpm_fd = take_named(&mut named, "tpm").ok_or(WorkerError::Missing("tpm"))?;
-            // Pre-load: start the TPM (EK, SRK) on the handed-over descriptor.
-            let tpm = aziot_tpmd::init_tpm_fd(&config, tpm_fd)?;
-            let report = lock_in(&policy, &manifest, &[])?;
-            handoff::send_json(sock.as_fd(), &report)?;
-            let listener = std::os::unix::net::UnixListener::from(listener);
-            let control = sock.try_clone().map_err(|e| WorkerError::BadDescriptor {
-                name: format!("hand-off socket ({e})"),
-                kind: DescriptorKind::Socket,
-            })?;
-            Err(aziot_tpmd::serve(listener, &config, tpm, Some(control)).into())
-        }
-        other => Err(WorkerError::Service(other.to_owned())),
+        return Err(WorkerError::Unknown(manifest.service.clone()));
+    };
+    let control = sock.try_clone().map_err(|e| WorkerError::BadDescriptor {
+        name: format!("hand-off socket ({e})"),
+        kind: DescriptorKind::Socket,
+    })?;
+    match service.serve(&manifest.config, Handed::new(named), &mut lock_in_and_report, control) {
+        Ok(never) => match never {},
+        Err(e) => Err(e.into()),
     }
 }
 
-fn take_named(named: &mut Vec<(String, OwnedFd)>, name: &str) -> Option<OwnedFd> {
-    named.iter().position(|(n, _)| n == name).map(|i| named.remove(i).1)
+/// Checks, before spawning, that the descriptors the broker is about to hand over (name, kind)
+/// are the ones the policy declares; the worker checks again on receipt.
+pub fn check_handoff(policy: &aziot_policy::Policy, entries: &[handoff::DescriptorEntry]) -> Result<(), aziot_policy::PolicyError> {
+    policy.check_handoff(entries.iter().map(|e| (e.name.as_str(), e.kind)))
 }
 
 /// rlimits, Landlock, seccomp, in that order; fails closed unless degraded mode is allowed.

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-const SERVICES: &[&str] = &["keyd", "certd", "identityd", "tpmd"];
+use aziot_policy::services::{ServiceInfo, SERVICES};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum PolicyCommand {
@@ -28,7 +28,7 @@ pub enum PolicyCommand {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyCliError {
-    #[error("unknown service {0:?} (expected keyd, certd, identityd or tpmd)")]
+    #[error("unknown service {0:?} (expected one of {known})", known = aziot_policy::SERVICES.join(", "))]
     UnknownService(String),
     #[error(transparent)]
     Policy(#[from] aziot_policy::PolicyError),
@@ -48,17 +48,14 @@ pub fn run(command: PolicyCommand) -> Result<(), PolicyCliError> {
 }
 
 fn show(service: Option<&str>, json: bool) -> Result<(), PolicyCliError> {
-    let services: Vec<&str> = match service {
-        Some(s) => {
-            let s = s.strip_prefix("aziot-").unwrap_or(s);
-            vec![SERVICES.iter().copied().find(|k| *k == s).ok_or_else(|| PolicyCliError::UnknownService(s.to_owned()))?]
-        }
-        None => SERVICES.to_vec(),
+    let services: Vec<&ServiceInfo> = match service {
+        Some(s) => vec![aziot_policy::services::by_any_name(s).ok_or_else(|| PolicyCliError::UnknownService(s.to_owned()))?],
+        None => SERVICES.iter().collect(),
     };
     let mut policies = Vec::new();
     for svc in services {
-        let policy_d = PathBuf::from(format!("/etc/aziot/{svc}/policy.d"));
-        policies.push(aziot_policy::effective(svc, &aziot_policy::Grants::default(), Some(&policy_d))?);
+        let policy_d = svc.policy_dir();
+        policies.push(aziot_policy::effective(svc.short, &aziot_policy::Grants::default(), Some(&policy_d))?);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&policies)?);
@@ -73,9 +70,9 @@ fn show(service: Option<&str>, json: bool) -> Result<(), PolicyCliError> {
 fn audit(json: bool, run_dir: &Path) -> Result<(), PolicyCliError> {
     let mut reports = Vec::new();
     for svc in SERVICES {
-        let status = run_dir.join(format!("{svc}.status"));
+        let status = run_dir.join(svc.status_file());
         if status.exists() {
-            reports.push(aziot_policy::audit_service(svc, &status));
+            reports.push(aziot_policy::audit_service(svc.short, &status));
         }
     }
     if reports.is_empty() {

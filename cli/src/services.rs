@@ -5,20 +5,65 @@ use std::io::{self, Write as _};
 use std::path::Path;
 use std::process::Command;
 
-/// The service units, the first being the one started explicitly (the others are
-/// socket-activated).
-pub const SERVICES: [&str; 4] = [
-    "aziot-identityd.service",
-    "aziot-keyd.service",
-    "aziot-certd.service",
-    "aziot-tpmd.service",
-];
-pub const SOCKETS: [&str; 4] = [
-    "aziot-identityd.socket",
-    "aziot-keyd.socket",
-    "aziot-certd.socket",
-    "aziot-tpmd.socket",
-];
+const TABLE: &[aziot_policy::services::ServiceInfo] = aziot_policy::services::SERVICES;
+
+/// The service units (from the table of services), the first being the one started
+/// explicitly (`started_by_aziotctl`; the others are socket-activated), then the others in
+/// table order.
+pub const SERVICES: [&str; TABLE.len()] = {
+    let mut units = [""; TABLE.len()];
+    let mut n = 0;
+    let mut i = 0;
+    while i < TABLE.len() {
+        if TABLE[i].started_by_aziotctl {
+            units[n] = TABLE[i].service_unit;
+            n += 1;
+        }
+        i += 1;
+    }
+    assert!(n == 1, "exactly one service is started by aziotctl");
+    i = 0;
+    while i < TABLE.len() {
+        if !TABLE[i].started_by_aziotctl {
+            units[n] = TABLE[i].service_unit;
+            n += 1;
+        }
+        i += 1;
+    }
+    units
+};
+
+/// The socket units, in the order of [`SERVICES`].
+pub const SOCKETS: [&str; TABLE.len()] = {
+    let mut units = [""; TABLE.len()];
+    let mut i = 0;
+    while i < TABLE.len() {
+        let mut j = 0;
+        while j < TABLE.len() {
+            if const_eq(TABLE[j].service_unit, SERVICES[i]) {
+                units[i] = TABLE[j].socket_unit;
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    units
+};
+
+const fn const_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestartError {
@@ -79,4 +124,32 @@ fn step(
         failed.push(format!("{verb} {unit}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_in_restart_order() {
+        // identityd is started explicitly (first); the others follow in table order.
+        assert_eq!(
+            SERVICES,
+            [
+                "aziot-identityd.service",
+                "aziot-keyd.service",
+                "aziot-certd.service",
+                "aziot-tpmd.service"
+            ]
+        );
+        assert_eq!(
+            SOCKETS,
+            [
+                "aziot-identityd.socket",
+                "aziot-keyd.socket",
+                "aziot-certd.socket",
+                "aziot-tpmd.socket"
+            ]
+        );
+    }
 }

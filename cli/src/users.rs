@@ -3,11 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-/// The build-time user names (spec aziotctl.md, build-time constants).
-pub const AZIOTKS: &str = "aziotks";
-pub const AZIOTCS: &str = "aziotcs";
-pub const AZIOTID: &str = "aziotid";
-pub const AZIOTTPM: &str = "aziottpm";
+use aziot_policy::services::get;
+
+/// The build-time user names (spec aziotctl.md, build-time constants), from the table of
+/// services.
+pub const AZIOTKS: &str = get("keyd").user;
+pub const AZIOTCS: &str = get("certd").user;
+pub const AZIOTID: &str = get("identityd").user;
+pub const AZIOTTPM: &str = get("tpmd").user;
 
 #[derive(Clone, Debug)]
 pub struct ServiceUser {

@@ -75,6 +75,10 @@ fn owners_and_modes_of_every_written_file() {
         assert_eq!(owner_mode(&root.join(parent)), (0, 0, 0o755), "{parent}");
     }
     for (svc, _) in SERVICES {
+        // what the service's root broker accepts to read (root's, not group/other-writable)
+        if let Err(e) = aziot_policy::trusted::open_root_owned(&root.service_path(svc)) {
+            panic!("{svc}: the broker would refuse the written config: {e}");
+        }
         let text = fs::read_to_string(root.service_path(svc)).unwrap();
         assert!(text.starts_with(HEADER), "{svc}");
         // Nothing but the generated file: no temporary or backup left behind.
@@ -187,12 +191,8 @@ fn a_failed_rename_midway_leaves_every_previous_file_byte_identical() {
 }
 
 fn assert_file_modes_except_tpmd(root: &Root) {
-    for (svc, (uid, gid)) in &SERVICES[..3] {
-        assert_eq!(
-            owner_mode(&root.service_path(svc)),
-            (*uid, *gid, 0o600),
-            "{svc}"
-        );
+    for (svc, _) in &SERVICES[..3] {
+        assert_eq!(owner_mode(&root.service_path(svc)), (0, 0, 0o600), "{svc}");
     }
     assert_eq!(owner_mode(&root.key_path()), (KS.0, KS.1, 0o600));
 }
@@ -361,7 +361,7 @@ owner = "OwnerAuth"
             root.key_path().display()
         ),
         format!(
-            "Would write {} (owner aziotcs, uid 5555, gid 5555, mode 0600):\n{HEADER}",
+            "Would write {} (owner root, uid 0, gid 0, mode 0600):\n{HEADER}",
             root.service_path("certd").display()
         ),
         "pkcs11_base_slot = \"pkcs11:slot-id=0?pin-value=<redacted>\"".to_owned(),

@@ -1,8 +1,11 @@
 //! Service configuration: `config.toml`, then `config.d/*.toml` merged in order
-//! (spec common-http §3.1), with a warning for every key the service does not know.
+//! (spec common-http §3.1), with a warning for every key the service does not know. Every file
+//! and the drop-in directory must be root's ([`read_merged`]).
 
 use std::path::{Path, PathBuf};
 
+/// Re-exported for the workers that open paths on the broker's behalf (tpmd's device walk).
+pub use aziot_policy::trusted;
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +18,10 @@ pub enum ConfigError {
     ListDir { path: PathBuf, #[source] source: std::io::Error },
     #[error("could not read config")]
     Deserialize(#[source] toml::de::Error),
+    /// A config file or directory the broker must not act on (not root's, writable by others,
+    /// a symbolic link, not a regular file): the message names it, its owner and mode, and the fix.
+    #[error(transparent)]
+    Untrusted(aziot_policy::trusted::TrustError),
 }
 
 /// `[sandbox]`: how the broker confines the worker. Read by the broker only.
@@ -41,6 +48,9 @@ impl ConfigPaths {
     /// `AZIOT_<SVC>_CONFIG` / `AZIOT_<SVC>_CONFIG_DIR`, defaulting to `/etc/aziot/<svc>/…`.
     /// `service` is the short name: `keyd`, `certd`, `identityd`, `tpmd`.
     pub fn from_env(service: &str) -> Self {
+        if let Some(info) = aziot_policy::services::by_short(service) {
+            return crate::service::config_paths(info);
+        }
         let upper = service.to_ascii_uppercase();
         let main = std::env::var_os(format!("AZIOT_{upper}_CONFIG"))
             .map(PathBuf::from)
@@ -52,6 +62,18 @@ impl ConfigPaths {
     }
 }
 
+/// The admin's policy drop-ins of `service` (short name): `AZIOT_<SVC>_POLICY_DIR`, defaulting
+/// to `/etc/aziot/<svc>/policy.d` ([`aziot_policy::default_policy_d`]). Like the config paths,
+/// the variable comes from the unit's environment, i.e. from root.
+pub fn policy_dir(service: &str) -> PathBuf {
+    if let Some(info) = aziot_policy::services::by_short(service) {
+        return info.policy_dir();
+    }
+    std::env::var_os(format!("AZIOT_{}_POLICY_DIR", service.to_ascii_uppercase()))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| aziot_policy::default_policy_d(service))
+}
+
 /// The merged config and the files it came from (in merge order), kept to name the file of an
 /// unknown key.
 #[derive(Clone, Debug)]
@@ -60,35 +82,37 @@ pub struct Merged {
     pub files: Vec<(PathBuf, toml::Table)>,
 }
 
-/// Reads and merges the config exactly as spec common-http §3.1.
+/// Reads and merges the config exactly as spec common-http §3.1, with one addition: every file
+/// read, and the drop-in directory, must be owned by root and not writable by group or others
+/// (checked on the opened descriptor, [`aziot_policy::trusted`]); the main file must not be a
+/// symbolic link. A symlinked `.toml` in the drop-in directory is skipped, as the spec says.
+/// The broker acts on this config as root: it must not come from anyone but root.
 pub fn read_merged(paths: &ConfigPaths) -> Result<Merged, ConfigError> {
     let mut files = Vec::new();
-    if let Some(table) = read_table(&paths.main, true)? {
+    if let Some(table) = read_table(&paths.main)? {
         files.push((paths.main.clone(), table));
     }
-    match std::fs::read_dir(&paths.dir) {
-        Ok(entries) => {
-            let mut dropins = Vec::new();
-            for entry in entries {
-                let entry = entry.map_err(|source| ConfigError::ListDir { path: paths.dir.clone(), source })?;
-                let file_type = entry
-                    .file_type()
-                    .map_err(|source| ConfigError::ListDir { path: paths.dir.clone(), source })?;
-                let path = entry.path();
-                // Regular files only (symlinks are not followed), extension exactly `toml`.
-                if file_type.is_file() && path.extension().is_some_and(|e| e == "toml") {
-                    dropins.push(path);
-                }
-            }
+    match trusted::open_root_owned_dir(&paths.dir) {
+        Ok(dir) => {
+            let entries = dir.entries().map_err(|e| match e {
+                trusted::TrustError::Open { source, .. } => ConfigError::ListDir { path: paths.dir.clone(), source },
+                other => ConfigError::Untrusted(other),
+            })?;
+            // Regular files only (symlinks are not followed), extension exactly `toml`.
+            let mut dropins: Vec<_> = entries
+                .into_iter()
+                .filter(|e| e.is_file && Path::new(&e.name).extension().is_some_and(|x| x == "toml"))
+                .map(|e| e.name)
+                .collect();
             dropins.sort();
-            for path in dropins {
-                if let Some(table) = read_table(&path, false)? {
-                    files.push((path, table));
-                }
+            for name in dropins {
+                let path = paths.dir.join(&name);
+                let file = dir.open_file(&name).map_err(|e| ConfigError::from_trust(&path, e))?;
+                files.push((path.clone(), parse_table(&path, file)?));
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(ConfigError::ListDir { path: paths.dir.clone(), source }),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(ConfigError::from_trust(&paths.dir, e)),
     }
     let mut value = toml::Table::new();
     for (_, table) in &files {
@@ -97,19 +121,33 @@ pub fn read_merged(paths: &ConfigPaths) -> Result<Merged, ConfigError> {
     Ok(Merged { value, files })
 }
 
-fn read_table(path: &Path, missing_ok: bool) -> Result<Option<toml::Table>, ConfigError> {
-    let text = match std::fs::read(path) {
-        Ok(bytes) => String::from_utf8(bytes).map_err(|e| ConfigError::Read {
-            path: path.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        })?,
-        Err(e) if missing_ok && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
-    };
-    let table = text
-        .parse::<toml::Table>()
-        .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
-    Ok(Some(table))
+/// The main config file; `None` when it does not exist.
+fn read_table(path: &Path) -> Result<Option<toml::Table>, ConfigError> {
+    match trusted::open_root_owned(path) {
+        Ok(file) => Ok(Some(parse_table(path, file)?)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(ConfigError::from_trust(path, e)),
+    }
+}
+
+fn parse_table(path: &Path, mut file: std::fs::File) -> Result<toml::Table, ConfigError> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = String::from_utf8(bytes).map_err(|e| ConfigError::Read {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    text.parse::<toml::Table>().map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+}
+
+impl ConfigError {
+    fn from_trust(path: &Path, e: trusted::TrustError) -> ConfigError {
+        match e {
+            trusted::TrustError::Open { source, .. } => ConfigError::Read { path: path.to_owned(), source },
+            other => ConfigError::Untrusted(other),
+        }
+    }
 }
 
 /// Tables merge recursively, arrays append, anything else is replaced.
@@ -200,6 +238,10 @@ mod tests {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
         std::fs::create_dir_all(dir.join("config.d")).unwrap();
+        // whatever the umask: the broker refuses group/other-writable config directories
+        for d in [dir.clone(), dir.join("config.d")] {
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
         dir
     }
 
@@ -254,6 +296,67 @@ mod tests {
         let paths = ConfigPaths { main: dir.join("config.toml"), dir: dir.join("config.d") };
         let err = read_merged(&paths).unwrap_err();
         assert!(err.to_string().contains("bad.toml"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn files_not_roots_are_refused_naming_file_owner_mode_and_fix() {
+        assert!(nix::unistd::geteuid().is_root(), "these tests give files other owners: run them as root");
+        let user = nix::unistd::User::from_name("aziotks")
+            .unwrap()
+            .expect("user aziotks (systemd-sysusers packaging/sysusers.d/aziot.conf)");
+        let dir = tempdir();
+        let paths = ConfigPaths { main: dir.join("config.toml"), dir: dir.join("config.d") };
+        std::fs::write(&paths.main, "max_requests = 1\n").unwrap();
+        set_mode(&paths.main, 0o644);
+        let super_toml = dir.join("config.d/00-super.toml");
+        std::fs::write(&super_toml, "[sandbox]\nseccomp = \"off\"\nallow_degraded = true\n").unwrap();
+        set_mode(&super_toml, 0o600);
+
+        // the service user's drop-in (what the original's `config apply` writes)
+        nix::unistd::chown(&super_toml, Some(user.uid), Some(user.gid)).unwrap();
+        let e = read_merged(&paths).unwrap_err();
+        assert!(matches!(e, ConfigError::Untrusted(_)), "{e:?}");
+        let p = super_toml.display();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{p} is owned by uid {} (aziotks) with mode 0600: the broker acts only on files owned by \
+                 root and not writable by group or others; fix it with `chown root:root {p}` and `chmod 0600 {p}`",
+                user.uid
+            )
+        );
+        // root's, but world-writable
+        nix::unistd::chown(&super_toml, Some(nix::unistd::Uid::from_raw(0)), Some(nix::unistd::Gid::from_raw(0))).unwrap();
+        set_mode(&super_toml, 0o666);
+        let e = read_merged(&paths).unwrap_err().to_string();
+        assert!(e.contains(&format!("{p} is owned by uid 0 (root) with mode 0666")), "{e}");
+        set_mode(&super_toml, 0o600);
+        assert_eq!(read_merged(&paths).unwrap().files.len(), 2);
+
+        // the main file group-writable, then a symbolic link to a good file
+        set_mode(&paths.main, 0o664);
+        let e = read_merged(&paths).unwrap_err().to_string();
+        assert!(e.contains("config.toml is owned by uid 0 (root) with mode 0664"), "{e}");
+        set_mode(&paths.main, 0o644);
+        let link = dir.join("link.toml");
+        std::os::unix::fs::symlink(&paths.main, &link).unwrap();
+        let e = read_merged(&ConfigPaths { main: link, dir: paths.dir.clone() }).unwrap_err().to_string();
+        assert!(e.contains("link.toml is a symbolic link"), "{e}");
+
+        // the drop-in directory writable by others, or the service user's
+        set_mode(&paths.dir, 0o777);
+        let e = read_merged(&paths).unwrap_err().to_string();
+        assert!(e.contains(&format!("{} is owned by uid 0 (root) with mode 0777", paths.dir.display())), "{e}");
+        assert!(e.contains(&format!("`chmod go-w {}`", paths.dir.display())), "{e}");
+        set_mode(&paths.dir, 0o755);
+        nix::unistd::chown(&paths.dir, Some(user.uid), None).unwrap();
+        let e = read_merged(&paths).unwrap_err().to_string();
+        assert!(e.contains("(aziotks) with mode 0755"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

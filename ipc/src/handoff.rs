@@ -62,6 +62,12 @@ pub struct Manifest {
     /// The sandbox switches the broker decided from config.
     pub seccomp_mode: String,
     pub allow_degraded: bool,
+    /// TEST-ONLY (the escape suite, tests/tests/escape.rs): an attempt the worker makes right
+    /// after its lock-in and report, instead of serving. Honoured only by a build with
+    /// aziot-policy's `escape-probe` feature (a release worker asked for one exits); the broker
+    /// never sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escape: Option<aziot_policy::escape::EscapeAttempt>,
 }
 
 pub const MANIFEST_VERSION: u32 = 1;
@@ -210,6 +216,7 @@ mod tests {
             log_filter: "info".into(),
             seccomp_mode: "kill".into(),
             allow_degraded: false,
+            escape: None,
         };
         send_manifest(a.as_fd(), &manifest, &[dir.as_fd()]).unwrap();
         let (got, fds) = recv_manifest(b.as_fd()).unwrap();

@@ -7,6 +7,7 @@
 //! - [`config`]: `config.toml` + `config.d/*.toml` merge, unknown-key warnings.
 //! - [`principal`]: `[[principal]]` globs.
 //! - [`logging`]: the log format of spec common-http §8, on `tracing`.
+//! - [`service`]: what a service does for the broker and the worker entry ([`service::ServiceImpl`]).
 
 pub mod client;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod listener;
 pub mod logging;
 pub mod principal;
 pub mod server;
+pub mod service;
 
 pub use server::{ApiError, Request, Response};
 

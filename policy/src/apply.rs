@@ -16,8 +16,12 @@ use crate::model::{AccessSet, FsRight, Policy, RlimitResource, Scope};
 use crate::seccomp::{ProcessState, SeccompMode, SeccompReport};
 use crate::PolicyError;
 
-/// The Landlock ABI whose rights the policy is written for (DESIGN §3: ABI 7 here).
-const TARGET_ABI: ABI = ABI::V7;
+/// The highest Landlock ABI the `landlock` crate knows: every right up to it is requested, best
+/// effort (a kernel enforces the rights of its own ABI; the report says which).
+const REQUESTED_ABI: ABI = ABI::V10;
+/// The ABI the policy's requirements are written for (DESIGN §3): `[require] landlock_fs` means
+/// the filesystem rights of this ABI. Rights of later ABIs are recorded, never required.
+pub(crate) const BASELINE_ABI: u32 = 7;
 
 /// What [`apply_landlock`] enforced, as the kernel answered. The broker records it in the
 /// status file (Landlock cannot be read from outside the process).
@@ -25,8 +29,14 @@ const TARGET_ABI: ABI = ABI::V7;
 pub struct LandlockReport {
     /// The Landlock ABI used (0: Landlock unavailable).
     pub abi: u32,
+    /// The ABI whose rights were requested (the highest the `landlock` crate knows).
+    #[serde(default)]
+    pub requested_abi: u32,
     /// `fully-enforced`, `partially-enforced` or `not-enforced`.
     pub status: String,
+    /// Every right the crate knows, requested or not, and whether this kernel enforces it.
+    #[serde(default)]
+    pub rights: Vec<RightReport>,
     /// Filesystem rights denied unless a rule grants them.
     pub fs_rights_handled: Vec<FsRight>,
     /// Rights the policy handles that this kernel cannot restrict.
@@ -41,6 +51,125 @@ pub struct LandlockReport {
     pub rules: u32,
     /// Path rules whose path does not exist (nothing granted for them).
     pub skipped: Vec<String>,
+}
+
+impl LandlockReport {
+    /// The rights that were requested but that this kernel does not enforce.
+    pub fn not_enforced(&self) -> impl Iterator<Item = &RightReport> {
+        self.rights.iter().filter(|r| r.requested && !r.enforced)
+    }
+}
+
+/// Which Landlock mechanism a right belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RightKind {
+    /// A filesystem access right (`handled_access_fs`).
+    Fs,
+    /// A network access right (`handled_access_net`).
+    Net,
+    /// An IPC scope (`scoped`).
+    Scope,
+}
+
+impl RightKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RightKind::Fs => "fs",
+            RightKind::Net => "net",
+            RightKind::Scope => "scope",
+        }
+    }
+}
+
+/// One Landlock right: whether the policy asked for it and whether the kernel enforces it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RightReport {
+    pub kind: RightKind,
+    /// `read-file`, `resolve-unix`, `connect-tcp`, `bind-udp`, `signal`, ...
+    pub name: String,
+    /// The Landlock ABI that introduced it.
+    pub since_abi: u32,
+    /// The policy handles it (denied unless a rule grants it).
+    pub requested: bool,
+    /// The running kernel enforces it (requested, Landlock in force and its ABI >= `since_abi`).
+    pub enforced: bool,
+    /// Why it is not requested, or not enforced.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+/// The Landlock ABI that introduced a filesystem right.
+pub(crate) fn fs_right_abi(right: FsRight) -> u32 {
+    match right {
+        FsRight::Refer => 2,
+        FsRight::Truncate => 3,
+        FsRight::IoctlDev => 5,
+        FsRight::ResolveUnix => 9,
+        _ => 1,
+    }
+}
+
+/// The network rights the crate knows: (name, since ABI).
+const NET_RIGHTS: [(&str, u32); 4] = [("bind-tcp", 4), ("connect-tcp", 4), ("bind-udp", 10), ("connect-send-udp", 10)];
+
+/// Whether the policy's seccomp allowlist lets the worker create datagram sockets (UDP for DNS):
+/// then Landlock's UDP rights are not requested (the policy has no UDP port rules).
+pub(crate) fn allows_udp(policy: &Policy) -> bool {
+    policy.seccomp.filters.iter().flat_map(|f| f.rules.iter()).any(|rule| {
+        rule.syscall == "socket" && rule.args.iter().any(|a| a.index == 1 && a.test == "& 0xf == 0x2")
+    })
+}
+
+/// Every right the crate knows, with what `policy` requests, as enforced by a kernel whose
+/// effective Landlock ABI is `abi` (0: no Landlock, or the ruleset was not enforced).
+pub fn rights_report(policy: &Policy, abi: u32) -> Vec<RightReport> {
+    let ll = &policy.landlock;
+    let udp = !allows_udp(policy);
+    let mut out = Vec::new();
+    let mut push = |kind, name: &str, since_abi: u32, requested: bool, why_not: &str| {
+        let enforced = requested && abi >= since_abi;
+        let note = if !requested {
+            why_not.to_owned()
+        } else if abi == 0 {
+            "Landlock is not enforced".to_owned()
+        } else if !enforced {
+            format!("this kernel has Landlock ABI {abi}; needs ABI {since_abi}")
+        } else {
+            String::new()
+        };
+        out.push(RightReport { kind, name: name.to_owned(), since_abi, requested, enforced, note });
+    };
+    for right in FsRight::ALL {
+        push(RightKind::Fs, right.name(), fs_right_abi(right), true, "");
+    }
+    for (name, since) in NET_RIGHTS {
+        let (requested, why) = if name.ends_with("tcp") {
+            (ll.restrict_tcp, "the policy does not restrict TCP (restrict_tcp = false)")
+        } else {
+            (udp, "the policy lets the worker send UDP (DNS): no Landlock UDP port rules")
+        };
+        push(RightKind::Net, name, since, requested, why);
+    }
+    for scope in [Scope::AbstractUnixSocket, Scope::Signal] {
+        push(RightKind::Scope, scope.name(), 6, ll.scopes.contains(&scope), "not in the policy's scopes");
+    }
+    out
+}
+
+/// The Landlock ABI of the running kernel (0: Landlock not built in or not enabled), capped at
+/// the highest ABI the `landlock` crate knows.
+pub fn kernel_abi() -> u32 {
+    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) takes no memory
+    // and only returns the ABI version (or -1 with errno).
+    let v = unsafe {
+        libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<libc::c_void>(), 0usize, 1u32)
+    };
+    if v <= 0 {
+        0
+    } else {
+        (v as u32).min(REQUESTED_ABI as u32)
+    }
 }
 
 fn to_access_fs(right: FsRight) -> AccessFs {
@@ -61,6 +190,7 @@ fn to_access_fs(right: FsRight) -> AccessFs {
         FsRight::Refer => AccessFs::Refer,
         FsRight::Truncate => AccessFs::Truncate,
         FsRight::IoctlDev => AccessFs::IoctlDev,
+        FsRight::ResolveUnix => AccessFs::ResolveUnix,
     }
 }
 
@@ -104,9 +234,17 @@ pub fn apply_landlock(policy: &Policy, dirs: &[(&str, BorrowedFd<'_>)]) -> Resul
     }
     let ll = &policy.landlock;
     let mut ruleset = Ruleset::default().set_compatibility(CompatLevel::BestEffort);
-    ruleset = ruleset.handle_access(AccessFs::from_all(TARGET_ABI))?;
+    ruleset = ruleset.handle_access(AccessFs::from_all(REQUESTED_ABI))?;
+    let mut net = BitFlags::<AccessNet>::empty();
     if ll.restrict_tcp {
-        ruleset = ruleset.handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)?;
+        net |= AccessNet::BindTcp | AccessNet::ConnectTcp;
+    }
+    if !allows_udp(policy) {
+        // No port rule: no UDP at all (a second layer under seccomp, which has no UDP socket).
+        net |= AccessNet::BindUdp | AccessNet::ConnectSendUdp;
+    }
+    if !net.is_empty() {
+        ruleset = ruleset.handle_access(net)?;
     }
     let mut scopes = BitFlags::<landlock::Scope>::empty();
     for s in &ll.scopes {
@@ -165,26 +303,28 @@ pub fn apply_landlock(policy: &Policy, dirs: &[(&str, BorrowedFd<'_>)]) -> Resul
     };
     let enforced = status.ruleset != RulesetStatus::NotEnforced;
     let abi_num = if enforced { abi as u32 } else { 0 };
-    let supported = AccessFs::from_all(abi);
+    let rights = rights_report(policy, abi_num);
     let (mut handled, mut unsupported) = (Vec::new(), Vec::new());
     for right in FsRight::ALL {
-        if enforced && supported.contains(to_access_fs(right)) {
+        if abi_num >= fs_right_abi(right) {
             handled.push(right);
         } else {
             unsupported.push(right);
         }
     }
-    let tcp_restricted = ll.restrict_tcp && enforced && abi_num >= 4;
-    let scopes_supported = enforced && abi_num >= 6;
+    let tcp_restricted = ll.restrict_tcp && abi_num >= 4;
+    let scopes_supported = abi_num >= 6;
     let (scopes_on, scopes_off) = if scopes_supported { (ll.scopes.clone(), vec![]) } else { (vec![], ll.scopes.clone()) };
     Ok(LandlockReport {
         abi: abi_num,
+        requested_abi: REQUESTED_ABI as u32,
         status: match status.ruleset {
             RulesetStatus::FullyEnforced => "fully-enforced",
             RulesetStatus::PartiallyEnforced => "partially-enforced",
             RulesetStatus::NotEnforced => "not-enforced",
         }
         .into(),
+        rights,
         fs_rights_handled: handled,
         fs_rights_unsupported: unsupported,
         tcp_restricted,
@@ -211,8 +351,14 @@ pub(crate) fn unmet(policy: &Policy, landlock: &LandlockReport, mode: SeccompMod
     };
     let fs_missing = if landlock.abi == 0 || landlock.status == "not-enforced" {
         Some("Landlock is not enforced (kernel without Landlock)".to_owned())
-    } else if !landlock.fs_rights_unsupported.is_empty() {
-        let names: Vec<&str> = landlock.fs_rights_unsupported.iter().map(|r| r.name()).collect();
+    } else if landlock.fs_rights_unsupported.iter().any(|r| fs_right_abi(*r) <= BASELINE_ABI) {
+        // Rights of ABIs after the baseline (resolve-unix) are best effort: recorded, not required.
+        let names: Vec<&str> = landlock
+            .fs_rights_unsupported
+            .iter()
+            .filter(|r| fs_right_abi(**r) <= BASELINE_ABI)
+            .map(|r| r.name())
+            .collect();
         Some(format!("Landlock ABI {} cannot restrict {}", landlock.abi, names.join(", ")))
     } else {
         None
@@ -378,7 +524,9 @@ mod tests {
 
     fn full(policy: &Policy) -> LandlockReport {
         LandlockReport {
-            abi: 7,
+            abi: 10,
+            requested_abi: 10,
+            rights: rights_report(policy, 10),
             status: "fully-enforced".into(),
             fs_rights_handled: FsRight::ALL.to_vec(),
             fs_rights_unsupported: vec![],
@@ -438,6 +586,159 @@ mod tests {
         ll.abi = 0;
         let e = check_required(&p, &ll, &seccomp(SeccompMode::Kill), false).unwrap_err().to_string();
         assert!(e.contains("Landlock is not enforced"), "{e}");
+    }
+
+    /// What this machine's kernel (ABI 7) reports: rights of later ABIs are requested, recorded
+    /// as not enforced, and never a reason to refuse (the baseline is ABI 7).
+    fn abi7(policy: &Policy) -> LandlockReport {
+        let mut ll = full(policy);
+        ll.abi = 7;
+        ll.status = "partially-enforced".into();
+        ll.rights = rights_report(policy, 7);
+        ll.fs_rights_handled.retain(|r| fs_right_abi(*r) <= 7);
+        ll.fs_rights_unsupported = vec![FsRight::ResolveUnix];
+        ll
+    }
+
+    #[test]
+    fn rights_of_later_abis_are_recorded_not_required() {
+        for svc in ["keyd", "tpmd", "certd"] {
+            let p = crate::builtin(svc).unwrap();
+            let ll = abi7(&p);
+            let missing: Vec<(&str, u32)> = ll.not_enforced().map(|r| (r.name.as_str(), r.since_abi)).collect();
+            assert_eq!(missing, [("resolve-unix", 9), ("bind-udp", 10), ("connect-send-udp", 10)], "{svc}");
+            assert_eq!(check_required(&p, &ll, &seccomp(SeccompMode::Kill), false).unwrap(), Vec::<String>::new(), "{svc}");
+        }
+        // A baseline right the kernel lacks is still a refusal (ioctl-dev is ABI 5).
+        let p = crate::builtin("keyd").unwrap();
+        let mut ll = abi7(&p);
+        ll.abi = 4;
+        ll.fs_rights_unsupported = vec![FsRight::IoctlDev, FsRight::ResolveUnix];
+        let e = check_required(&p, &ll, &seccomp(SeccompMode::Kill), false).unwrap_err().to_string();
+        assert!(e.contains("Landlock ABI 4 cannot restrict ioctl-dev;") || e.ends_with("cannot restrict ioctl-dev"), "{e}");
+        assert!(!e.contains("resolve-unix"), "{e}");
+    }
+
+    #[test]
+    fn per_right_report_follows_the_policy_and_the_kernel_abi() {
+        let keyd = crate::builtin("keyd").unwrap();
+        let at = |rights: &[RightReport], name: &str| rights.iter().find(|r| r.name == name).cloned().unwrap();
+        let r7 = rights_report(&keyd, 7);
+        assert_eq!(r7.len(), FsRight::ALL.len() + 4 + 2);
+        assert!(r7.iter().all(|r| r.requested), "keyd requests every right: {r7:?}");
+        assert!(at(&r7, "ioctl-dev").enforced && at(&r7, "connect-tcp").enforced && at(&r7, "signal").enforced);
+        assert!(!at(&r7, "resolve-unix").enforced && !at(&r7, "connect-send-udp").enforced);
+        let r5 = rights_report(&keyd, 5);
+        assert!(!at(&r5, "abstract-unix-socket").enforced && at(&r5, "bind-tcp").enforced);
+        assert!(rights_report(&keyd, 0).iter().all(|r| !r.enforced && r.note == "Landlock is not enforced"));
+        // identityd's seccomp allows UDP sockets (DNS): Landlock UDP is not requested.
+        let id = rights_report(&crate::builtin("identityd").unwrap(), 10);
+        assert!(!at(&id, "bind-udp").requested && !at(&id, "bind-udp").enforced);
+        assert!(at(&id, "connect-tcp").enforced && at(&id, "resolve-unix").enforced);
+        // JSON names, as the status file carries them.
+        let v = serde_json::to_value(at(&r7, "resolve-unix")).unwrap();
+        assert_eq!(v["kind"], "fs");
+        assert_eq!(v["since_abi"], 9);
+        assert_eq!(v["enforced"], false);
+    }
+
+    /// Runs `action` in a forked child under `program`'s compiled kill-mode pair; returns the
+    /// signal that killed the child, or None if it exited normally.
+    fn under_program(program: &str, fd: i32, action: fn(i32)) -> Option<i32> {
+        let filters: Vec<Vec<libc::sock_filter>> =
+            crate::seccomp::programs_for_test(program).iter().map(|p| crate::seccomp::to_sock_filter(p)).collect();
+        let progs: Vec<libc::sock_fprog> = filters
+            .iter()
+            .map(|f| libc::sock_fprog { len: f.len() as u16, filter: f.as_ptr() as *mut libc::sock_filter })
+            .collect();
+        // SAFETY: the child makes raw syscalls only (prctl, seccomp, the action's, _exit) on
+        // memory prepared before fork; the parent waits for it.
+        unsafe {
+            match libc::fork() {
+                0 => {
+                    libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                    for prog in &progs {
+                        if libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, prog as *const libc::sock_fprog) != 0 {
+                            libc::_exit(99);
+                        }
+                    }
+                    action(fd);
+                    libc::_exit(0)
+                }
+                pid => {
+                    assert!(pid > 0, "fork failed");
+                    let mut status = 0;
+                    assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+                    if libc::WIFSIGNALED(status) {
+                        Some(libc::WTERMSIG(status))
+                    } else {
+                        assert_eq!(libc::WEXITSTATUS(status), 0, "the child could not install the filter");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pkcs11_syscalls_only_in_the_pkcs11_program() {
+        let path = std::env::temp_dir().join(format!("aziot-policy-lock-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let lock: fn(i32) = |fd| {
+            // SAFETY: F_SETLK with a valid struct flock on a live descriptor.
+            unsafe {
+                let mut fl: libc::flock = std::mem::zeroed();
+                fl.l_type = libc::F_WRLCK as i16;
+                libc::fcntl(fd, libc::F_SETLK, &fl);
+            }
+        };
+        // SAFETY: ftruncate on a live descriptor.
+        let truncate: fn(i32) = |fd| unsafe {
+            libc::ftruncate(fd, 0);
+        };
+        for (what, action) in [("fcntl(F_SETLK)", lock), ("ftruncate", truncate)] {
+            assert_eq!(under_program("keyd", fd, action), Some(libc::SIGSYS), "keyd without PKCS#11: {what}");
+            assert_eq!(under_program("keyd+pkcs11", fd, action), None, "keyd+pkcs11: {what}");
+        }
+        // Both programs allow what every keyd needs (F_GETFL).
+        // SAFETY: F_GETFL takes no pointer.
+        let getfl: fn(i32) = |fd| unsafe {
+            libc::fcntl(fd, libc::F_GETFL);
+        };
+        assert_eq!(under_program("keyd", fd, getfl), None);
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn tgkill_only_with_sigabrt() {
+        // abort() (panic=abort, glibc) still dies of SIGABRT under every worker's program...
+        let abort: fn(i32) = |_| unsafe { libc::abort() };
+        // SAFETY (below): tgkill of the calling thread, integer arguments only.
+        let zero: fn(i32) = |_| unsafe {
+            libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), 0);
+        };
+        let usr1: fn(i32) = |_| unsafe {
+            libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), libc::SIGUSR1);
+        };
+        for svc in crate::SERVICES {
+            assert_eq!(under_program(svc, -1, abort), Some(libc::SIGABRT), "{svc}: abort()");
+            // ... and any other signal (0: the probe for a pid) is a violation.
+            assert_eq!(under_program(svc, -1, zero), Some(libc::SIGSYS), "{svc}: tgkill sig 0");
+            assert_eq!(under_program(svc, -1, usr1), Some(libc::SIGSYS), "{svc}: tgkill SIGUSR1");
+        }
+    }
+
+    #[test]
+    fn kernel_abi_matches_the_crate_view() {
+        // This machine: ABI 7 (DESIGN §3); any kernel: the value is what landlock reports, capped.
+        let abi = kernel_abi();
+        assert!(abi <= 10);
+        let raw = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+        if raw.contains("landlock") {
+            assert!(abi >= 1, "Landlock is in the LSM list but kernel_abi() says {abi}");
+        }
     }
 
     #[test]

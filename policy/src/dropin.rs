@@ -13,14 +13,16 @@
 //! ```
 //!
 //! An unknown key is a warning naming the file and the key; an unreadable or malformed file, a
-//! relative path, port 0, or a file that is not root-owned or is writable by group/others is an
-//! error naming the file.
+//! relative path, port 0, a symbolic link, or a file (or the directory itself) that is not
+//! root-owned or is writable by group/others is an error naming the file, its owner and mode and
+//! the fix ([`crate::trusted`]).
 
-use std::os::unix::fs::MetadataExt;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::trusted::{self, TrustError, TrustedDir};
 use crate::model::{check_path, AccessSet, Origin, PathRule, Policy, PortRule};
 use crate::PolicyError;
 
@@ -47,48 +49,54 @@ struct PortEntry {
     comment: String,
 }
 
-/// The `*.toml` files of `dir`, sorted by name; a missing directory holds none.
-fn files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(PolicyError::DropInDir { path: dir.to_owned(), source }),
+/// The drop-in directory, checked ([`crate::trusted::open_root_owned_dir`]), and its `*.toml`
+/// names (not starting with `.`), sorted; a missing directory holds none.
+fn files(dir: &Path) -> Result<Option<(TrustedDir, Vec<OsString>)>, PolicyError> {
+    let trusted = match trusted::open_root_owned_dir(dir) {
+        Ok(t) => t,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(PolicyError::DropIn { path: dir.to_owned(), message: untrusted_message(e) }),
     };
-    let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| PolicyError::DropInDir { path: dir.to_owned(), source })?;
-        let path = entry.path();
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.ends_with(".toml") && !name.starts_with('.') {
-            files.push(path);
-        }
+    let entries = trusted
+        .entries()
+        .map_err(|e| PolicyError::DropIn { path: dir.to_owned(), message: untrusted_message(e) })?;
+    let mut names: Vec<OsString> = entries
+        .into_iter()
+        .map(|e| e.name)
+        .filter(|n| {
+            let n = n.to_string_lossy();
+            n.ends_with(".toml") && !n.starts_with('.')
+        })
+        .collect();
+    names.sort();
+    Ok(Some((trusted, names)))
+}
+
+/// The error's own text (the path is named by [`PolicyError::DropIn`] already, the cause chain
+/// is flattened into the message).
+fn untrusted_message(e: TrustError) -> String {
+    match e {
+        TrustError::Open { source, .. } => source.to_string(),
+        other => other.to_string(),
     }
-    files.sort();
-    Ok(files)
 }
 
 pub(crate) fn apply_dir(policy: &mut Policy, dir: &Path) -> Result<(), PolicyError> {
-    for path in files(dir)? {
-        apply_file(policy, &path)?;
+    let Some((trusted, names)) = files(dir)? else { return Ok(()) };
+    for name in names {
+        apply_file(policy, &trusted, &name)?;
     }
     Ok(())
 }
 
-fn apply_file(policy: &mut Policy, path: &Path) -> Result<(), PolicyError> {
+fn apply_file(policy: &mut Policy, dir: &TrustedDir, name: &std::ffi::OsStr) -> Result<(), PolicyError> {
+    let path = &dir.path().join(name);
     let err = |message: String| PolicyError::DropIn { path: path.to_owned(), message };
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(err("not a regular file".into()));
-    }
-    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-        return Err(err(format!(
-            "must be owned by root and not writable by group or others (owner uid {}, mode {:o})",
-            meta.uid(),
-            meta.mode() & 0o7777
-        )));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    // Not through a link, a regular file, root-owned, not group/other-writable: checked on the
+    // descriptor that is read.
+    let mut file = dir.open_file(name).map_err(|e| err(untrusted_message(e)))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(|e| err(e.to_string()))?;
     let mut unknown = Vec::new();
     let de = toml::Deserializer::new(&text);
     let file: DropIn = serde_ignored::deserialize(de, |p| unknown.push(p.to_string())).map_err(|e| err(e.to_string()))?;
@@ -130,6 +138,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("aziot-policy-dropin-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        // drop-in directories must not be group/other-writable, whatever the umask
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         dir
     }
 
@@ -197,6 +207,41 @@ mod tests {
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).unwrap();
         let e = crate::effective("certd", &crate::Grants::default(), Some(&dir)).unwrap_err().to_string();
         assert!(e.contains("w.toml") && e.contains("not writable"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn drop_ins_of_the_service_user_or_through_links_are_refused() {
+        assert!(root(), "drop-ins must be root-owned: run the tests as root");
+        let user = nix::unistd::User::from_name("aziotks")
+            .unwrap()
+            .expect("user aziotks (systemd-sysusers packaging/sysusers.d/aziot.conf)");
+        // a file owned by the service user: named, with its owner, mode and the fix
+        let dir = temp_dir("theirs");
+        let f = write(&dir, "50-theirs.toml", "[[tcp_connect]]\nport = 22\n");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        nix::unistd::chown(&f, Some(user.uid), Some(user.gid)).unwrap();
+        let e = crate::effective("certd", &crate::Grants::default(), Some(&dir)).unwrap_err().to_string();
+        let p = f.display();
+        assert!(e.contains(&format!("{p} is owned by uid {} (aziotks) with mode 0600", user.uid)), "{e}");
+        assert!(e.contains(&format!("`chown root:root {p}` and `chmod 0600 {p}`")), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // a link to a good root-owned file is not followed
+        let dir = temp_dir("link");
+        let elsewhere = temp_dir("link-target");
+        let good = write(&elsewhere, "good.toml", "[[tcp_connect]]\nport = 22\n");
+        std::os::unix::fs::symlink(&good, dir.join("10-link.toml")).unwrap();
+        let e = crate::effective("certd", &crate::Grants::default(), Some(&dir)).unwrap_err().to_string();
+        assert!(e.contains("10-link.toml is a symbolic link"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&elsewhere).unwrap();
+
+        // the directory itself writable by the service user
+        let dir = temp_dir("dir");
+        nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).unwrap();
+        let e = crate::effective("certd", &crate::Grants::default(), Some(&dir)).unwrap_err().to_string();
+        assert!(e.contains(&format!("{} is owned by uid {} (aziotks)", dir.display(), user.uid)), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

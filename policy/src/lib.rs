@@ -16,38 +16,54 @@ mod apply;
 pub mod audit;
 mod creds;
 mod dropin;
+/// The escape suite's attempt mode of the worker (test-only; feature `escape-probe`).
+pub mod escape;
 mod model;
+/// The worker's private mount namespace: prepared by the broker, entered between fork and exec.
+pub mod mountns;
 mod render;
 mod seccomp;
+mod sigsys;
+/// The one table of services (names, users, sockets, config and policy files): [`services::SERVICES`].
+pub mod services;
 mod status;
+/// Opening root's inputs: root-owned files, paths walked without following links.
+pub mod trusted;
 
 use std::path::{Path, PathBuf};
 
-pub use apply::{apply_landlock, apply_rlimits, check_required, LandlockReport};
+pub use apply::{apply_landlock, apply_rlimits, check_required, kernel_abi, rights_report, LandlockReport, RightKind, RightReport};
 pub use audit::{audit_running, audit_service, audit_service_with, default_state_dir, AuditReport, Finding};
 pub use creds::{drop_privileges_in_child, resolve_credentials, Credentials};
 pub use model::{
-    AccessSet, DescriptorKind, DescriptorSpec, FdRule, FsRight, Grants, LandlockPolicy, Origin, PathGrant,
-    PathRule, Policy, PortGrant, PortRule, Requirements, Rlimit, RlimitResource, Scope,
+    AccessSet, DescriptorKind, DescriptorSpec, FdRule, FsRight, Grants, LandlockPolicy, MountNamespacePolicy, MountPlan,
+    Origin, PathGrant, PathRule, Policy, PortGrant, PortRule, Requirements, Rlimit, RlimitResource, Scope, SocketGrant,
+    SocketRule,
 };
-pub use render::render_human;
+pub use render::{render_for_kernel, render_human};
 pub use seccomp::{
     apply_seccomp, syscall_name, ArgCondition, ProcessState, SeccompFilterDoc, SeccompMode, SeccompPolicy, SeccompReport,
     SeccompRuleDoc,
 };
+pub use sigsys::{parse_violation, report_seccomp_violations_to, SeccompViolation, AUDIT_ARCH};
 pub use status::{status_path, Status};
 
-/// The services that have a policy, in the order `aziotctl policy` lists them.
-pub const SERVICES: &[&str] = &["keyd", "certd", "identityd", "tpmd"];
+/// The short names of the services of [`services::SERVICES`] (every one has a policy), in the
+/// order `aziotctl policy` lists them.
+pub const SERVICES: &[&str] = &services::SHORT_NAMES;
 
-/// Where the admin's drop-ins for `service` live: `/etc/aziot/<svc>/policy.d`.
+/// Where the admin's drop-ins for `service` live: `/etc/aziot/<svc>/policy.d`
+/// ([`services::ServiceInfo::policy_d`]).
 pub fn default_policy_d(service: &str) -> PathBuf {
-    PathBuf::from(format!("/etc/aziot/{service}/policy.d"))
+    match services::by_short(service) {
+        Some(info) => PathBuf::from(info.policy_d),
+        None => PathBuf::from(format!("/etc/aziot/{service}/policy.d")),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("no sandbox policy for service {0:?} (known: keyd, certd, identityd, tpmd)")]
+    #[error("no sandbox policy for service {0:?} (known: {known})", known = SERVICES.join(", "))]
     UnknownService(String),
     #[error("built-in policy {file} is invalid")]
     Builtin { file: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
@@ -67,6 +83,8 @@ pub enum PolicyError {
     Rlimit { resource: String, #[source] source: nix::Error },
     #[error("the policy names descriptor {0:?} but the worker was not handed one")]
     MissingDescriptor(String),
+    #[error("refusing to start the {service} worker: {problem}")]
+    Handoff { service: String, problem: model::HandoffProblem },
     #[error("{what} must happen before any thread exists ({threads} threads)")]
     Threads { what: &'static str, threads: usize },
     #[error("Landlock failed")]

@@ -4,8 +4,10 @@
 //! Two filters are installed, in this order, both with SECCOMP_FILTER_FLAG_TSYNC:
 //! 1. `clone3_enosys` (default allow; clone3 -> ENOSYS): glibc then falls back to clone, whose
 //!    flags the allowlist can check (clone3 passes them in memory);
-//! 2. `allowlist` (default KillProcess, or SECCOMP_RET_LOG in log mode), which must itself allow
-//!    clone3 so that filter 1 decides (the kernel applies the most restrictive answer).
+//! 2. `allowlist` (default SECCOMP_RET_TRAP, or SECCOMP_RET_LOG in log mode), which must itself
+//!    allow clone3 so that filter 1 decides (the kernel applies the most restrictive answer).
+//!    A trap runs the SIGSYS handler of `sigsys.rs`: it reports the syscall to the broker and
+//!    the process dies by SIGSYS, as with KillProcess.
 //!
 //! Digest: sha256 over the filters in the order PTRACE_SECCOMP_GET_FILTER returns them (index 0
 //! = the first installed, as the kernel's get_nth_filter counts: clone3_enosys, then allowlist),
@@ -28,9 +30,17 @@ mod programs {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeccompPolicy {
     pub service: String,
+    /// The compiled program the worker installs: the service's own (`keyd`), or a variant the
+    /// broker selects from config (`keyd+pkcs11`: `keyd.json` plus `seccomp/keyd+pkcs11.json`).
+    #[serde(default)]
+    pub program: String,
+    /// For a variant: the config that selects it (the variant file's `when`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub variant_when: String,
     /// Architecture the programs were compiled for (`x86_64`, `aarch64`).
     pub arch: String,
-    /// Default action of the allowlist: `kill-process`.
+    /// Default action of the allowlist: `trap` (SIGSYS to the reporting handler, then death by
+    /// SIGSYS).
     pub default_action: String,
     /// sha256 of the installed programs in kill mode (what the audit expects).
     pub digest: String,
@@ -94,13 +104,7 @@ struct JsonArg {
 }
 
 fn json_source(service: &str) -> Option<&'static str> {
-    Some(match service {
-        "keyd" => include_str!("../seccomp/keyd.json"),
-        "certd" => include_str!("../seccomp/certd.json"),
-        "identityd" => include_str!("../seccomp/identityd.json"),
-        "tpmd" => include_str!("../seccomp/tpmd.json"),
-        _ => return None,
-    })
+    crate::services::by_short(service).map(|info| info.seccomp_json)
 }
 
 fn action_name(v: &serde_json::Value) -> String {
@@ -213,8 +217,10 @@ impl SeccompPolicy {
         let text = json_source(service).ok_or_else(|| PolicyError::UnknownService(service.to_owned()))?;
         Ok(SeccompPolicy {
             service: service.to_owned(),
+            program: service.to_owned(),
+            variant_when: String::new(),
             arch: programs::ARCH.to_owned(),
-            default_action: "kill-process".into(),
+            default_action: "trap".into(),
             digest: compiled_digest(service, false)?.to_owned(),
             log_digest: compiled_digest(service, true)?.to_owned(),
             filters: vec![
@@ -222,6 +228,44 @@ impl SeccompPolicy {
                 docs(&format!("{service}.json"), text)?,
             ],
         })
+    }
+
+    /// `service`'s variant program `<service>+<variant>` (e.g. `keyd+pkcs11`): the service's
+    /// allowlist plus the variant file's rules, with the variant's own build-time digests.
+    pub(crate) fn variant(service: &str, variant: &str) -> Result<SeccompPolicy, PolicyError> {
+        let name = format!("{service}+{variant}");
+        let (_, _, text) = programs::VARIANTS
+            .iter()
+            .find(|(n, base, _)| *n == name && *base == service)
+            .ok_or_else(|| PolicyError::NoProgram { service: name.clone(), arch: programs::ARCH.to_owned() })?;
+        let bad = |e: serde_json::Error| PolicyError::Builtin { file: format!("seccomp/{name}.json"), source: Box::new(e) };
+        let ext: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
+        let wrapped = serde_json::json!({ "allowlist": { "mismatch_action": "trap", "match_action": "allow", "filter": ext["filter"] } });
+        let extra = docs(&format!("{name}.json"), &wrapped.to_string())?;
+        let mut policy = SeccompPolicy::builtin(service)?;
+        policy.program = name.clone();
+        policy.variant_when = ext["when"].as_str().unwrap_or_default().to_owned();
+        policy.digest = compiled_digest(&name, false)?.to_owned();
+        policy.log_digest = compiled_digest(&name, true)?.to_owned();
+        if let Some(allowlist) = policy.filters.iter_mut().find(|f| f.name == "allowlist") {
+            allowlist.rules.extend(extra.rules);
+        }
+        Ok(policy)
+    }
+
+    /// The variant programs of `service` (`keyd+pkcs11`, ...).
+    pub fn variants_of(service: &str) -> Vec<&'static str> {
+        programs::VARIANTS.iter().filter(|(_, base, _)| *base == service).map(|(n, _, _)| *n).collect()
+    }
+
+    /// The program name (`keyd`, `keyd+pkcs11`); a policy serialized before programs had names
+    /// runs its service's own.
+    pub fn program_name(&self) -> &str {
+        if self.program.is_empty() {
+            &self.service
+        } else {
+            &self.program
+        }
     }
 
     /// The digest the installed programs have in `mode` (empty for `Skip`).
@@ -256,7 +300,8 @@ impl SeccompPolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SeccompMode {
-    /// Default action KillProcess (production).
+    /// Default action SECCOMP_RET_TRAP + the reporting SIGSYS handler: a violation kills the
+    /// process by SIGSYS, as KillProcess would (production).
     Kill,
     /// Default action SECCOMP_RET_LOG: nothing is denied, violations are logged (field triage;
     /// degraded).
@@ -314,11 +359,13 @@ pub struct SeccompReport {
 }
 
 /// Installs the policy's seccomp filters on every thread (TSYNC); call it after Landlock and
-/// before any thread exists. `Kill`: default action KillProcess.
+/// before any thread exists. `Kill`: default action SECCOMP_RET_TRAP, with the SIGSYS handler
+/// of [`crate::sigsys`] installed first (it reports the syscall on the descriptor given to
+/// [`crate::report_seccomp_violations_to`], then the process dies by SIGSYS).
 pub fn apply_seccomp(policy: &Policy, mode: SeccompMode) -> Result<SeccompReport, PolicyError> {
     let log = mode == SeccompMode::Log;
-    let progs = programs(&policy.service, log)?;
-    let compiled_kill = compiled_digest(&policy.service, false)?;
+    let progs = programs(policy.seccomp.program_name(), log)?;
+    let compiled_kill = compiled_digest(policy.seccomp.program_name(), false)?;
     if compiled_kill != policy.seccomp.digest {
         return Err(PolicyError::SeccompDigest { policy: policy.seccomp.digest.clone(), compiled: compiled_kill.to_owned() });
     }
@@ -333,20 +380,26 @@ pub fn apply_seccomp(policy: &Policy, mode: SeccompMode) -> Result<SeccompReport
     if mode == SeccompMode::Skip {
         return Ok(SeccompReport { mode, filters: 0, digest: String::new(), arch: programs::ARCH.into(), process });
     }
+    if mode == SeccompMode::Kill {
+        // Before the filter: a forbidden syscall traps into this handler, which reports it
+        // (crate::sigsys) and dies by SIGSYS.
+        crate::sigsys::install_handler().map_err(PolicyError::Seccomp)?;
+    }
     for program in progs {
         install(program).map_err(PolicyError::Seccomp)?;
     }
     Ok(SeccompReport {
         mode,
         filters: progs.len() as u32,
-        digest: compiled_digest(&policy.service, log)?.to_owned(),
+        digest: compiled_digest(policy.seccomp.program_name(), log)?.to_owned(),
         arch: programs::ARCH.into(),
         process,
     })
 }
 
-fn install(program: &[u8]) -> std::io::Result<()> {
-    let filter: Vec<libc::sock_filter> = program
+/// A compiled program (little-endian `struct sock_filter` array) as the kernel takes it.
+pub(crate) fn to_sock_filter(program: &[u8]) -> Vec<libc::sock_filter> {
+    program
         .chunks_exact(8)
         .map(|c| libc::sock_filter {
             code: u16::from_le_bytes([c[0], c[1]]),
@@ -354,7 +407,17 @@ fn install(program: &[u8]) -> std::io::Result<()> {
             jf: c[3],
             k: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
         })
-        .collect();
+        .collect()
+}
+
+/// `service`'s kill-mode programs in installation order (for the SIGSYS handler's test).
+#[cfg(test)]
+pub(crate) fn programs_for_test(service: &str) -> [&'static [u8]; 2] {
+    programs(service, false).expect("compiled programs")
+}
+
+fn install(program: &[u8]) -> std::io::Result<()> {
+    let filter = to_sock_filter(program);
     let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut libc::sock_filter };
     // SAFETY: seccomp(SECCOMP_SET_MODE_FILTER) copies the program from `prog`, which points at
     // `filter`, alive for the duration of the call; no_new_privs was set by the caller.
@@ -409,7 +472,22 @@ mod tests {
         for forbidden in ["socket", "connect", "execve", "kill", "ptrace", "bind", "listen"] {
             assert!(!p.allows(forbidden), "keyd allows {forbidden}");
         }
-        assert_eq!(p.syscall_count(), 54);
+        // 52 without a PKCS#11 module; keyd+pkcs11 adds ftruncate and unlink (and fcntl locks).
+        assert_eq!(p.syscall_count(), 52);
+        let pkcs11 = SeccompPolicy::variant("keyd", "pkcs11").unwrap();
+        assert_eq!(pkcs11.syscall_count(), 54);
+        assert_eq!(pkcs11.program_name(), "keyd+pkcs11");
+        assert_ne!(pkcs11.digest, p.digest);
+        assert!(!p.allows("ftruncate") && !p.allows("unlink") && pkcs11.allows("ftruncate") && pkcs11.allows("unlink"));
+        let locks = |sp: &SeccompPolicy| {
+            sp.filters[1].rules.iter().filter(|r| r.syscall == "fcntl" && r.args[0].test.starts_with("== ")).map(|r| r.args[0].test.clone()).collect::<Vec<_>>()
+        };
+        for lock in ["== 5", "== 6", "== 7"] {
+            assert!(!locks(&p).iter().any(|t| t == lock) && locks(&pkcs11).iter().any(|t| t == lock), "F_*LK {lock}");
+        }
+        assert_eq!(SeccompPolicy::variants_of("keyd"), ["keyd+pkcs11"]);
+        assert!(SeccompPolicy::variants_of("tpmd").is_empty());
+        assert!(SeccompPolicy::variant("tpmd", "pkcs11").is_err());
         let mmap = p.filters[1].rules.iter().find(|r| r.syscall == "mmap").unwrap();
         assert_eq!(mmap.args[0].test, "& 0x4 == 0x0");
     }

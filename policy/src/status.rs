@@ -19,6 +19,10 @@ pub struct Status {
     pub policy_digest: String,
     /// The digest of the seccomp programs the worker reported installed.
     pub seccomp_digest: String,
+    /// The seccomp program the broker chose from config (`keyd`, or `keyd+pkcs11` when a
+    /// PKCS#11 module is configured): the audit expects its digest. Empty: the service's own.
+    #[serde(default)]
+    pub seccomp_program: String,
     /// What the worker reported Landlock enforced (untrusted: recorded, never obeyed).
     pub landlock: LandlockReport,
     /// `kill`, `log` or `skip`.
@@ -35,6 +39,10 @@ pub struct Status {
     /// worker may hold these whatever their type.
     #[serde(default)]
     pub handed_inodes: Vec<(u64, u64)>,
+    /// The worker's private mount namespace as the broker set it up (`None`: the policy asks
+    /// for none): checked by the audit against /proc/<pid>/ns/mnt and /proc/<pid>/mountinfo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_namespace: Option<crate::mountns::MountNsRecord>,
 }
 
 /// `<run_dir>/<service>.status`, e.g. `/run/aziot/keyd.status`.

@@ -32,8 +32,94 @@ fn a_sandboxed_worker_passes_the_audit() {
         assert!(threads.actual.starts_with("all 3 thread(s)"), "{threads:?}");
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["ok"], true);
+        landlock_rights_are_reported(svc, &served.status_path, &report);
         assert_eq!(served.finish(), "ok");
     }
+}
+
+/// The worker asked for every right the landlock crate knows (up to ABI 10), and its report,
+/// as the status file carries it, says per right what this kernel enforced; the audit prints
+/// the rights this kernel does not enforce (ABI 7 here: resolve-unix, and UDP where requested).
+fn landlock_rights_are_reported(svc: &str, status_path: &std::path::Path, report: &AuditReport) {
+    let status = Status::read(status_path).unwrap();
+    let ll = &status.landlock;
+    let kernel = aziot_policy::kernel_abi();
+    assert_eq!(ll.abi, kernel, "{svc}: the report's ABI is the kernel's");
+    assert_eq!(ll.requested_abi, 10, "{svc}");
+    let expected = aziot_policy::rights_report(&aziot_policy::builtin(svc).unwrap(), kernel);
+    assert_eq!(ll.rights, expected, "{svc}: per-right report");
+    let right = |name: &str| ll.rights.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{svc}: no {name}"));
+    assert!(right("read-file").requested && right("read-file").enforced, "{svc}");
+    assert!(right("signal").enforced, "{svc}");
+    let resolve = right("resolve-unix");
+    assert!(resolve.requested, "{svc}");
+    assert_eq!(resolve.enforced, kernel >= 9, "{svc}: resolve-unix");
+    let udp = right("connect-send-udp");
+    assert_eq!(udp.requested, svc != "identityd", "{svc}: UDP requested unless DNS needs it");
+    assert_eq!(udp.enforced, udp.requested && kernel >= 10, "{svc}: UDP");
+    let rights = report.findings.iter().find(|f| f.check == "landlock rights").expect("landlock rights finding");
+    assert!(rights.ok && rights.actual.contains(&format!("by this kernel (ABI {kernel})")), "{rights:?}");
+    let listed: Vec<&str> = report
+        .findings
+        .iter()
+        .filter(|f| f.check == "landlock right")
+        .map(|f| f.actual.as_str())
+        .collect();
+    let not_enforced = ll.rights.iter().filter(|r| r.requested && !r.enforced).count();
+    assert_eq!(listed.len(), not_enforced, "{svc}: {listed:?}");
+    if kernel < 9 {
+        assert!(
+            listed.iter().any(|l| l.starts_with("fs resolve-unix (ABI 9): NOT enforced on this kernel")),
+            "{svc}: {listed:?}"
+        );
+        assert!(report.render_human().contains("resolve-unix (ABI 9): NOT enforced on this kernel"));
+    }
+}
+
+#[test]
+fn a_worker_that_requested_other_rights_is_a_deviation() {
+    env();
+    let served = serve("keyd", "rights", &[]);
+    let mut status = Status::read(&served.status_path).unwrap();
+    // A report that says resolve-unix was not even requested (an older or tampered worker).
+    for r in status.landlock.rights.iter_mut().filter(|r| r.name == "resolve-unix") {
+        r.requested = false;
+        r.enforced = false;
+    }
+    let path = served.status_path.with_extension("rights");
+    status.write(&path).unwrap();
+    let dev = deviations(&audit_service("keyd", &path)).join("\n");
+    assert!(dev.contains("status file landlock rights: requested "), "{dev}");
+    // No per-right report at all.
+    status.landlock.rights.clear();
+    status.write(&path).unwrap();
+    let dev = deviations(&audit_service("keyd", &path)).join("\n");
+    assert!(dev.contains("landlock rights: no per-right Landlock report"), "{dev}");
+}
+
+#[test]
+fn the_seccomp_program_is_the_one_the_broker_chose() {
+    env();
+    let served = serve("keyd", "program", &[]);
+    let status = Status::read(&served.status_path).unwrap();
+    assert_eq!(status.seccomp_program, "keyd");
+    let report = audit_service("keyd", &served.status_path);
+    let variant = report.findings.iter().find(|f| f.check == "seccomp variant").unwrap();
+    assert!(variant.ok && variant.actual.starts_with("keyd (the service's own)"), "{variant:?}");
+    // The status file says the broker chose keyd+pkcs11: the live program (keyd's) differs.
+    let mut lie = status.clone();
+    lie.seccomp_program = "keyd+pkcs11".into();
+    let path = served.status_path.with_extension("pkcs11");
+    lie.write(&path).unwrap();
+    let report = audit_service("keyd", &path);
+    let program = report.findings.iter().find(|f| f.check == "seccomp program").unwrap();
+    let pkcs11 = aziot_policy::effective("keyd", &aziot_policy::Grants { pkcs11: true, ..Default::default() }, None).unwrap();
+    assert!(!program.ok && program.expected.contains(&pkcs11.seccomp.digest), "{program:?}");
+    // A program that is not keyd's.
+    lie.seccomp_program = "tpmd".into();
+    lie.write(&path).unwrap();
+    let dev = deviations(&audit_service("keyd", &path)).join("\n");
+    assert!(dev.contains("seccomp variant: \"tpmd\" is not a program of keyd"), "{dev}");
 }
 
 #[test]
@@ -99,6 +185,7 @@ fn an_unsandboxed_process_fails_the_audit() {
         worker_pid: me,
         policy_digest: String::new(),
         seccomp_digest: aziot_policy::builtin("keyd").unwrap().seccomp.digest,
+        seccomp_program: "keyd".into(),
         landlock: Default::default(),
         seccomp_mode: "kill".into(),
         degraded: false,
@@ -106,6 +193,7 @@ fn an_unsandboxed_process_fails_the_audit() {
         restarts: 0,
         handed_dirs: Vec::new(),
             handed_inodes: Vec::new(),
+        mount_namespace: None,
     };
     let path = env().prefix.join("self.status");
     status.write(&path).unwrap();

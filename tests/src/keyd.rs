@@ -133,6 +133,26 @@ pub fn service_user() -> (u32, u32) {
     (user.uid.as_raw(), user.gid.as_raw())
 }
 
+/// What the keyd harness needs as this run configures it: root, [`SERVICE_USER`], SoftHSM2 with
+/// `AZIOT_TEST_BACKEND=softhsm`, systemd-socket-activate with
+/// `AZIOT_TEST_ACTIVATION=systemd`. For [`crate::require_keyd!`].
+pub fn harness_deps() -> Vec<crate::Dep> {
+    use crate::Dep;
+    let mut deps = vec![Dep::Root, Dep::ServiceUser(SERVICE_USER)];
+    if Backend::from_env() == Backend::SoftHsm {
+        deps.push(Dep::SoftHsm);
+    }
+    if Activation::from_env() == Activation::Systemd {
+        deps.push(Dep::SocketActivate);
+    }
+    deps
+}
+
+/// Whether [`socket_activate_bin`] would find one.
+pub fn socket_activate_available() -> bool {
+    std::env::var_os("AZIOT_TEST_SOCKET_ACTIVATE").is_some() || crate::on_path("systemd-socket-activate")
+}
+
 /// `systemd-socket-activate`: `$AZIOT_TEST_SOCKET_ACTIVATE`, else the first one on `$PATH` (or
 /// /usr/bin, /bin). Panics (test failure, never a skip) when it is not installed.
 pub fn socket_activate_bin() -> PathBuf {
@@ -354,6 +374,10 @@ impl Builder {
         }
         let pkcs11 = match &softhsm {
             None => String::new(),
+            // pkcs11_base_slot("") writes none: token keys only as preloaded pkcs11: URIs.
+            Some(_) if self.base_slot.as_deref() == Some("") => {
+                format!("pkcs11_lib_path = {}\n", toml_str(SOFTHSM_MODULE))
+            }
             Some(hsm) => format!(
                 "pkcs11_lib_path = {}\npkcs11_base_slot = {}\n",
                 toml_str(SOFTHSM_MODULE),
@@ -769,9 +793,13 @@ impl Keyd {
             self.signal_group(libc::SIGKILL);
             assert!(self.reap(Duration::from_secs(10)), "keyd did not die");
         }
-        // Other members of the group (worker) too.
+        // Other members of the group (worker) too: they follow the broker (PDEATHSIG) within
+        // 500 ms, else they are killed.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while group_alive(pgid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if group_alive(pgid) {
-            std::thread::sleep(Duration::from_millis(500));
             if let Some(pg) = pgid {
                 // SAFETY: plain syscall on our own process group.
                 unsafe {

@@ -341,6 +341,7 @@ fn keypair_create_algorithms(v: &'static str) {
 /// RSA-4096 generation is slow: one case only.
 #[test]
 fn keypair_rsa_4096() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::start("");
     let api = keyd.api(V2021);
     let h = api.create_keypair("big", Some("rsa-4096"));

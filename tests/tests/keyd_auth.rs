@@ -217,23 +217,16 @@ fn handle_validation_key_is_reserved(v: &'static str) {
 /// without an HTTP response; other uids are unaffected; the slot comes back on close.
 #[test]
 fn throttling_per_uid() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::start(&format!(
         "max_requests = 10\n[[principal]]\nuid = {APP}\nkeys = [\"thr-*\"]\n"
     ));
     let api = keyd.api(V2021);
     api.create_key("thr-1", "sign");
-    std::thread::sleep(Duration::from_millis(300)); // let the readiness probe's slot come back
     let target = api.target("/key/thr-1");
-
-    let mut held = Vec::new();
-    for i in 0..10 {
-        let mut c = keyd.conn();
-        let r = c
-            .request("GET", &target, None)
-            .expect("request on a held connection");
-        assert_eq!(r.status, 200, "connection {i}\n{r}");
-        held.push(c);
-    }
+    // The readiness probe's and create_key's slots come back when keyd sees those connections
+    // close: poll until root holds all 10.
+    let mut held = hold_all_slots(&keyd, &target, "the readiness probe's slot never came back");
     // the 11th connection from root: closed, no response at all
     let mut c11 = keyd.conn();
     c11.set_read_timeout(Duration::from_secs(10))
@@ -291,22 +284,40 @@ fn throttling_per_uid() {
         let _ = c
             .send_raw(b"POST /key?api-version=2021-05-01 HTTP/1.1\r\nContent-Length: 100\r\n\r\n{");
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let mut again = Vec::new();
-    for i in 0..10 {
-        let mut c = keyd.conn();
-        c.set_read_timeout(Duration::from_secs(10))
-            .expect("timeout");
-        let r = c
-            .request("GET", &target, None)
-            .unwrap_or_else(|e| panic!("slot {i} not returned: {e}"));
-        assert_eq!(r.status, 200, "{r}");
-        again.push(c);
+    hold_all_slots(&keyd, &target, "the slots of the abruptly closed connections were not returned");
+}
+
+/// Polls (10 s) until root can hold 10 connections at once, each answered 200: every slot of
+/// the per-uid limit is free. Returns the held connections.
+fn hold_all_slots(keyd: &Keyd, target: &str, what: &str) -> Vec<aziot_tests::http::Conn> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut held = Vec::new();
+        let mut failed = None;
+        for i in 0..10 {
+            let mut c = keyd.conn();
+            c.set_read_timeout(Duration::from_secs(10)).expect("timeout");
+            match c.request("GET", target, None) {
+                Ok(r) if r.status == 200 => held.push(c),
+                Ok(r) => panic!("slot {i}: {r}"),
+                Err(e) => {
+                    failed = Some(format!("slot {i}: {e}"));
+                    break;
+                }
+            }
+        }
+        match failed {
+            None => return held,
+            Some(e) => assert!(Instant::now() < deadline, "{what}: {e}"),
+        }
+        drop(held);
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 #[test]
 fn max_requests_zero_rejects_everything() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::start("max_requests = 0\n");
     let mut c = keyd.conn();
     c.set_read_timeout(Duration::from_secs(10))
@@ -332,6 +343,7 @@ fn max_requests_zero_rejects_everything() {
 /// and mode once the service runs. The access checks that follow are the same in both modes.
 #[test]
 fn socket_mode_and_owner() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::builder()
         .extra(&format!("[[principal]]\nuid = {APP}\nkeys = [\"*\"]\n"))
         .keep_socket_owner()
@@ -371,6 +383,8 @@ fn socket_mode_and_owner() {
 /// A standard client (curl --unix-socket) running as another uid.
 #[test]
 fn curl_as_another_uid() {
+    aziot_tests::require_keyd!();
+    aziot_tests::require!(aziot_tests::Dep::Curl);
     let keyd = Keyd::start(&format!(
         "[[principal]]\nuid = {APP}\nkeys = [\"curl-*\"]\n"
     ));
@@ -422,6 +436,7 @@ use std::os::unix::process::CommandExt as _;
 /// nothing else is applied without a restart.
 #[test]
 fn principals_hot_reload() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::start(&format!("[[principal]]\nuid = {APP}\nkeys = [\"a-*\"]\n"));
     let app = keyd.api(V2021).as_uid(APP);
     app.create_key("a-1", "sign");

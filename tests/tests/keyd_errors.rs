@@ -474,6 +474,7 @@ fn body_too_slow(v: &'static str) {
     let mut conn = keyd.conn();
     conn.send_raw(head.as_bytes()).expect("head");
     for b in body.chunks(8) {
+        // The scenario, not a wait for a state: a client pausing mid-body (under the 5 s limit).
         std::thread::sleep(Duration::from_millis(300));
         conn.send_raw(b).expect("chunk");
     }

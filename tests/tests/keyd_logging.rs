@@ -11,6 +11,7 @@ use aziot_tests::Keyd;
 /// No key material, handle signature or plaintext appears in the log at debug level.
 #[test]
 fn no_secrets_in_debug_log() {
+    aziot_tests::require_keyd!();
     // key bytes, key files and the HVK of the file backend (the PIN of a token:
     // keyd_pkcs11.rs)
     let backend = aziot_tests::keyd::file_backend_only("no_secrets_in_debug_log");
@@ -83,6 +84,7 @@ fn no_secrets_in_debug_log() {
 /// `<S>TIMESTAMP [LVL] - MESSAGE` (common-http.md §8).
 #[test]
 fn log_line_format_and_startup_sequence() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::start("");
     let api = keyd.api(V2021);
     api.create_key("k", "sign");
@@ -155,6 +157,7 @@ fn is_log_line(line: &str, sev: &str, rest: &str) -> bool {
 
 #[test]
 fn unknown_config_keys_warn_but_start() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::builder()
         .extra("bogus_key = 1\n")
         .drop_in("50-extra.toml", "[another_bogus_table]\nx = 1\n")
@@ -176,6 +179,7 @@ fn unknown_config_keys_warn_but_start() {
 
 #[test]
 fn fatal_config_errors_exit_1() {
+    aziot_tests::require_keyd!();
     // invalid TOML in a drop-in
     let (status, log) = Keyd::builder()
         .drop_in("10-bad.toml", "this is = = not toml")
@@ -202,6 +206,7 @@ fn fatal_config_errors_exit_1() {
 /// sorted order (later files win for scalars).
 #[test]
 fn config_from_drop_ins_only() {
+    aziot_tests::require_keyd!();
     let mut keyd = Keyd::start("");
     let api = keyd.api(V2021);
     let h = api.create_key("persist", "sign");
@@ -224,6 +229,7 @@ fn config_from_drop_ins_only() {
 /// common-http.md §1: the service is chosen by argv[0]'s file name.
 #[test]
 fn launched_through_an_argv0_symlink() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::builder().via_symlink("aziot-keyd").start();
     let api = keyd.api(V2021);
     api.create_key("k", "sign");
@@ -244,6 +250,7 @@ fn launched_through_an_argv0_symlink() {
 /// socket bound there, and the worker serves on exactly that socket.
 #[test]
 fn directory_at_the_socket_path_is_replaced() {
+    aziot_tests::require_keyd!();
     let mode = Activation::from_env();
     println!("activation mode: {}", mode.name());
     match mode {
@@ -291,6 +298,7 @@ fn directory_at_the_socket_path_is_replaced() {
 /// throughput; docs/compatibility.md). At the default level they do not appear.
 #[test]
 fn requests_are_logged_at_debug_only() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::builder().log_level("debug").start();
     keyd.api(V2021).create_key("k", "sign");
     let _ = keyd.wait_log("--> ", std::time::Duration::from_secs(2));

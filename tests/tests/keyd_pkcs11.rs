@@ -11,7 +11,8 @@ use std::process::Command;
 use aziot_tests::api::*;
 use aziot_tests::crypto::*;
 use aziot_tests::keyd::{toml_str, Backend, SoftHsm};
-use aziot_tests::Keyd;
+use aziot_tests::keyd::SERVICE_USER;
+use aziot_tests::{Dep, Keyd};
 use serde_json::json;
 
 fn openssl_cli(args: &[&str], dir: &Path) -> std::process::Output {
@@ -32,6 +33,7 @@ fn assert_no_pin(keyd: &Keyd, pins: &[&str]) {
 
 #[test]
 fn token_key_pair_is_listed_and_its_signature_verifies_with_openssl() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser(SERVICE_USER), Dep::SoftHsm, Dep::Pkcs11Tool, Dep::OpensslCli);
     let keyd = Keyd::builder().backend(Backend::SoftHsm).log_level("debug").start();
     let hsm = keyd.softhsm().expect("token");
     let api = keyd.api(V2021);
@@ -110,6 +112,7 @@ fn ec_compressed_point_pub(pk: &openssl::pkey::PKey<openssl::pkey::Public>) -> V
 
 #[test]
 fn malformed_base_slot_uri_refuses_to_start() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser(SERVICE_USER), Dep::SoftHsm, Dep::Pkcs11Tool, Dep::OpensslCli);
     for (uri, what) in [
         ("pkcs11:token=aziot-test;token=again?pin-value=1234", "repeated token"),
         ("pkcs11:token=aziot-test?pin-value=1234&pin-source=file:/x", "pin-value and pin-source"),
@@ -131,6 +134,7 @@ fn malformed_base_slot_uri_refuses_to_start() {
 
 #[test]
 fn missing_token_label_refuses_to_start() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser(SERVICE_USER), Dep::SoftHsm, Dep::Pkcs11Tool, Dep::OpensslCli);
     let b = Keyd::builder().backend(Backend::SoftHsm);
     let (status, log) = b.pkcs11_base_slot("pkcs11:token=no-such-token?pin-value=98765432").start_expecting_exit();
     assert_eq!(status.code(), Some(1), "exit status {status}\n{log}");
@@ -164,6 +168,7 @@ fn start_with_wrong_pin(wrong: &str) -> (Keyd, Vec<u8>) {
 /// Start succeeds with a wrong PIN (login is lazy, spec §7.1), and the PIN is not logged.
 #[test]
 fn wrong_pin_still_starts() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser(SERVICE_USER), Dep::SoftHsm, Dep::Pkcs11Tool, Dep::OpensslCli);
     let wrong = "11112222333344445555";
     let (keyd, _sym) = start_with_wrong_pin(wrong);
     // the worker set the parameters, loaded the module, found the token, reported ready
@@ -172,7 +177,14 @@ fn wrong_pin_still_starts() {
         "no worker became ready\n{}",
         keyd.log()
     );
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Still the first worker, and serving: a request is answered by the same pid (no fixed
+    // wait for a death that should not come).
+    let worker = keyd.worker_pid();
+    let r = keyd
+        .raw(b"GET /nonexistent?api-version=2021-05-01 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("a request to the worker");
+    assert!(r.status >= 400 && r.status < 500, "{r}");
+    assert_eq!(keyd.worker_pid(), worker, "the worker was replaced\n{}", keyd.log());
     let log = keyd.log();
     assert!(!log.contains("restarted") && !log.contains("killed"), "the worker died\n{log}");
     let hsm = keyd.softhsm().expect("token");
@@ -188,6 +200,7 @@ fn wrong_pin_still_starts() {
 /// `a_wrong_pin_or_a_missing_token_fails_only_its_own_keys` below.
 #[test]
 fn wrong_pin_fails_token_requests_and_keyd_stays_up() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser(SERVICE_USER), Dep::SoftHsm, Dep::Pkcs11Tool, Dep::OpensslCli);
     let wrong = "11112222333344445555";
     let (mut keyd, _sym) = start_with_wrong_pin(wrong);
     let api = keyd.api(V2021);
@@ -211,6 +224,7 @@ fn wrong_pin_fails_token_requests_and_keyd_stays_up() {
 /// its cause in the log; keys on the base slot keep being created and used, and keyd stays up.
 #[test]
 fn a_wrong_pin_or_a_missing_token_fails_only_its_own_keys() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser(SERVICE_USER), Dep::SoftHsm, Dep::Pkcs11Tool, Dep::OpensslCli);
     let mut keyd = Keyd::builder().backend(Backend::SoftHsm).start();
     keyd.stop();
     // a second token in the same store, holding an EC pair "k", made with its right PIN
@@ -274,6 +288,7 @@ fn a_wrong_pin_or_a_missing_token_fails_only_its_own_keys() {
 /// nowhere in the log.
 #[test]
 fn a_pin_source_file_is_read_before_the_sandbox_locks() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser(SERVICE_USER), Dep::SoftHsm, Dep::Pkcs11Tool, Dep::OpensslCli);
     let b = Keyd::builder().backend(Backend::SoftHsm);
     let pin_file = b.dir().join("hsm-pin");
     let keyd = b

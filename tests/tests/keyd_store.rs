@@ -90,6 +90,7 @@ fn list_keys(dir: &Path) -> Vec<String> {
 
 #[test]
 fn key_files_names_modes_and_contents() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::builder().backend(file_backend_only("key_files_names_modes_and_contents")).start();
     let api = keyd.api(V2021);
     let dev = api.create_keypair("device-id", Some("ec-p256"));
@@ -158,6 +159,7 @@ fn key_files_names_modes_and_contents() {
 
 #[test]
 fn upstream_minted_handles_are_accepted() {
+    aziot_tests::require_keyd!();
     let b = Keyd::builder().backend(file_backend_only("upstream_minted_handles_are_accepted"));
     let keys = b.dir().join("home/keys");
     fs::create_dir(&keys).expect("mkdir keys");
@@ -237,6 +239,7 @@ fn upstream_minted_handles_are_accepted() {
 
 #[test]
 fn preloaded_file_keys() {
+    aziot_tests::require_keyd!();
     let b = Keyd::builder().backend(file_backend_only("preloaded_file_keys"));
     let pre = b.dir().join("preloaded");
     fs::create_dir(&pre).expect("mkdir");
@@ -354,6 +357,7 @@ struct Progress {
 
 #[test]
 fn kill9_during_writes_leaves_no_torn_files() {
+    aziot_tests::require_keyd!();
     let mut keyd = Keyd::builder().backend(file_backend_only("kill9_during_writes_leaves_no_torn_files")).start();
     let mut next: u64 = 0;
     let mut all_attempted: Vec<Op> = Vec::new();
@@ -406,6 +410,7 @@ fn kill9_during_writes_leaves_no_torn_files() {
         while progress.lock().expect("lock").acked.len() < 5 {
             std::thread::sleep(Duration::from_millis(2));
         }
+        // The scenario, not a wait for a state: kill -9 at a random moment mid-writes.
         std::thread::sleep(Duration::from_millis(20 + random_u64() % 400));
         keyd.kill9();
         writer.join().expect("writer thread");
@@ -568,6 +573,7 @@ fn snapshot(root: &Path, out: &mut BTreeMap<PathBuf, (char, u64, u32)>) {
 
 #[test]
 fn hostile_ids_stay_inside_the_keys_dir() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::builder().backend(file_backend_only("hostile_ids_stay_inside_the_keys_dir")).start();
     let api = keyd.api(V2021);
     let keys = keyd.keys_dir();
@@ -686,6 +692,7 @@ fn hostile_ids_stay_inside_the_keys_dir() {
 /// created a key and used it must never see it replaced by a concurrent create).
 #[test]
 fn concurrent_creates_agree() {
+    aziot_tests::require_keyd!();
     let keyd = Keyd::start("max_requests = 32\n");
     let api = keyd.api(V2021);
     let barrier = Arc::new(std::sync::Barrier::new(8));

@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 use aziot_tests::crypto::{b64, hmac_sha256, random, unb64};
 use aziot_tests::http::{build_request, Conn, Response};
 use aziot_tests::keyd::{aziotctl_bin, aziotd_bin, exchange_as, TempDir};
+use aziot_tests::Dep;
 use aziot_tests::tpmd::{Kill, Swtpm, Tpmd};
 use serde_json::json;
 
 #[test]
 fn tpmd_serves_from_a_confined_worker_on_a_handed_over_tpm() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser("aziottpm"), Dep::Swtpm, Dep::Tpm2Tools);
     let dir = TempDir::new("tpmd-broker");
     let root = dir.path();
     let swtpm = Swtpm::start(root);
@@ -131,6 +133,7 @@ fn item_offsets(blob: &[u8]) -> [usize; 5] {
 
 #[test]
 fn auth_key_imported_through_the_broker_signs_and_persists_in_the_tpm() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser("aziottpm"), Dep::Swtpm, Dep::Tpm2Tools);
     let dir = TempDir::new("tpmd-auth-key");
     let root = dir.path();
     let swtpm = Swtpm::start(root);
@@ -187,6 +190,7 @@ fn auth_key_imported_through_the_broker_signs_and_persists_in_the_tpm() {
 
 #[test]
 fn a_restarted_tpmd_reuses_the_persisted_ek_srk_and_auth_key() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser("aziottpm"), Dep::Swtpm, Dep::Tpm2Tools);
     let dir = TempDir::new("tpmd-restart");
     let root = dir.path();
     let swtpm = Swtpm::start(root);
@@ -218,6 +222,7 @@ fn a_restarted_tpmd_reuses_the_persisted_ek_srk_and_auth_key() {
 
 #[test]
 fn a_non_default_auth_key_index_is_where_the_key_persists() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser("aziottpm"), Dep::Swtpm, Dep::Tpm2Tools);
     let dir = TempDir::new("tpmd-index");
     let root = dir.path();
     let swtpm = Swtpm::start(root);
@@ -245,6 +250,7 @@ fn a_non_default_auth_key_index_is_where_the_key_persists() {
 
 #[test]
 fn bad_input_through_the_broker_is_refused_and_the_imported_key_still_signs() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser("aziottpm"), Dep::Swtpm, Dep::Tpm2Tools);
     let dir = TempDir::new("tpmd-bad-input");
     let root = dir.path();
     let swtpm = Swtpm::start(root);
@@ -346,6 +352,7 @@ fn refused_at_start(root: &Path, tcti: &str) -> String {
 
 #[test]
 fn a_missing_tpm_device_stops_the_broker_with_the_path_in_the_message() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser("aziottpm"), Dep::Swtpm, Dep::Tpm2Tools);
     let mut cases = vec![("device:/nonexistent/tpmrm0", vec!["could not open the TPM /nonexistent/tpmrm0"])];
     // the default device TCTI tries /dev/tpmrm0, then /dev/tpm0 (this machine has neither)
     if !Path::new("/dev/tpmrm0").exists() && !Path::new("/dev/tpm0").exists() {
@@ -366,6 +373,7 @@ fn a_missing_tpm_device_stops_the_broker_with_the_path_in_the_message() {
 
 #[test]
 fn a_simulator_off_this_machine_is_refused() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser("aziottpm"), Dep::Swtpm, Dep::Tpm2Tools);
     // 192.0.2.1 is TEST-NET-1: never this machine; the broker refuses before connecting
     let dir = TempDir::new("tpmd-remote-sim");
     let root = dir.path();
@@ -436,6 +444,7 @@ impl PtyTpm {
 
 #[test]
 fn a_device_tcti_is_opened_by_the_broker_and_driven_by_the_worker() {
+    aziot_tests::require!(Dep::Root, Dep::ServiceUser("aziottpm"), Dep::Swtpm, Dep::Tpm2Tools);
     use std::os::unix::fs::FileTypeExt as _;
 
     let dir = TempDir::new("tpmd-device");

@@ -2,6 +2,7 @@
 
 use aziot_tpmd::{dps_blob, init_tpm, TpmdError};
 use aziot_tests::crypto::{hmac_sha256 as hmac, random};
+use aziot_tests::Dep;
 use aziot_tests::tpmd::{config, Swtpm};
 
 /// Marshaled template prefixes (spec tpmd.md §5.1/§5.2) up to `unique`.
@@ -20,6 +21,7 @@ fn read_public(swtpm: &Swtpm, handle: &str) -> Vec<u8> {
 
 #[test]
 fn ek_and_srk_are_created_match_tpm2_tools_and_survive_restarts() {
+    aziot_tests::require!(Dep::Swtpm, Dep::Tpm2Tools);
     let mut swtpm = Swtpm::start_temp();
     let cfg = config(&swtpm, "");
     let mut tpm = init_tpm(&cfg).expect("init on a fresh swtpm");
@@ -49,6 +51,7 @@ fn ek_and_srk_are_created_match_tpm2_tools_and_survive_restarts() {
 
 #[test]
 fn import_persists_and_hmac_matches_tpm2_hmac_and_software() {
+    aziot_tests::require!(Dep::Swtpm, Dep::Tpm2Tools);
     let swtpm = Swtpm::start_temp();
     let cfg = config(&swtpm, "auth_key_index = 0x00_02_00");
     let mut tpm = init_tpm(&cfg).unwrap();
@@ -103,6 +106,7 @@ fn import_persists_and_hmac_matches_tpm2_hmac_and_software() {
 
 #[test]
 fn bad_blobs_fail_without_touching_the_current_key_or_leaking_handles() {
+    aziot_tests::require!(Dep::Swtpm, Dep::Tpm2Tools);
     let swtpm = Swtpm::start_temp();
     let mut tpm = init_tpm(&config(&swtpm, "")).unwrap();
     let (ek, srk) = tpm.get_tpm_keys().unwrap();
@@ -135,6 +139,7 @@ fn bad_blobs_fail_without_touching_the_current_key_or_leaking_handles() {
 
 #[test]
 fn auth_key_index_colliding_with_ek_or_srk_is_refused() {
+    aziot_tests::require!(Dep::Swtpm, Dep::Tpm2Tools);
     let swtpm = Swtpm::start_temp();
     for index in ["1", "0x010001", "0x01ABCD"] {
         let e = init_tpm(&config(&swtpm, &format!("auth_key_index = {index}"))).unwrap_err();
@@ -144,6 +149,7 @@ fn auth_key_index_colliding_with_ek_or_srk_is_refused() {
 
 #[test]
 fn hierarchy_passwords_are_used() {
+    aziot_tests::require!(Dep::Swtpm, Dep::Tpm2Tools);
     let swtpm = Swtpm::start_temp();
     swtpm.tool(&["tpm2_changeauth", "-c", "owner", "world"]);
     swtpm.tool(&["tpm2_changeauth", "-c", "endorsement", "hello"]);

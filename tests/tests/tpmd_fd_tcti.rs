@@ -6,6 +6,7 @@ use std::os::fd::OwnedFd;
 use std::ptr::null_mut;
 
 use aziot_tpmd::fd_tcti::FdTcti;
+use aziot_tests::Dep;
 use aziot_tests::tpmd::{config, Swtpm};
 use tss_esapi::tss2_esys as sys;
 
@@ -54,6 +55,7 @@ fn read_ek_over_fd(port: u16) -> Vec<u8> {
 
 #[test]
 fn esys_over_the_fd_tcti_reads_what_tpmd_created() {
+    aziot_tests::require!(Dep::Swtpm, Dep::Tpm2Tools);
     let swtpm = Swtpm::start_temp();
     let mut tpm = aziot_tpmd::init_tpm(&config(&swtpm, "")).unwrap();
     let (ek, _) = tpm.get_tpm_keys().unwrap();
@@ -67,6 +69,7 @@ fn esys_over_the_fd_tcti_reads_what_tpmd_created() {
 /// sequence), all through a descriptor the process did not open by path.
 #[test]
 fn tpmd_core_runs_on_a_descriptor() {
+    aziot_tests::require!(Dep::Swtpm, Dep::Tpm2Tools);
     let swtpm = Swtpm::start_temp();
     let cfg = config(&swtpm, "");
     // What the broker does: open the descriptor from the config's `tcti`.
@@ -90,6 +93,7 @@ fn tpmd_core_runs_on_a_descriptor() {
 /// flushed at startup, so they cannot exhaust swtpm's few slots.
 #[test]
 fn stale_handles_are_flushed_at_startup() {
+    aziot_tests::require!(Dep::Swtpm, Dep::Tpm2Tools);
     let swtpm = Swtpm::start_temp();
     drop(aziot_tpmd::init_tpm(&config(&swtpm, "")).unwrap());
     {

@@ -7,6 +7,7 @@ use aziot_ipc::client::BlockingClient;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use aziot_tests::crypto::{hmac_sha256 as hmac, random};
+use aziot_tests::Dep;
 use aziot_tests::tpmd::{config, Swtpm};
 use serde_json::{json, Value};
 
@@ -40,6 +41,7 @@ fn b64(v: &Value) -> Vec<u8> {
 
 #[test]
 fn keys_import_sign_and_errors() {
+    aziot_tests::require!(Dep::Swtpm);
     let swtpm = Swtpm::start_temp();
     let server = serve(&swtpm, "");
     let client = BlockingClient::new(&server.socket, "2020-09-01");
@@ -116,12 +118,9 @@ fn keys_import_sign_and_errors() {
 /// Callers other than root and the `[[principal]]` uids get 401 (new; upstream has no check).
 #[test]
 fn only_principals_may_call() {
+    aziot_tests::require!(Dep::Root, Dep::Swtpm, Dep::Python3);
     use std::os::unix::fs::PermissionsExt as _;
     use std::os::unix::process::CommandExt as _;
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run a client as another uid");
-        return;
-    }
     let swtpm = Swtpm::start_temp();
     let server = serve(&swtpm, "[[principal]]\nuid = 65533\n");
     std::fs::set_permissions(server.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -52,13 +52,17 @@ pub struct CertIssuanceOut {
     pub certs: BTreeMap<String, CertOptionsOut>,
 }
 
+/// certd's `[cert_issuance.est]`. As in the original, an empty `trusted_certs` and an empty
+/// `urls` table (every EST URL set on its own cert) are left out, not written empty.
 #[derive(Serialize, Default)]
 pub struct EstOut {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub trusted_certs: Vec<String>,
     #[serde(flatten)]
     pub auth: AuthOut,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity_auto_renew: Option<AutoRenewOut>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub urls: BTreeMap<String, String>,
 }
 
@@ -319,5 +323,53 @@ impl ServiceConfig for TpmdConfig {
                 *v = REDACTED.to_owned();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certd_with(est: EstOut) -> toml::Table {
+        let config = CertdConfig {
+            homedir_path: "/var/lib/aziot/certd".to_owned(),
+            max_requests: None,
+            cert_issuance: CertIssuanceOut {
+                est: Some(est),
+                local_ca: None,
+                certs: BTreeMap::new(),
+            },
+            preloaded_certs: BTreeMap::new(),
+            principal: Vec::new(),
+        };
+        toml::to_string(&config).unwrap().parse().unwrap()
+    }
+
+    /// An EST section without URLs or trusted certs is written without `urls` and
+    /// `trusted_certs`; with them, both are written. The always-present maps stay.
+    #[test]
+    fn empty_est_urls_and_trusted_certs_are_left_out() {
+        let empty = certd_with(EstOut {
+            auth: AuthOut {
+                username: Some("u".to_owned()),
+                password: Some("p".to_owned()),
+                ..AuthOut::default()
+            },
+            ..EstOut::default()
+        });
+        let expected: toml::Table = "homedir_path = \"/var/lib/aziot/certd\"\n\
+             [cert_issuance.est]\nusername = \"u\"\npassword = \"p\"\n[preloaded_certs]\n"
+            .parse()
+            .unwrap();
+        assert_eq!(empty, expected);
+
+        let full = certd_with(EstOut {
+            trusted_certs: vec!["est-server-ca-1".to_owned()],
+            urls: [("default".to_owned(), "https://est/".to_owned())].into(),
+            ..EstOut::default()
+        });
+        let est = full["cert_issuance"]["est"].as_table().unwrap();
+        assert_eq!(est["trusted_certs"].as_array().unwrap().len(), 1);
+        assert_eq!(est["urls"]["default"].as_str(), Some("https://est/"));
     }
 }

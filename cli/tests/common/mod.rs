@@ -218,16 +218,13 @@ pub fn assert_fails(o: &Output) -> String {
 }
 
 /// Asserts that every generated file has its owner, group and mode: the service configs
-/// `<svc user>:<primary group> 0600`, the key (when present) `aziotks:aziotks 0600` in an
-/// `aziotks:aziotks 0700` directory.
+/// `root:root 0600` (the root broker reads them and refuses any other owner; the original
+/// makes them the service user's, docs/compatibility.md), the key (when present)
+/// `aziotks:aziotks 0600` in an `aziotks:aziotks 0700` directory.
 #[track_caller]
 pub fn assert_file_modes(root: &Root) {
-    for (svc, (uid, gid)) in SERVICES {
-        assert_eq!(
-            owner_mode(&root.service_path(svc)),
-            (uid, gid, 0o600),
-            "{svc}"
-        );
+    for (svc, _) in SERVICES {
+        assert_eq!(owner_mode(&root.service_path(svc)), (0, 0, 0o600), "{svc}");
     }
     if root.key_path().exists() {
         assert_eq!(

@@ -83,9 +83,13 @@ pub fn audit_running(run_dir: &Path) -> Vec<AuditReport> {
         .collect()
 }
 
-/// The default state directory of `service`: `/var/lib/aziot/<svc>`.
+/// The default state directory of `service`: `/var/lib/aziot/<svc>`
+/// ([`crate::services::ServiceInfo::default_state_dir`]).
 pub fn default_state_dir(service: &str) -> PathBuf {
-    PathBuf::from(format!("/var/lib/aziot/{service}"))
+    match crate::services::by_short(service) {
+        Some(info) => PathBuf::from(info.default_state_dir),
+        None => PathBuf::from(format!("/var/lib/aziot/{service}")),
+    }
 }
 
 /// Compares the running `service` described by `status_path` with its built-in policy, the
@@ -113,6 +117,29 @@ fn run(r: &mut AuditReport, service: &str, status_path: &Path, state_dirs: &[Pat
         Err(e) => return r.push("status file", "readable", "written by a running broker", error_chain(&e), false),
     };
     r.push("status file", "service", service, &status.service, status.service == service);
+    // The program the broker chose from config (a PKCS#11 module selects keyd+pkcs11): the live
+    // program must be that one, and it must be one of this service's.
+    let mut policy = policy;
+    let program = if status.seccomp_program.is_empty() { service } else { status.seccomp_program.as_str() };
+    let variants = crate::SeccompPolicy::variants_of(service);
+    let chosen = if program == service {
+        Ok(policy.seccomp.clone())
+    } else if variants.contains(&program) {
+        let variant = program.strip_prefix(service).and_then(|v| v.strip_prefix('+')).unwrap_or_default();
+        crate::SeccompPolicy::variant(service, variant).map_err(|e| e.to_string())
+    } else {
+        Err(format!("{program:?} is not a program of {service}"))
+    };
+    let known = std::iter::once(service).chain(variants.iter().copied()).collect::<Vec<_>>().join(", ");
+    match chosen {
+        Ok(sp) => {
+            let why = if sp.variant_when.is_empty() { "the service's own".to_owned() } else { sp.variant_when.clone() };
+            r.push("status file", "seccomp variant", format!("one of {known}"), format!("{program} ({why})"), true);
+            policy.seccomp = sp;
+        }
+        // The other checks still run, against the service's own program.
+        Err(e) => r.push("status file", "seccomp variant", format!("one of {known}"), e, false),
+    }
     let creds = match crate::resolve_credentials(&policy) {
         Ok(c) => c,
         Err(e) => return r.push("policy", "worker user", &policy.user, error_chain(&e), false),
@@ -124,7 +151,57 @@ fn run(r: &mut AuditReport, service: &str, status_path: &Path, state_dirs: &[Pat
     worker_tasks(r, &status, &creds, mode, inherited);
     worker_fds(r, &policy, &status, state_dirs);
     seccomp_program(r, &policy, &status, mode, inherited);
+    mount_namespace(r, &policy, &status);
     sandbox_report(r, &policy, &status, mode);
+}
+
+/// The worker's private mount namespace, from outside: its /proc/<pid>/ns/mnt is not the
+/// broker's, and its /proc/<pid>/mountinfo shows a hardened tmpfs over each of the policy's masks
+/// with exactly the recorded socket binds on top (`crate::mountns::check_mounts`).
+fn mount_namespace(r: &mut AuditReport, policy: &Policy, status: &Status) {
+    let subject = format!("worker {}", status.worker_pid);
+    if !policy.mount_namespace.enabled {
+        return r.push(&subject, "mount namespace", "none (the policy has none)", "not used", true);
+    }
+    let Some(rec) = &status.mount_namespace else {
+        return r.push(&subject, "mount namespace", "a private mount namespace", "none recorded in the status file", false);
+    };
+    if !rec.in_force {
+        return r.push(&subject, "mount namespace", "a private mount namespace", format!("NOT in force: {}", rec.not_in_force), false);
+    }
+    let mut masks: Vec<&PathBuf> = rec.masks.iter().chain(&rec.absent_masks).collect();
+    masks.sort();
+    let mut want: Vec<&PathBuf> = policy.mount_namespace.mask.iter().collect();
+    want.sort();
+    let show = |v: &[PathBuf]| v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    r.push(
+        "status file",
+        "masked directories",
+        format!("the policy's: {}", show(&policy.mount_namespace.mask)),
+        format!("{} (absent here: {})", show(&rec.masks), if rec.absent_masks.is_empty() { "none".to_owned() } else { show(&rec.absent_masks) }),
+        masks == want,
+    );
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).map(|p| p.display().to_string());
+    match (ns(status.worker_pid), ns(status.broker_pid)) {
+        (Ok(w), Ok(b)) => r.push(&subject, "mount namespace", format!("its own (not the broker's {b})"), w.clone(), w != b),
+        (w, b) => r.push(&subject, "mount namespace", "readable", format!("worker {w:?}, broker {b:?}"), false),
+    }
+    match std::fs::read_to_string(format!("/proc/{}/mountinfo", status.worker_pid)) {
+        Ok(text) => {
+            let problems = crate::mountns::check_mounts(rec, &crate::mountns::parse_mountinfo(&text));
+            let expected = format!(
+                "a tmpfs ro,nosuid,nodev,noexec over each mask; on it only the sockets {}",
+                if rec.binds.is_empty() { "(none)".to_owned() } else { show(&rec.binds) }
+            );
+            let actual = if problems.is_empty() {
+                format!("tmpfs over {}; sockets bound: {}", show(&rec.masks), if rec.binds.is_empty() { "none".to_owned() } else { show(&rec.binds) })
+            } else {
+                problems.join("; ")
+            };
+            r.push(&subject, "mounts", expected, actual, problems.is_empty());
+        }
+        Err(e) => r.push(&subject, "mounts", "/proc/<pid>/mountinfo readable", e.to_string(), false),
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -271,9 +348,44 @@ fn worker_fds(r: &mut AuditReport, policy: &Policy, status: &Status, state_dirs:
 }
 
 fn allows_dgram(policy: &Policy) -> bool {
-    policy.seccomp.filters.iter().flat_map(|f| f.rules.iter()).any(|rule| {
-        rule.syscall == "socket" && rule.args.iter().any(|a| a.index == 1 && a.test == "& 0xf == 0x2")
-    })
+    crate::apply::allows_udp(policy)
+}
+
+/// The worker's per-right Landlock report: the rights it requested must be the policy's (else a
+/// deviation), and each requested right this kernel does not enforce is listed (not a deviation:
+/// best effort above the policy's baseline ABI; a baseline right missing is a required
+/// protection, checked by `unmet`).
+fn landlock_rights(r: &mut AuditReport, policy: &Policy, ll: &crate::LandlockReport) {
+    let expected: Vec<String> = crate::apply::rights_report(policy, ll.abi)
+        .into_iter()
+        .filter(|x| x.requested)
+        .map(|x| format!("{} {}", x.kind.name(), x.name))
+        .collect();
+    let requested: Vec<String> =
+        ll.rights.iter().filter(|x| x.requested).map(|x| format!("{} {}", x.kind.name(), x.name)).collect();
+    let enforced = ll.rights.iter().filter(|x| x.requested && x.enforced).count();
+    r.push(
+        "status file",
+        "landlock rights",
+        format!("the policy's {} rights requested", expected.len()),
+        if requested == expected {
+            format!("{} requested (up to ABI {}), {enforced} enforced by this kernel (ABI {})", requested.len(), ll.requested_abi, ll.abi)
+        } else if ll.rights.is_empty() {
+            "no per-right Landlock report".to_owned()
+        } else {
+            format!("requested {}", requested.join(", "))
+        },
+        requested == expected,
+    );
+    for x in ll.not_enforced() {
+        r.push(
+            "status file",
+            "landlock right",
+            "enforced where the kernel can",
+            format!("{} {} (ABI {}): NOT enforced on this kernel ({})", x.kind.name(), x.name, x.since_abi, x.note),
+            true,
+        );
+    }
 }
 
 fn seccomp_program(r: &mut AuditReport, policy: &Policy, status: &Status, mode: Option<SeccompMode>, inherited: u32) {
@@ -311,9 +423,10 @@ fn sandbox_report(r: &mut AuditReport, policy: &Policy, status: &Status, mode: O
         "status file",
         "landlock",
         "enforced as the policy requires",
-        format!("ABI {}, {}, {} rights handled, tcp {}, ports {:?}, scopes {:?}", ll.abi, ll.status, names.len(), ll.tcp_restricted, ll.tcp_connect_ports, ll.scopes),
+        format!("ABI {} (requested ABI {}), {}, {} fs rights handled, tcp {}, ports {:?}, scopes {:?}", ll.abi, ll.requested_abi, ll.status, names.len(), ll.tcp_restricted, ll.tcp_connect_ports, ll.scopes),
         true,
     );
+    landlock_rights(r, policy, ll);
     let (unmet, notes) = crate::apply::unmet(policy, ll, mode.unwrap_or(SeccompMode::Skip));
     for u in unmet {
         r.push("status file", "required protection", "enforced", u, false);

@@ -1,7 +1,7 @@
-//! Shared setup of the sandbox tests: the real service users (systemd-sysusers), a temporary
-//! prefix laid out like a host, targets that DAC alone would let the service users reach (so
-//! that a denial proves the sandbox), listeners to connect to, and a same-uid sibling process
-//! per service to signal and trace. Needs root.
+//! Setup of the audit tests (audit.rs): the real service users (systemd-sysusers), a temporary
+//! prefix with a state directory per service, and the probe in serve mode (a sandboxed stand-in
+//! worker with a status file). Needs root. (The escape suite, with its own setup, is
+//! tests/tests/escape.rs in aziot-tests: it runs the real worker.)
 
 #![allow(dead_code)]
 
@@ -178,25 +178,6 @@ pub fn env() -> &'static Env {
     })
 }
 
-/// What one probe run ended with: `ok`, `errno=<n> (...)`, `signal=<n> (...)`, `setup-failed...`.
-#[derive(Debug)]
-pub struct ProbeResult {
-    pub result: String,
-    pub transcript: String,
-}
-
-impl ProbeResult {
-    pub fn is_ok(&self) -> bool {
-        self.result == "ok"
-    }
-    pub fn errno(&self) -> Option<i32> {
-        self.result.strip_prefix("errno=")?.split(' ').next()?.parse().ok()
-    }
-    pub fn signal(&self) -> Option<i32> {
-        self.result.strip_prefix("signal=")?.split(' ').next()?.parse().ok()
-    }
-}
-
 pub fn probe_cmd(svc: &str, extra: &[&str]) -> Command {
     let e = env();
     let mut cmd = Command::new(probe_bin());
@@ -204,25 +185,6 @@ pub fn probe_cmd(svc: &str, extra: &[&str]) -> Command {
     cmd.args(["--grant-port", &e.granted_port.to_string()]);
     cmd.args(extra);
     cmd
-}
-
-pub fn run_probe(svc: &str, attempt: &str, arg: Option<&str>, control: bool) -> ProbeResult {
-    let mut args = vec!["--attempt", attempt];
-    if let Some(a) = arg {
-        args.extend(["--arg", a]);
-    }
-    if control {
-        args.push("--control");
-    }
-    let out = probe_cmd(svc, &args).stdin(Stdio::null()).output().expect("run the probe");
-    let transcript = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "probe {svc} {attempt}: {transcript}");
-    let result = transcript
-        .lines()
-        .find_map(|l| l.strip_prefix("result: "))
-        .unwrap_or_else(|| panic!("probe {svc} {attempt} printed no result: {transcript}"))
-        .to_owned();
-    ProbeResult { result, transcript }
 }
 
 /// A probe in `--serve` mode: sandboxed worker + status file, until dropped.

@@ -24,6 +24,12 @@
 //! with the key pair on a fresh SoftHSM2 token (`pkcs11_base_slot`, c=1 and c=8), and tpmd's
 //! `sign_with_auth_key` (HMAC-SHA256 in the TPM) against a fresh swtpm (c=1: the TPM
 //! serializes).
+//!
+//! Key operations off the runtime (issue 10 §4): HMAC p50/p99 at c=4 on a SoftHSM2 token, alone
+//! and while one more client signs (ECDSA P-256) continuously on the same token, plus the
+//! file-backend HMAC/ECDSA throughput that moving sign/encrypt/decrypt to the blocking pool
+//! costs. Run for `$AZIOTD_BIN` ("after") and, when `$AZIOTD_BIN_BEFORE` names a build from
+//! before that change, for it too ("before"), side by side.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -255,6 +261,13 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
 
     // other backends, same topology (broker + confined worker), one after the other
     rows.extend(softhsm_rows(&bin, warmup, duration));
+    // key operations off the runtime: before (optional) and after
+    let before_bin = std::env::var_os("AZIOTD_BIN_BEFORE").map(PathBuf::from);
+    let mut offload = Vec::new();
+    if let Some(b) = &before_bin {
+        offload.extend(offload_rows(b, "before", warmup, duration));
+    }
+    offload.extend(offload_rows(&bin, "after", warmup, duration));
     rows.extend(tpmd_rows(warmup, duration));
 
     // restart to serving: kill -9 the idle worker → next successful response
@@ -344,6 +357,21 @@ fn run(duration: Duration, warmup: Duration, cold_starts: usize) {
         "tpmd sign_with_auth_key (swtpm) c=1 {:>8.0}   req/s (printed)",
         find(TPMD_CASE, 1)
     );
+    println!("key operations off the runtime's threads (sign/encrypt/decrypt on the blocking pool), printed:");
+    match &before_bin {
+        Some(b) => println!("  before = {} (AZIOTD_BIN_BEFORE)   after = {}", b.display(), bin.display()),
+        None => println!("  after = {} (set AZIOTD_BIN_BEFORE to a build without the change for the before column)", bin.display()),
+    }
+    for r in &offload {
+        println!(
+            "  {:<54} {:>9.0} req/s   p50 {:>8.1} µs   p99 {:>8.1} µs   errors {}",
+            r.name,
+            r.rps,
+            r.p50.as_secs_f64() * 1e6,
+            r.p99.as_secs_f64() * 1e6,
+            r.errors
+        );
+    }
     let kib = |v: Option<u64>| v.map_or("n/a".into(), |v| v.to_string());
     println!(
         "RSS idle (VmRSS)                   broker {:>7} KiB   worker {:>7} KiB   unconfined {:>7} KiB",
@@ -406,6 +434,111 @@ fn softhsm_rows(bin: &Path, warmup: Duration, duration: Duration) -> Vec<Row> {
         let lines: Vec<&str> = log.lines().collect();
         println!("--- SoftHSM keyd log (last 30 lines) ---\n{}\n---", lines[lines.len().saturating_sub(30)..].join("\n"));
     }
+    rows
+}
+
+/// Issue 10 §4, for one keyd binary (`label`: before/after): a keyd with a SoftHSM2 module but
+/// no base slot, an EC P-256 pair on the token (a preloaded `pkcs11:` key) and file HMAC keys
+/// (the handle key included: HMAC requests never touch the token). HMAC at c=4 alone, then
+/// again while one more client signs ECDSA on the token without pause (its rate is a row too):
+/// with key operations on the serving threads, the HMACs that share a thread with the signer
+/// wait behind each token operation. Then on the file backend, HMAC c=1/c=8 and ECDSA c=8 (what
+/// the change costs where nothing is slow), and HMAC c=4 alone and beside an RSA-4096 signer
+/// (a slow software operation, milliseconds of CPU).
+fn offload_rows(bin: &Path, label: &str, warmup: Duration, duration: Duration) -> Vec<Row> {
+    let mut rows = Vec::new();
+    {
+        let b = Keyd::builder()
+            .bin(bin.to_path_buf())
+            .activation(Activation::SelfBound)
+            .backend(aziot_tests::keyd::Backend::SoftHsm)
+            .pkcs11_base_slot("")
+            .softhsm_pin_file("stall-pin")
+            .log_level("info");
+        let uri = format!("pkcs11:token=aziot-test;object=stall-ec?pin-source=file:{}", b.dir().join("stall-pin").display());
+        let keyd = b.extra(&format!("max_requests = 64\n[preloaded_keys]\nstall-ec = {}\n", toml_str(&uri))).start();
+        let hsm = keyd.softhsm().expect("a SoftHSM2 token");
+        hsm.pkcs11_tool(&["--keypairgen", "--key-type", "EC:prime256v1", "--label", "stall-ec", "--id", "5a"]);
+        let api = aziot_tests::api::Api::new(keyd.socket().to_path_buf(), VERSION);
+        let ec = api.get_keypair("stall-ec");
+        let hmac_key = api.import_key("stall-hmac", &random(32));
+        let hmac = build_request(
+            "POST",
+            &format!("/sign?api-version={VERSION}"),
+            Some(&body(&json!({"keyHandle": hmac_key, "algorithm": "HMAC-SHA256", "parameters": {"message": b64(&random(64))}}))),
+        );
+        let ecdsa = build_request(
+            "POST",
+            &format!("/sign?api-version={VERSION}"),
+            Some(&body(&json!({"keyHandle": ec, "algorithm": "ECDSA", "parameters": {"digest": b64(&sha256(b"bench"))}}))),
+        );
+        rows.extend(beside_a_signer(keyd.socket(), &hmac, &ecdsa, &format!("{label}: HMAC c=4 (file key; keyd with SoftHSM2)"), "a token ECDSA signer", warmup, duration));
+        if rows.iter().any(|r| r.errors > 0) {
+            let log = keyd.log();
+            let lines: Vec<&str> = log.lines().collect();
+            println!("--- {label} SoftHSM keyd log (last 30 lines) ---\n{}\n---", lines[lines.len().saturating_sub(30)..].join("\n"));
+        }
+    }
+    let keyd = Keyd::builder()
+        .bin(bin.to_path_buf())
+        .activation(Activation::SelfBound)
+        .backend(aziot_tests::keyd::Backend::File)
+        .log_level("info")
+        .extra("max_requests = 64")
+        .start();
+    let rq = requests(keyd.socket());
+    for (case, req, conc) in [(CASES[0], &rq.hmac, 1), (CASES[0], &rq.hmac, 8), (CASES[1], &rq.ecdsa, 8)] {
+        rows.push(measure(&format!("{label}: file {case} c={conc}"), keyd.socket(), req, conc, warmup, duration));
+    }
+    // a slow software operation on the same backend: RSA-4096 private-key "encrypt" (PKCS#1)
+    let api = aziot_tests::api::Api::new(keyd.socket().to_path_buf(), VERSION);
+    let rsa = api.create_keypair("bench-rsa", Some("rsa-4096"));
+    let rsa = build_request(
+        "POST",
+        &format!("/encrypt?api-version={VERSION}"),
+        Some(&body(&json!({"keyHandle": rsa, "algorithm": "RSA-PKCS1", "plaintext": b64(&sha256(b"bench"))}))),
+    );
+    rows.extend(beside_a_signer(keyd.socket(), &rq.hmac, &rsa, &format!("{label}: file HMAC c=4"), "an RSA-4096 signer", warmup, duration));
+    rows
+}
+
+/// HMAC (`hmac`) at c=4 alone, then again while one more connection sends `slow` without
+/// pause; rows: `<name>, alone`, `<name>, beside <what>`, and the slow client's own rate.
+fn beside_a_signer(
+    sock: &Path,
+    hmac: &[u8],
+    slow: &[u8],
+    name: &str,
+    what: &str,
+    warmup: Duration,
+    duration: Duration,
+) -> Vec<Row> {
+    let mut rows = vec![measure(&format!("{name}, alone"), sock, hmac, 4, warmup, duration)];
+    let stop = Arc::new(AtomicBool::new(false));
+    let signer = {
+        let (stop, sock, req) = (Arc::clone(&stop), sock.to_path_buf(), slow.to_vec());
+        std::thread::spawn(move || {
+            let mut conn = Conn::connect(&sock).expect("signer connects");
+            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let s = Instant::now();
+                match conn.send_raw(&req).and_then(|()| conn.read_response()) {
+                    Ok(r) if r.status == 200 => lat.push(u64::try_from(s.elapsed().as_nanos()).unwrap_or(u64::MAX)),
+                    _ => {
+                        errors += 1;
+                        conn = Conn::connect(&sock).expect("signer reconnects");
+                    }
+                }
+            }
+            (lat, errors)
+        })
+    };
+    let started = Instant::now();
+    rows.push(measure(&format!("{name}, beside {what}"), sock, hmac, 4, warmup, duration));
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (lat, errors) = signer.join().expect("signer thread");
+    rows.push(row(&format!("{name}: {what} (c=1, same run)"), 1, lat, errors, elapsed));
     rows
 }
 

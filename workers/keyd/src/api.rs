@@ -6,7 +6,7 @@ use std::sync::Arc;
 use aziot_ipc::principal::Principals;
 use aziot_ipc::server::{match_route, Service};
 use aziot_ipc::{ApiError, Request, Response};
-use aziot_keys::{EncryptMechanism, KeyBackend, KeyPairParameter, SignMechanism, HANDLE_VALIDATION_KEY_ID};
+use aziot_keys::{EncryptMechanism, KeyBackend, KeyPairParameter, QuickOp, SignMechanism, HANDLE_VALIDATION_KEY_ID};
 use hyper::{Method, StatusCode};
 
 use crate::handle::{self, HandleError, KeyId, Validated};
@@ -56,7 +56,51 @@ impl Api {
         Ok(v)
     }
 
-    async fn route(&self, mut req: Request) -> Result<Response, ApiError> {
+    /// Runs a key operation (sign, encrypt, decrypt) so that it never holds up the other
+    /// connections of this serving thread: on the runtime's blocking pool, unless the key
+    /// library says it takes microseconds (a file key in memory, HMAC/AEAD on a bounded input
+    /// or EC P-256; [`KeyBackend::runs_quickly`]) — handing those to another thread would cost
+    /// more than they do. A PKCS#11 token, an RSA private key, a key still on disk, a long input
+    /// or a replacement key library always go to the pool. The handle check, itself a MAC with
+    /// keyd's own key, goes with the operation when that key is not quick. Pool threads are
+    /// created on demand (clone with CLONE_THREAD: every worker's seccomp program allows it)
+    /// and exit after 10 s idle.
+    async fn key_op<B: Send + 'static>(
+        self: &Arc<Self>,
+        uid: u32,
+        body: B,
+        handle: fn(&B) -> &str,
+        cost: fn(&Validated, &B) -> Option<(String, QuickOp)>,
+        op: fn(&Api, &Validated, B) -> Result<Response, ApiError>,
+    ) -> Result<Response, ApiError> {
+        let quick_mac = QuickOp::Symmetric { input_len: handle(&body).len() };
+        if !self.backend.runs_quickly(HANDLE_VALIDATION_KEY_ID, quick_mac) {
+            return self
+                .off_runtime(move |api| {
+                    let key = api.validate(uid, handle(&body))?;
+                    op(api, &key, body)
+                })
+                .await;
+        }
+        let key = self.validate(uid, handle(&body))?;
+        if cost(&key, &body).is_some_and(|(id, q)| self.backend.runs_quickly(&id, q)) {
+            return op(self, &key, body);
+        }
+        self.off_runtime(move |api| op(api, &key, body)).await
+    }
+
+    async fn off_runtime<F>(self: &Arc<Self>, f: F) -> Result<Response, ApiError>
+    where
+        F: FnOnce(&Api) -> Result<Response, ApiError> + Send + 'static,
+    {
+        let api = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&api)).await.map_err(|e| {
+            tracing::error!("!!! key operation task failed: {e}");
+            ApiError::internal()
+        })?
+    }
+
+    async fn route(self: &Arc<Self>, mut req: Request) -> Result<Response, ApiError> {
         let path = req.path.clone();
         let m = req.method.clone();
         let uid = req.uid;
@@ -189,19 +233,28 @@ impl Api {
         }
         if match_route("/sign", &path).is_some() {
             return match m {
-                Method::POST => self.sign(uid, req.required_json().await?),
+                Method::POST => {
+                    let body: SignRequest = req.required_json().await?;
+                    self.key_op(uid, body, |b| &b.key_handle, sign_cost, Api::sign).await
+                }
                 _ => Err(req.unsupported_method().await),
             };
         }
         if match_route("/encrypt", &path).is_some() {
             return match m {
-                Method::POST => self.encrypt(uid, req.required_json().await?),
+                Method::POST => {
+                    let body: EncryptRequest = req.required_json().await?;
+                    self.key_op(uid, body, |b| &b.key_handle, encrypt_cost, Api::encrypt).await
+                }
                 _ => Err(req.unsupported_method().await),
             };
         }
         if match_route("/decrypt", &path).is_some() {
             return match m {
-                Method::POST => self.decrypt(uid, req.required_json().await?),
+                Method::POST => {
+                    let body: DecryptRequest = req.required_json().await?;
+                    self.key_op(uid, body, |b| &b.key_handle, decrypt_cost, Api::decrypt).await
+                }
                 _ => Err(req.unsupported_method().await),
             };
         }
@@ -257,9 +310,8 @@ impl Api {
         Ok(Response::json(StatusCode::OK, &ValueResponse { value }))
     }
 
-    fn sign(&self, uid: u32, body: SignRequest) -> Result<Response, ApiError> {
-        let key = self.validate(uid, &body.key_handle)?;
-        let signature = match (&key, &body.algorithm) {
+    fn sign(&self, key: &Validated, body: SignRequest) -> Result<Response, ApiError> {
+        let signature = match (key, &body.algorithm) {
             (Validated::KeyPair(id), SignAlgorithm::Ecdsa { digest }) => {
                 self.backend.sign(id, SignMechanism::Ecdsa, &digest.0)
             }
@@ -275,10 +327,9 @@ impl Api {
         Ok(Response::json(StatusCode::OK, &SignResponse { signature: B64(signature) }))
     }
 
-    fn encrypt(&self, uid: u32, body: EncryptRequest) -> Result<Response, ApiError> {
-        let key = self.validate(uid, &body.key_handle)?;
+    fn encrypt(&self, key: &Validated, body: EncryptRequest) -> Result<Response, ApiError> {
         let pt = &body.plaintext.0;
-        let ciphertext = match (&key, &body.algorithm) {
+        let ciphertext = match (key, &body.algorithm) {
             (Validated::Key(id), EncryptAlgorithm::Aead { iv, aad }) => {
                 self.backend.encrypt(id, EncryptMechanism::Aead { iv: &iv.0, aad: &aad.0 }, pt)
             }
@@ -299,10 +350,9 @@ impl Api {
         Ok(Response::json(StatusCode::OK, &EncryptResponse { ciphertext: B64(ciphertext) }))
     }
 
-    fn decrypt(&self, uid: u32, body: DecryptRequest) -> Result<Response, ApiError> {
-        let key = self.validate(uid, &body.key_handle)?;
+    fn decrypt(&self, key: &Validated, body: DecryptRequest) -> Result<Response, ApiError> {
         let ct = &body.ciphertext.0;
-        let plaintext = match (&key, &body.algorithm) {
+        let plaintext = match (key, &body.algorithm) {
             (Validated::Key(id), EncryptAlgorithm::Aead { iv, aad }) => {
                 self.backend.decrypt(id, EncryptMechanism::Aead { iv: &iv.0, aad: &aad.0 }, ct)
             }
@@ -327,6 +377,38 @@ impl Service for Api {
 
     async fn handle(self: Arc<Self>, req: Request) -> Result<Response, ApiError> {
         self.route(req).await
+    }
+}
+
+/// The key a sign request uses and how the key library classifies the operation (None: a
+/// combination `sign` refuses anyway).
+fn sign_cost(key: &Validated, body: &SignRequest) -> Option<(String, QuickOp)> {
+    match (key, &body.algorithm) {
+        (Validated::KeyPair(id), SignAlgorithm::Ecdsa { .. }) => Some((id.clone(), QuickOp::Pair)),
+        (Validated::Key(id), SignAlgorithm::HmacSha256 { message })
+        | (Validated::Derived { base_id: id, .. }, SignAlgorithm::HmacSha256 { message }) => {
+            Some((id.clone(), QuickOp::Symmetric { input_len: message.0.len() }))
+        }
+        _ => None,
+    }
+}
+
+fn encrypt_cost(key: &Validated, body: &EncryptRequest) -> Option<(String, QuickOp)> {
+    match (key, &body.algorithm) {
+        (Validated::Key(id) | Validated::Derived { base_id: id, .. }, EncryptAlgorithm::Aead { .. }) => {
+            Some((id.clone(), QuickOp::Symmetric { input_len: body.plaintext.0.len() }))
+        }
+        (Validated::KeyPair(id), _) => Some((id.clone(), QuickOp::Pair)),
+        _ => None,
+    }
+}
+
+fn decrypt_cost(key: &Validated, body: &DecryptRequest) -> Option<(String, QuickOp)> {
+    match (key, &body.algorithm) {
+        (Validated::Key(id) | Validated::Derived { base_id: id, .. }, EncryptAlgorithm::Aead { .. }) => {
+            Some((id.clone(), QuickOp::Symmetric { input_len: body.ciphertext.0.len() }))
+        }
+        _ => None,
     }
 }
 

@@ -6,18 +6,18 @@
 
 pub mod api;
 pub mod config;
+pub mod service;
 pub mod handle;
 pub mod wire;
 
 use std::sync::Arc;
 
-use aziot_ipc::config::ConfigPaths;
 use aziot_ipc::endpoint::Endpoint;
 use aziot_ipc::principal::Principals;
 use aziot_keys::KeyBackend;
 
 /// Name of the socket in systemd's `LISTEN_FDNAMES` (`FileDescriptorName=` of the unit).
-pub const SOCKET_NAME: &str = "aziot-keyd.socket";
+pub const SOCKET_NAME: &str = service::INFO.socket_fd_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeydError {
@@ -116,13 +116,13 @@ pub fn preloaded_files(config: &config::Config) -> Vec<(String, std::path::PathB
 pub fn endpoint(config: &config::Config) -> Result<Endpoint, KeydError> {
     Ok(match &config.endpoints.aziot_keyd {
         Some(uri) => Endpoint::parse(uri)?,
-        None => Endpoint::default_for("keyd"),
+        None => aziot_ipc::service::default_endpoint(service::INFO),
     })
 }
 
 /// Reads keyd's config from the usual places.
 pub fn load_config() -> Result<config::Config, KeydError> {
-    Ok(aziot_ipc::config::load(&ConfigPaths::from_env("keyd"))?)
+    Ok(aziot_ipc::config::load(&aziot_ipc::service::config_paths(service::INFO))?)
 }
 
 /// Serves on `listener` until the server fails. Builds the runtime: call only once the

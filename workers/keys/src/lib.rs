@@ -99,6 +99,19 @@ pub enum KeyPairParameter {
 pub const ALGORITHM_EC: u32 = 1;
 pub const ALGORITHM_RSA: u32 = 2;
 
+/// A key operation as [`KeyBackend::runs_quickly`] classifies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuickOp {
+    /// HMAC, derived HMAC or AEAD with a symmetric key, over `input_len` bytes.
+    Symmetric { input_len: usize },
+    /// A private-key operation of a key pair (ECDSA sign, RSA encrypt).
+    Pair,
+}
+
+/// The longest input a symmetric operation may have to count as quick (HMAC-SHA256 or
+/// AES-GCM over 64 KiB: tens of microseconds).
+pub const QUICK_INPUT_MAX: usize = 64 * 1024;
+
 /// Sign mechanisms (`AZIOT_KEYS_SIGN_MECHANISM_*`).
 #[derive(Clone, Copy, Debug)]
 pub enum SignMechanism<'a> {
@@ -148,4 +161,14 @@ pub trait KeyBackend: Send + Sync {
     fn verify(&self, id: &str, mechanism: SignMechanism<'_>, data: &[u8], signature: &[u8]) -> Result<bool>;
     fn encrypt(&self, id: &str, mechanism: EncryptMechanism<'_>, plaintext: &[u8]) -> Result<Vec<u8>>;
     fn decrypt(&self, id: &str, mechanism: EncryptMechanism<'_>, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>>;
+
+    /// Whether `op` on key `id` is known to take only microseconds, so that a server may run it
+    /// on its async runtime's thread (handing it to another thread costs more than it does):
+    /// a software operation on a key already in memory, on a bounded input, with no PKCS#11
+    /// token involved. Anything else (a token, an RSA private-key operation, a key still on
+    /// disk, a long input, a replacement key library) may be slow. Default: false.
+    fn runs_quickly(&self, id: &str, op: QuickOp) -> bool {
+        let _ = (id, op);
+        false
+    }
 }

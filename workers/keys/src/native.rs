@@ -384,6 +384,19 @@ impl KeyStore {
 }
 
 impl KeyBackend for KeyStore {
+    fn runs_quickly(&self, id: &str, op: crate::QuickOp) -> bool {
+        // A key whose first candidate is a token (a preloaded pkcs11: key, or any key once a
+        // base slot is configured) is looked up on the token, at least.
+        if !matches!(self.p11_key(id), Ok(None)) {
+            return false;
+        }
+        match (op, self.cache_get(id).as_deref()) {
+            (crate::QuickOp::Symmetric { input_len }, Some(CachedKey::Symmetric(_))) => input_len <= crate::QUICK_INPUT_MAX,
+            (crate::QuickOp::Pair, Some(CachedKey::Pair(pair))) => pair.is_p256(),
+            _ => false,
+        }
+    }
+
     fn version(&self) -> u32 {
         VERSION_2_1_0_0
     }

@@ -13,6 +13,7 @@ pub mod api;
 pub mod blob;
 pub mod config;
 pub mod esys;
+pub mod service;
 pub mod fd_tcti;
 #[cfg(feature = "test-support")]
 pub mod dps_blob;
@@ -23,14 +24,13 @@ pub mod tss_lib;
 use std::sync::Arc;
 use std::os::fd::OwnedFd;
 
-use aziot_ipc::config::ConfigPaths;
 use aziot_ipc::endpoint::Endpoint;
 
 pub use config::Config;
 pub use tpm::{Tpm, TpmError, TpmSettings};
 
 /// Name of the socket in systemd's `LISTEN_FDNAMES` (`FileDescriptorName=` of the unit).
-pub const SOCKET_NAME: &str = "aziot-tpmd.socket";
+pub const SOCKET_NAME: &str = service::INFO.socket_fd_name;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TpmdError {
@@ -50,7 +50,7 @@ pub enum TpmdError {
 
 /// Reads tpmd's config from the usual places (`$AZIOT_TPMD_CONFIG`, `..._DIR`) and validates it.
 pub fn load_config() -> Result<Config, TpmdError> {
-    let config: Config = aziot_ipc::config::load(&ConfigPaths::from_env("tpmd"))?;
+    let config: Config = aziot_ipc::config::load(&aziot_ipc::service::config_paths(service::INFO))?;
     config::validate(&config).map_err(TpmdError::Invalid)?;
     Ok(config)
 }
@@ -85,7 +85,7 @@ pub fn init_tpm_fd(config: &Config, fd: OwnedFd) -> Result<Tpm, TpmdError> {
 pub fn endpoint(config: &Config) -> Result<Endpoint, TpmdError> {
     Ok(match &config.endpoints.aziot_tpmd {
         Some(uri) => Endpoint::parse(uri)?,
-        None => Endpoint::default_for("tpmd"),
+        None => aziot_ipc::service::default_endpoint(service::INFO),
     })
 }
 

@@ -50,6 +50,55 @@ pub enum TctiError {
     Invalid(String),
     #[error("could not open the TPM {what}")]
     Open { what: String, #[source] source: std::io::Error },
+    #[error("refusing the TPM device {}: {why}", path.display())]
+    NotADevice { path: std::path::PathBuf, why: String },
+}
+
+/// Opens the TPM device node `path` read-write, as root, on the config's behalf: the path is
+/// walked from `/` without following a symbolic link at any component
+/// ([`aziot_ipc::config::trusted::open_parent_nofollow`]), the node is first opened `O_PATH`
+/// (no side effect on whatever it is) and must be a character device beneath `/dev`; only then
+/// is it opened `O_RDWR|O_NOFOLLOW|O_NOCTTY`, and the result checked to be the same device.
+/// So `device:<a regular file>` or `device:<a link to /etc/shadow>` are refused before any
+/// open for writing.
+pub fn open_device(path: &std::path::Path) -> Result<std::os::fd::OwnedFd, TctiError> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use aziot_ipc::config::trusted::{self, TrustError};
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::{Mode, SFlag};
+
+    let refuse = |why: String| TctiError::NotADevice { path: path.to_owned(), why };
+    let open_err = |source: std::io::Error| TctiError::Open { what: path.display().to_string(), source };
+    let errno = |e: nix::Error| std::io::Error::from_raw_os_error(e as i32);
+    let (parent, name) = trusted::open_parent_nofollow(path).map_err(|e| match e {
+        TrustError::Open { source, .. } => open_err(source),
+        other => refuse(other.to_string()),
+    })?;
+    let openat = |flags: OFlag| -> Result<OwnedFd, nix::Error> {
+        let fd = nix::fcntl::openat(Some(parent.as_raw_fd()), name.as_os_str(), flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
+        // SAFETY: openat returned a fresh descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let probe = openat(OFlag::O_PATH).map_err(|e| open_err(errno(e)))?;
+    let st = nix::sys::stat::fstat(probe.as_raw_fd()).map_err(|e| open_err(errno(e)))?;
+    if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFCHR.bits() {
+        let what = trusted::type_name(&st);
+        let hint = if what == "symbolic link" {
+            "; the broker does not follow links on root's behalf: name the device node itself"
+        } else {
+            ""
+        };
+        return Err(refuse(format!("it is a {what}, not a character device{hint}")));
+    }
+    if !path.starts_with("/dev") {
+        return Err(refuse("a TPM device must be beneath /dev".to_owned()));
+    }
+    let fd = openat(OFlag::O_RDWR | OFlag::O_NOCTTY).map_err(|e| open_err(errno(e)))?;
+    let opened = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| open_err(errno(e)))?;
+    if (opened.st_dev, opened.st_ino, opened.st_rdev, opened.st_mode) != (st.st_dev, st.st_ino, st.st_rdev, st.st_mode) {
+        return Err(refuse("it was replaced while being opened".to_owned()));
+    }
+    Ok(fd)
 }
 
 /// For the broker: opens the descriptor the worker's [`crate::init_tpm_fd`] will use, when
@@ -58,13 +107,7 @@ pub enum TctiError {
 /// (a real MS simulator needs its framing), `tabrmd` and the empty string: the worker then
 /// uses [`crate::init_tpm`] before its sandbox locks.
 pub fn open_descriptor(tcti: &str) -> Result<Option<std::os::fd::OwnedFd>, TctiError> {
-    let open_device = |path: &std::path::Path| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|source| TctiError::Open { what: path.display().to_string(), source })
-    };
+    let open_device = |path: &std::path::Path| open_device(path).map(std::fs::File::from);
     match target(tcti)? {
         TctiTarget::Device { path: Some(path) } => Ok(Some(open_device(&path)?.into())),
         TctiTarget::Device { path: None } => match open_device("/dev/tpmrm0".as_ref()) {
@@ -145,6 +188,8 @@ mod tests {
         assert_eq!(target("tabrmd").unwrap(), TctiTarget::Tabrmd);
         assert!(matches!(target("foo:bar"), Err(TctiError::Unknown(_))));
         assert!(matches!(open_descriptor("device:/nonexistent/tpm"), Err(TctiError::Open { .. })));
+        assert!(matches!(open_descriptor("device:/dev/../etc/passwd"), Err(TctiError::NotADevice { .. })));
+        assert!(matches!(open_descriptor("device:dev/null"), Err(TctiError::NotADevice { .. })));
         if !std::path::Path::new("/dev/tpmrm0").exists() && !std::path::Path::new("/dev/tpm0").exists() {
             let e = open_descriptor("device").unwrap_err();
             assert_eq!(e.to_string(), "could not open the TPM /dev/tpm0 (after /dev/tpmrm0: No such file or directory (os error 2))");
@@ -152,5 +197,26 @@ mod tests {
         assert!(open_descriptor("mssim:port=1").unwrap().is_none());
         assert!(open_descriptor("tabrmd").unwrap().is_none());
         assert!(matches!(target("swtpm:port=x"), Err(TctiError::Invalid(_))));
+    }
+
+    #[test]
+    fn only_character_devices_beneath_dev_are_opened() {
+        // /dev/null is a character device beneath /dev (what a TPM device is, type-wise)
+        open_device(std::path::Path::new("/dev/null")).unwrap();
+        let dir = std::env::temp_dir().join(format!("aziot-tpmd-tcti-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("regular");
+        std::fs::write(&file, "not a TPM").unwrap();
+        let e = open_device(&file).unwrap_err().to_string();
+        assert!(e.contains("it is a regular file, not a character device"), "{e}");
+        let link = dir.join("null-link");
+        std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+        let e = open_device(&link).unwrap_err().to_string();
+        assert!(e.contains("it is a symbolic link, not a character device"), "{e}");
+        std::os::unix::fs::symlink("/dev", dir.join("dev-link")).unwrap();
+        let e = open_device(&dir.join("dev-link/null")).unwrap_err().to_string();
+        assert!(e.contains("dev-link is a symbolic link"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,11 +1,13 @@
 //! aziot-sandbox-probe: a TEST-ONLY helper (never installed) that puts itself under a worker's
-//! exact sandbox and then tries one action, for `policy/tests/escape.rs`.
+//! exact sandbox and serves as a stand-in worker for the audit tests (`policy/tests/audit.rs`):
+//! a live, sandboxed process with a status file, for `aziotctl policy audit` to inspect. (The
+//! escape attempts run in the real worker, `aziotd --worker`: `tests/tests/escape.rs`.)
 //!
 //! As root it plays the broker: resolves the service user's credentials, opens the state
 //! directory, and spawns itself in worker mode with `drop_privileges_in_child` in `pre_exec`
 //! (the state directory as fd 3, an optional listener as fd 4). The worker then follows the
 //! real worker's order: pre-load (openssl::init), apply_rlimits, apply_landlock,
-//! apply_seccomp, check_required; and performs ONE action. The parent prints the result:
+//! apply_seccomp, check_required; reports, and waits. The parent prints the result:
 //!
 //! ```text
 //! result: ok | result: errno=<n> (<name>) | result: signal=<n> (<name>) | result: setup-failed: ...
@@ -13,18 +15,14 @@
 //!
 //! usage:
 //!   aziot-sandbox-probe --service SVC --state-dir DIR [--grant-port N]... [--control]
-//!       [--seccomp kill|log|skip] [--allow-degraded] [--listener PATH]
-//!       (--attempt NAME [--arg VALUE] | --serve --status FILE)
-//!   aziot-sandbox-probe --list
+//!       [--seccomp kill|log|skip] [--allow-degraded] [--listener PATH] --serve --status FILE
 //!
-//! `--control` drops privileges but applies no sandbox: what the same action does without
-//! Landlock and seccomp (to prove that the sandbox, not file permissions, is what blocks it).
+//! `--control` drops privileges but applies no sandbox (an unsandboxed process for the audit
+//! to flag).
 //! `--serve`: the worker reports its sandbox, the parent writes a status file (as the broker
 //! does), prints `ready`, and both wait for stdin to close (for the audit tests).
 //! `--broker-seccomp`: the broker side first installs an allow-all filter on itself, as systemd's
 //! `SystemCallFilter=` would; the worker inherits it below its own two.
-
-mod attempts;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -47,8 +45,6 @@ struct Args {
     seccomp: Option<String>,
     allow_degraded: bool,
     listener: Option<PathBuf>,
-    attempt: Option<String>,
-    arg: Option<String>,
     serve: bool,
     status: Option<PathBuf>,
     worker: bool,
@@ -68,26 +64,18 @@ fn parse_args() -> Result<Args, String> {
             "--seccomp" => a.seccomp = Some(value()?),
             "--allow-degraded" => a.allow_degraded = true,
             "--listener" => a.listener = Some(value()?.into()),
-            "--attempt" => a.attempt = Some(value()?),
-            "--arg" => a.arg = Some(value()?),
             "--serve" => a.serve = true,
             "--status" => a.status = Some(value()?.into()),
             "--worker" => a.worker = true,
             "--broker-seccomp" => a.broker_seccomp = true,
-            "--list" => {
-                for name in attempts::names() {
-                    println!("{name}");
-                }
-                std::process::exit(0);
-            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
     if a.service.is_empty() {
         return Err("--service is required".into());
     }
-    if a.attempt.is_none() && !a.serve {
-        return Err("--attempt NAME or --serve is required".into());
+    if !a.serve {
+        return Err("--serve is required (the escape attempts run in `aziotd --worker`: tests/tests/escape.rs)".into());
     }
     Ok(a)
 }
@@ -100,6 +88,8 @@ fn grants(a: &Args) -> Grants {
             .iter()
             .map(|p| PortGrant { port: *p, origin: Origin::Config("probe --grant-port".into()) })
             .collect(),
+        pkcs11: false,
+        sockets: Vec::new(),
     }
 }
 
@@ -161,27 +151,30 @@ fn broker(a: &Args) -> Result<ExitCode, String> {
     if let Some(s) = &a.seccomp {
         cmd.args(["--seccomp", s]);
     }
-    if let Some(n) = &a.attempt {
-        cmd.args(["--attempt", n]);
-    }
-    if let Some(v) = &a.arg {
-        cmd.args(["--arg", v]);
-    }
     if listener.is_some() {
         cmd.arg("--listener").arg(a.listener.as_ref().expect("listener path"));
     }
     cmd.env_clear().current_dir("/").stdout(Stdio::piped()).stderr(Stdio::inherit());
-    cmd.stdin(if a.serve { Stdio::inherit() } else { Stdio::null() });
+    cmd.stdin(Stdio::inherit());
     let state_raw = state.as_raw_fd();
     let listener_raw = listener.as_ref().map(|l| l.as_raw_fd());
+    // The worker's private mount namespace, as the broker makes it (certd, identityd).
+    let mountns = match policy.mount_plan() {
+        Some(plan) => Some(aziot_policy::mountns::prepare(&plan).map_err(|e| format!("mount namespace: {e}"))?),
+        None => None,
+    };
+    let mountns_record = mountns.as_ref().map(|p| p.record().clone());
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
-    // (dup2/fcntl and drop_privileges_in_child, which is async-signal-safe); `creds` was
-    // computed before fork.
+    // (dup2/fcntl, the mount namespace's and drop_privileges_in_child's, all async-signal-safe);
+    // `creds` and the mount namespace's paths were prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
             place_fd(state_raw, STATE_FD)?;
             if let Some(l) = listener_raw {
                 place_fd(l, LISTENER_FD)?;
+            }
+            if let Some(p) = &mountns {
+                aziot_policy::mountns::enter_in_child(p)?;
             }
             aziot_policy::drop_privileges_in_child(&creds)
         });
@@ -210,6 +203,7 @@ fn broker(a: &Args) -> Result<ExitCode, String> {
             worker_pid: child.id() as i32,
             policy_digest: policy.digest(),
             seccomp_digest: report["seccomp"]["digest"].as_str().unwrap_or_default().to_owned(),
+            seccomp_program: policy.seccomp.program_name().to_owned(),
             landlock: serde_json::from_value(report["landlock"].clone()).unwrap_or_default(),
             seccomp_mode: mode(a)?.to_string(),
             degraded: aziot_policy::is_degraded(&warnings),
@@ -217,6 +211,7 @@ fn broker(a: &Args) -> Result<ExitCode, String> {
             restarts: 0,
             handed_dirs: Vec::new(),
             handed_inodes: Vec::new(),
+            mount_namespace: mountns_record.clone(),
         };
         let path = a.status.clone().ok_or("--serve needs --status FILE")?;
         status.write(&path).map_err(|e| e.to_string())?;
@@ -287,7 +282,7 @@ fn worker(a: &Args) -> Result<ExitCode, String> {
     // SAFETY: the broker side placed the state directory at fd 3 for us; it stays open for
     // the life of the process.
     let state = unsafe { BorrowedFd::borrow_raw(STATE_FD) };
-    let listener = a.listener.as_ref().map(|_| {
+    let _listener = a.listener.as_ref().map(|_| {
         // SAFETY: the broker side placed the listener at fd 4; we take ownership of it.
         unsafe { OwnedFd::from_raw_fd(LISTENER_FD) }
     });
@@ -312,14 +307,7 @@ fn worker(a: &Args) -> Result<ExitCode, String> {
         }
         println!("sandboxed: yes");
     }
-    if a.serve {
-        return serve(report);
-    }
-    let name = a.attempt.as_deref().unwrap_or_default();
-    let ctx = attempts::Ctx { state, listener, arg: a.arg.clone() };
-    let outcome = attempts::run(name, &ctx)?;
-    println!("outcome: {outcome}");
-    Ok(ExitCode::SUCCESS)
+    serve(report)
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

@@ -3,8 +3,8 @@
 //!
 //! SoftHSM2 is a process-wide singleton that reads `SOFTHSM2_CONF` at `C_Initialize`, so this
 //! test binary sets one temporary configuration for the whole process, and each test creates its
-//! own token (unique label) in it with `softhsm2-util`. Skipped (with a message) if SoftHSM2 is
-//! not installed.
+//! own token (unique label) in it with `softhsm2-util`. Fails if SoftHSM2 is not installed,
+//! unless `AZIOT_ALLOW_SKIP=1` (then each test prints `SKIPPED: ...`).
 
 mod c_abi;
 mod fallback;
@@ -31,12 +31,13 @@ type Pool = (TempDir, PathBuf, Vec<(String, u64)>);
 
 static TOKEN_POOL: OnceLock<Option<Pool>> = OnceLock::new();
 
-/// The process-wide SoftHSM2 configuration, or `None` if SoftHSM2 is not installed.
+/// The process-wide SoftHSM2 configuration. SoftHSM2 missing: the calling test FAILS naming it,
+/// unless `AZIOT_ALLOW_SKIP=1` (then it prints `SKIPPED: <test>: ...` and gets `None`, and
+/// returns) — the rule of `aziot_tests::require`, which this crate cannot depend on.
 pub fn softhsm() -> Option<&'static Path> {
-    TOKEN_POOL
+    let conf = TOKEN_POOL
         .get_or_init(|| {
             if !Path::new(MODULE).exists() {
-                eprintln!("SoftHSM2 is not installed ({MODULE}); skipping");
                 return None;
             }
             let dir = TempDir::new("softhsm");
@@ -60,7 +61,17 @@ pub fn softhsm() -> Option<&'static Path> {
             Some((dir, conf, tokens))
         })
         .as_ref()
-        .map(|(_, conf, _)| conf.as_path())
+        .map(|(_, conf, _)| conf.as_path());
+    if conf.is_none() {
+        let what = format!("SoftHSM2 ({MODULE} is missing; apt-get install softhsm2)");
+        let test = std::thread::current().name().unwrap_or("<unnamed test>").to_owned();
+        if std::env::var("AZIOT_ALLOW_SKIP").is_ok_and(|v| v == "1") {
+            println!("SKIPPED: {test}: {what}");
+        } else {
+            panic!("{test}: missing {what} (AZIOT_ALLOW_SKIP=1 turns this failure into a skip; scripts/test never sets it)");
+        }
+    }
+    conf
 }
 
 /// Tokens made before the module is first loaded: SoftHSM2 does not see tokens that

@@ -1,22 +1,46 @@
-//! The actions the probe can try once sandboxed: forbidden ones (each must fail with an errno or
-//! kill the probe with SIGSYS) and allowed ones (each must succeed: the sandbox is not just
-//! killing everything). Arguments (paths, ports, pids) come from `--arg`.
+//! The actions an escape attempt can try once the worker is locked in: forbidden ones (each
+//! must fail with an errno or kill the worker with SIGSYS) and allowed ones (each must succeed:
+//! the sandbox is not just killing everything). Arguments (paths, ports, pids) come from the
+//! attempt's `arg`. The same functions run unsandboxed, as the service user, for the escape
+//! suite's control runs (`aziot-escape-control` in aziot-tests).
 
 use std::ffi::CString;
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 
-pub(crate) struct Ctx {
-    /// The state directory handed over by the broker side.
-    pub state: BorrowedFd<'static>,
+use super::EscapeAttempt;
+
+/// What an attempt may use: the state directory, a listener, its argument.
+#[derive(Debug)]
+pub struct Ctx {
+    /// The state directory (the one handed over), when the service has one.
+    pub state: Option<OwnedFd>,
     pub listener: Option<OwnedFd>,
     pub arg: Option<String>,
 }
 
 impl Ctx {
+    /// Opens `dir` (O_DIRECTORY, by path): the control runs' state directory.
+    pub fn open_dir(dir: &Path) -> Result<OwnedFd, String> {
+        use std::os::fd::FromRawFd;
+        let fd = nix::fcntl::open(
+            dir,
+            nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| format!("open the state dir {}: {e}", dir.display()))?;
+        // SAFETY: a descriptor open() just returned to us.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn state(&self) -> Result<BorrowedFd<'_>, String> {
+        self.state.as_ref().map(|s| s.as_fd()).ok_or_else(|| "this attempt needs the state directory".to_owned())
+    }
+
     fn arg(&self) -> Result<&str, String> {
-        self.arg.as_deref().ok_or_else(|| "this attempt needs --arg".to_owned())
+        self.arg.as_deref().ok_or_else(|| "this attempt needs an argument".to_owned())
     }
 
     fn arg_c(&self) -> Result<CString, String> {
@@ -24,11 +48,25 @@ impl Ctx {
     }
 
     fn arg_num<T: std::str::FromStr>(&self) -> Result<T, String> {
-        self.arg()?.parse().map_err(|_| format!("--arg {:?} is not a number", self.arg))
+        self.arg()?.parse().map_err(|_| format!("argument {:?} is not a number", self.arg))
     }
 }
 
-pub(crate) enum Outcome {
+/// Runs `attempt` in the locked-in worker; `handed` are descriptors it still holds, by name
+/// (`state`: the handed-over state directory, `listener`).
+pub(super) fn run_in_worker(attempt: &EscapeAttempt, handed: &[(&str, BorrowedFd<'_>)]) -> Result<Outcome, String> {
+    let dup = |name: &str| -> Result<Option<OwnedFd>, String> {
+        match handed.iter().find(|(n, _)| *n == name) {
+            Some((_, fd)) => fd.try_clone_to_owned().map(Some).map_err(|e| format!("dup {name}: {e}")),
+            None => Ok(None),
+        }
+    };
+    let ctx = Ctx { state: dup("state")?, listener: dup("listener")?, arg: attempt.arg.clone() };
+    run(&attempt.name, &ctx)
+}
+
+#[derive(Debug)]
+pub enum Outcome {
     Ok,
     Errno(i32),
 }
@@ -99,9 +137,19 @@ const ATTEMPTS: &[(&str, Attempt)] = &[
         let p = c.arg_c()?;
         let name = CString::new("stolen").expect("no NUL");
         // SAFETY: valid paths and descriptors.
-        Ok(rc(unsafe { libc::linkat(libc::AT_FDCWD, p.as_ptr(), c.state.as_raw_fd(), name.as_ptr(), 0) }))
+        Ok(rc(unsafe { libc::linkat(libc::AT_FDCWD, p.as_ptr(), c.state()?.as_raw_fd(), name.as_ptr(), 0) }))
     }),
     // ---- processes ----
+    ("exec-setuid", |c| {
+        // A set-user-ID-root program (the suite plants a copy of id(1)): `<arg> -u` prints the
+        // effective uid it got.
+        let (prog, dash_u) = (c.arg_c()?, CString::new("-u").expect("x"));
+        let argv = [prog.as_ptr(), dash_u.as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null()];
+        // SAFETY: NULL-terminated argv/envp of valid strings; returns only on failure.
+        unsafe { libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        Ok(last_errno())
+    }),
     ("exec-sh", |_| {
         let (sh, dash_c, cmd) = (CString::new("/bin/sh").expect("x"), CString::new("-c").expect("x"), CString::new("echo 'outcome: ok'").expect("x"));
         let argv = [sh.as_ptr(), dash_c.as_ptr(), cmd.as_ptr(), std::ptr::null()];
@@ -327,13 +375,38 @@ const ATTEMPTS: &[(&str, Attempt)] = &[
     ("thread", |_| Ok(io_outcome(std::thread::spawn(|| 42).join().map_err(|_| io::Error::other("panicked"))))),
     ("openssl-keygen", openssl_keygen),
     ("tokio-echo", tokio_echo),
+    ("tls-client", tls_client),
+    // Stays alive, locked in, for `arg` milliseconds (epoll_wait on an empty set, what a runtime
+    // does): the mount namespace suite inspects the live worker from outside meanwhile.
+    ("linger", |c| {
+        let ms: i32 = c.arg_num()?;
+        // SAFETY: an integer argument; the descriptor is closed below.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Ok(last_errno());
+        }
+        let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
+        // A ptrace stop (the audit reading the filters) interrupts the wait: wait out the rest.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms.max(0) as u64);
+        let mut r = 0;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()).filter(|l| !l.is_zero()) {
+            // SAFETY: one live epoll_event to fill; an empty set, so it returns after the timeout.
+            r = unsafe { libc::epoll_wait(ep, ev.as_mut_ptr(), 1, left.as_millis().max(1) as i32) };
+            if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(ep) };
+        Ok(rc(r.max(0)))
+    }),
 ];
 
-pub(crate) fn names() -> impl Iterator<Item = &'static str> {
+pub fn names() -> impl Iterator<Item = &'static str> {
     ATTEMPTS.iter().map(|(n, _)| *n)
 }
 
-pub(crate) fn run(name: &str, ctx: &Ctx) -> Result<Outcome, String> {
+pub fn run(name: &str, ctx: &Ctx) -> Result<Outcome, String> {
     let (_, f) = ATTEMPTS.iter().find(|(n, _)| *n == name).ok_or_else(|| format!("unknown attempt {name:?}"))?;
     f(ctx)
 }
@@ -349,26 +422,27 @@ fn raw_socket(domain: i32, ty: i32, proto: i32) -> Outcome {
     Outcome::Ok
 }
 
-/// Create a file in the state dir (allowed), then rename it to `--arg` outside (denied).
+/// Create a file in the state dir (allowed), then rename it to the argument's path outside (denied).
 fn move_out(c: &Ctx) -> Result<Outcome, String> {
     let name = CString::new("move-me").expect("x");
     let dest = c.arg_c()?;
     // SAFETY: openat beneath the state fd with a valid name.
-    let fd = unsafe { libc::openat(c.state.as_raw_fd(), name.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o600) };
+    let fd = unsafe { libc::openat(c.state()?.as_raw_fd(), name.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o600) };
     if fd < 0 {
         return Err(format!("creating the file in the state dir failed: {}", io::Error::last_os_error()));
     }
     // SAFETY: our own descriptor.
     unsafe { libc::close(fd) };
     // SAFETY: valid descriptors and paths.
-    Ok(rc(unsafe { libc::renameat(c.state.as_raw_fd(), name.as_ptr(), libc::AT_FDCWD, dest.as_ptr()) }))
+    Ok(rc(unsafe { libc::renameat(c.state()?.as_raw_fd(), name.as_ptr(), libc::AT_FDCWD, dest.as_ptr()) }))
 }
 
 fn state_file(c: &Ctx, name: &str, flags: i32) -> io::Result<std::fs::File> {
     use std::os::fd::FromRawFd;
     let name = CString::new(name).map_err(io::Error::other)?;
+    let dir = c.state().map_err(io::Error::other)?.as_raw_fd();
     // SAFETY: openat beneath the state fd with a valid name.
-    let fd = unsafe { libc::openat(c.state.as_raw_fd(), name.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -384,13 +458,25 @@ fn state_write_read(c: &Ctx) -> Result<Outcome, String> {
     f.sync_all().map_err(|e| step("fsync", e))?;
     drop(f);
     let (from, to) = (CString::new("probe.tmp").expect("x"), CString::new("probe.key").expect("x"));
-    let fd = c.state.as_raw_fd();
+    let fd = c.state()?.as_raw_fd();
     // SAFETY: valid descriptors and names.
     if unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) } != 0 {
         return Err(step("rename", io::Error::last_os_error()));
     }
     let mut back = String::new();
-    state_file(c, "probe.key", libc::O_RDONLY).and_then(|mut f| f.read_to_string(&mut back)).map_err(|e| step("read back", e))?;
+    // Plain read(2)s: read_to_string would size its buffer with statx, which a worker's store
+    // code need not use.
+    state_file(c, "probe.key", libc::O_RDONLY)
+        .and_then(|mut f| {
+            let mut buf = [0u8; 64];
+            loop {
+                match f.read(&mut buf)? {
+                    0 => return Ok(()),
+                    n => back.push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+        })
+        .map_err(|e| step("read back", e))?;
     if back != "key material" {
         return Err(format!("read back {back:?}"));
     }
@@ -406,7 +492,7 @@ fn state_write_read(c: &Ctx) -> Result<Outcome, String> {
 fn state_mkdir_list(c: &Ctx) -> Result<Outcome, String> {
     let name = format!("probe-dir-{}", std::process::id());
     let sub = CString::new(name.as_str()).expect("x");
-    let fd = c.state.as_raw_fd();
+    let fd = c.state()?.as_raw_fd();
     // SAFETY: valid descriptor and name.
     if unsafe { libc::mkdirat(fd, sub.as_ptr(), 0o700) } != 0 {
         return Err(format!("mkdirat: {}", io::Error::last_os_error()));
@@ -440,12 +526,12 @@ fn openssl_keygen(_: &Ctx) -> Result<Outcome, String> {
     Ok(Outcome::Ok)
 }
 
-/// A multi-threaded tokio runtime serving one echo on the handed-over listener (fd 4): the
+/// A multi-threaded tokio runtime serving one echo on the handed-over listener: the
 /// runtime's own syscalls (threads, epoll, eventfd, accept4, SO_PEERCRED, timers, blocking pool)
 /// under the worker's real filter.
 fn tokio_echo(c: &Ctx) -> Result<Outcome, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fd = c.listener.as_ref().ok_or("tokio-echo needs --listener")?.try_clone().map_err(|e| e.to_string())?;
+    let fd = c.listener.as_ref().ok_or("tokio-echo needs the listener")?.try_clone().map_err(|e| e.to_string())?;
     let listener = std::os::unix::net::UnixListener::from(fd);
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -468,5 +554,51 @@ fn tokio_echo(c: &Ctx) -> Result<Outcome, String> {
         stream.shutdown().await.map_err(|e| e.to_string())?;
         Ok::<_, String>(())
     })?;
+    Ok(Outcome::Ok)
+}
+
+/// The OpenSSL engine's in-process twin as a worker uses it (issue 11): a key pair held by keyd
+/// as the client key of a mutual-TLS handshake. `arg` = `<keyd socket>|<TCP port on 127.0.0.1>`;
+/// the key handle, the CA and the client certificate are read from the state directory
+/// (`tls-client.handle`, `tls-client.ca.pem`, `tls-client.cert.pem`). Sends one line and closes.
+/// `preload` runs here, after lock-in: what it creates needs no more than the locked-in worker has.
+fn tls_client(c: &Ctx) -> Result<Outcome, String> {
+    use openssl::ssl::{Ssl, SslContext, SslMethod, SslVerifyMode};
+    use openssl::x509::X509;
+    let (socket, port) = c.arg()?.split_once('|').ok_or("tls-client needs <keyd socket>|<port>")?;
+    let port: u16 = port.parse().map_err(|_| format!("bad port {port:?}"))?;
+    // plain read(2) loop: File::read_to_end would statx for a size hint (not in certd's filter)
+    let read = |name: &str| -> Result<Vec<u8>, String> {
+        let mut f = state_file(c, name, libc::O_RDONLY).map_err(|e| format!("open {name}: {e}"))?;
+        let (mut v, mut buf) = (Vec::new(), [0u8; 4096]);
+        loop {
+            match f.read(&mut buf).map_err(|e| format!("read {name}: {e}"))? {
+                0 => return Ok(v),
+                n => v.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let handle = String::from_utf8(read("tls-client.handle")?).map_err(|e| e.to_string())?;
+    let e = |e: openssl::error::ErrorStack| e.to_string();
+    aziot_key_openssl_engine::preload().map_err(|e| format!("preload: {e}"))?;
+    let keyd = std::sync::Arc::new(aziot_key_openssl_engine::KeydClient::new(socket));
+    let key = aziot_key_openssl_engine::load_private_key(&keyd, handle.trim()).map_err(|e| format!("load the keyd key: {e}"))?;
+    // A context with only the test CA: SslConnector::builder would also add OpenSSL's default
+    // verify paths, whose directory store lists /etc/ssl/certs (getdents64, not in certd's filter).
+    let mut b = SslContext::builder(SslMethod::tls_client()).map_err(e)?;
+    b.cert_store_mut().add_cert(X509::from_pem(&read("tls-client.ca.pem")?).map_err(e)?).map_err(e)?;
+    let cert = X509::from_pem(&read("tls-client.cert.pem")?).map_err(e)?;
+    b.set_certificate(&cert).map_err(e)?;
+    b.set_private_key(&key).map_err(e)?;
+    b.set_verify(SslVerifyMode::PEER);
+    b.verify_param_mut().set_ip(std::net::IpAddr::from([127, 0, 0, 1])).map_err(e)?;
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    let mut tls = Ssl::new(&b.build()).map_err(e)?.connect(tcp).map_err(|e| format!("handshake: {e}"))?;
+    tls.write_all(b"hello from the confined worker\n").map_err(|e| format!("write: {e}"))?;
+    // close_notify, then read to the server's: closing with its session tickets unread would
+    // reset the connection and could discard the line before the server reads it.
+    let _ = tls.shutdown();
+    tls.get_ref().set_read_timeout(Some(std::time::Duration::from_secs(10))).map_err(|e| format!("timeout: {e}"))?;
+    let _ = tls.read_to_end(&mut Vec::new());
     Ok(Outcome::Ok)
 }

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Measures the syscalls the certd worker makes once its seccomp filter is in force, to check
+# seccomp/certd.json.
+#
+# Runs the through-the-broker suites (tests/tests/certd_api.rs, certd_issue.rs: every endpoint,
+# preloaded files and lists, reload, local issuance signed by keyd through the engine's twin,
+# kill -9 of the worker during issuances, restart) with `aziotd` wrapped in `strace -f`, then,
+# for every certd worker (the process of user aziotcs that called seccomp(SECCOMP_SET_MODE_FILTER))
+# and its threads, counts the syscalls made after its last seccomp() call, with the argument
+# values the filter checks. keyd's workers run in the same traces and are told apart by the
+# certd hand-off (`aziot-certd` in the worker's trace). With --log-mode it instead runs the
+# suites with the worker's seccomp in log mode (AZIOT_TESTS_CERTD_CONFIG adds `[sandbox]
+# seccomp = "log"`, `allow_degraded = true`) and prints the kernel's type=1326 audit records of
+# user aziotcs: each is a syscall the list lacks. Under strace (and in log mode) the audit test
+# fails (a traced or degraded worker is a deviation): expected.
+#
+# usage: policy/tools/measure-certd-syscalls.sh [--log-mode]   (as root, from the workspace)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build -q -p aziotd -p aziotctl --bins
+cargo test -q -p aziot-tests --test certd_api --test certd_issue --no-run
+work=$(mktemp -d /tmp/aziot-measure-certd.XXXXXX)
+trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+bin=$(realpath target/debug/aziotd)
+
+if [ "${1:-}" = --log-mode ]; then
+  before=$(dmesg | wc -l)
+  export AZIOT_TESTS_CERTD_CONFIG=$'[sandbox]\nseccomp = "log"\nallow_degraded = true'
+  cargo test -q -p aziot-tests --test certd_api || true
+  cargo test -q -p aziot-tests --test certd_issue || true
+  uid=$(id -u aziotcs)
+  echo "# new type=1326 (SECCOMP_RET_LOG) records of uid $uid (none = the allowlist covered every call):"
+  dmesg | tail -n +"$((before + 1))" | grep 'type=1326' | grep " uid=$uid " | grep 'code=0x7ffc0000' || true
+  exit 0
+fi
+
+mkdir "$work/traces"
+cat > "$work/aziotd" <<WRAP
+#!/bin/bash
+# only certd is traced (keyd runs the real binary)
+# keyd: the real binary in this process (its harness checks that the broker is its child)
+[ "\$1" = aziot-certd ] || exec $bin "\$@"
+/usr/bin/strace -f -qq -s 64 -o $work/traces/t.\$\$ $bin "\$@" &
+s=\$!
+trap 'kill -TERM \$(/usr/bin/pgrep -P \$s) 2>/dev/null; kill -TERM \$s 2>/dev/null' TERM
+wait \$s; wait \$s
+WRAP
+chmod +x "$work/aziotd"
+AZIOTD_BIN="$work/aziotd" cargo test -q -p aziot-tests --test certd_api || true
+AZIOTD_BIN="$work/aziotd" cargo test -q -p aziot-tests --test certd_issue || true
+
+python3 - "$work/traces" <<'PY'
+import collections, glob, re, sys
+counts, args, workers = collections.Counter(), collections.defaultdict(collections.Counter), 0
+argpos = {'ioctl': 1, 'fcntl': 1, 'prctl': 0, 'mmap': 2, 'mprotect': 2, 'getsockopt': 2, 'madvise': 2,
+          'socket': 0, 'setsockopt': 1, 'rt_sigaction': 0, 'tgkill': 2, 'clone': 0}
+for path in sorted(glob.glob(sys.argv[1] + '/t.*')):
+    lines = open(path).read().splitlines()
+    # every worker of this broker: each process that called seccomp(SECCOMP_SET_MODE_FILTER)
+    starts = {}
+    for i, line in enumerate(lines):
+        m = re.match(r'(\d+) +seccomp\(SECCOMP_SET_MODE_FILTER', line)
+        if m:
+            starts[m.group(1)] = i
+    for main, last in starts.items():
+        workers += 1
+        group, changed = {main}, True
+        while changed:
+            changed = False
+            for line in lines:
+                m = re.match(r'(\d+) +clone3?\(.*CLONE_THREAD.*\) = (\d+)', line) or re.match(r'(\d+) +<\.\.\. clone3? resumed>.*= (\d+)', line)
+                if m and m.group(1) in group and m.group(2) not in group:
+                    group.add(m.group(2))
+                    changed = True
+        for line in lines[last + 1:]:
+            m = re.match(r'(\d+) +([a-z0-9_]+)\((.*)', line)
+            if not m or m.group(1) not in group:
+                continue
+            name = m.group(2)
+            counts[name] += 1
+            if name in argpos:
+                a = re.split(r'[,)<]', m.group(3))
+                if len(a) > argpos[name]:
+                    args[name][a[argpos[name]].strip()] += 1
+print(f'# {workers} certd workers; syscalls after seccomp(), with counts:')
+for name, n in counts.most_common():
+    print(f'{n:8d} {name}')
+print('# checked arguments:')
+for name, c in sorted(args.items()):
+    print(f'  {name}: ' + ', '.join(f'{k} x{v}' for k, v in c.most_common()))
+PY

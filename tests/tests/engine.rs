@@ -1,0 +1,1240 @@
+//! The OpenSSL engine `aziot_keys.so` and its in-process twin (spec keyd.md §9; docs/engine.md),
+//! against a live keyd started by the harness (broker + confined worker).
+//!
+//! The `openssl` CLI runs as [`APP`], a keyd principal in the socket's group (like an IoT Edge
+//! module would), with `OPENSSL_ENGINES` pointing at a temporary directory holding a copy of the
+//! built cdylib as `aziot_keys.so` (nothing is installed system-wide) and `AZIOT_KEYD_ENDPOINT`
+//! at the test's keyd. Public keys for verification are built from `/parameters` by the suite
+//! itself, not by the engine.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aziot_key_openssl_engine::{load_private_key, KeydClient};
+use aziot_tests::api::*;
+use aziot_tests::crypto::*;
+use aziot_tests::keyd::{profile_dir, Backend, TempDir, TEST_GID};
+use aziot_tests::{Dep, Keyd};
+use openssl::pkey::{PKey, Public};
+
+/// The principal the openssl CLI runs as.
+const APP: u32 = 4242;
+/// A uid outside the socket's group (and no principal).
+const OUTSIDER: u32 = 5555;
+
+fn deps_for(backend: Backend) -> bool {
+    let mut deps = vec![
+        Dep::Root,
+        Dep::ServiceUser(aziot_tests::keyd::SERVICE_USER),
+        Dep::OpensslCli,
+    ];
+    if backend == Backend::SoftHsm {
+        deps.push(Dep::SoftHsm);
+    }
+    aziot_tests::require_deps(&deps)
+}
+
+fn start_keyd(backend: Backend) -> Keyd {
+    Keyd::builder()
+        .backend(backend)
+        .extra(&format!(
+            "[[principal]]\nuid = {APP}\nkeys = [\"engine-*\"]\n"
+        ))
+        .start()
+}
+
+/// The built engine: `$AZIOT_ENGINE_SO`, else the cdylib cargo built with this test
+/// (`target/<profile>/deps/`, then `target/<profile>/`).
+fn engine_so() -> PathBuf {
+    if let Some(p) = std::env::var_os("AZIOT_ENGINE_SO") {
+        return PathBuf::from(p);
+    }
+    let name = "libaziot_key_openssl_engine.so";
+    let dir = profile_dir();
+    [dir.join("deps").join(name), dir.join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found under {}: `cargo build -p aziot-key-engine`",
+                dir.display()
+            )
+        })
+}
+
+/// A scratch directory with `engines/aziot_keys.so`, readable by [`APP`].
+struct Scratch {
+    dir: TempDir,
+}
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let dir = TempDir::new(tag);
+        let engines = dir.path().join("engines");
+        std::fs::create_dir(&engines).expect("mkdir engines");
+        std::fs::set_permissions(&engines, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let so = engines.join("aziot_keys.so");
+        std::fs::copy(engine_so(), &so).expect("copy the engine");
+        std::fs::set_permissions(&so, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        Scratch { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes a file world-readable (the CLI runs as another uid).
+    fn write(&self, name: &str, data: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, data).expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        p
+    }
+
+    /// `openssl <args>` as `uid` (gid `gid`, no supplementary groups), with the engine directory
+    /// and keyd's endpoint in the environment.
+    fn openssl_as(&self, uid: u32, gid: u32, keyd: &Keyd, args: &[&str]) -> Output {
+        self.openssl_cmd(uid, gid, keyd, args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openssl")
+    }
+
+    fn openssl_cmd(&self, uid: u32, gid: u32, keyd: &Keyd, args: &[&str]) -> Command {
+        let mut cmd = Command::new("openssl");
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
+            .env("OPENSSL_ENGINES", self.path("engines"))
+            .env(
+                "AZIOT_KEYD_ENDPOINT",
+                format!("unix://{}", keyd.socket().display()),
+            );
+        if uid != 0 {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    /// `openssl <args>` as root, no engine (the verifier, the CA).
+    fn openssl(&self, args: &[&str]) -> Output {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed:\n{}",
+            text(&out)
+        );
+        out
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn ok(out: Output, what: &str) -> Output {
+    assert!(out.status.success(), "{what} failed:\n{}", text(&out));
+    out
+}
+
+/// The public key of a key pair as keyd's `/parameters` describe it (built here, not by the engine).
+fn public_key(api: &aziot_tests::Api, handle: &str) -> PKey<Public> {
+    match api.param(handle, "algorithm").as_str() {
+        "ECDSA" => {
+            assert_eq!(
+                unb64(&api.param(handle, "ec-curve-oid")),
+                [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07]
+            );
+            PKey::from_ec_key(ec_public_from_point(&unb64(&api.param(handle, "ec-point"))))
+                .expect("pkey")
+        }
+        "RSA" => PKey::from_rsa(rsa_public(
+            &unb64(&api.param(handle, "rsa-modulus")),
+            &unb64(&api.param(handle, "rsa-exponent")),
+        ))
+        .expect("pkey"),
+        other => panic!("algorithm {other}"),
+    }
+}
+
+fn write_public(s: &Scratch, name: &str, key: &PKey<Public>) -> PathBuf {
+    s.write(name, &key.public_key_to_pem().expect("pem"))
+}
+
+/// sign with the engine as APP (`pkeyutl -sign`), verify as root with the public key from keyd.
+fn sign_and_verify(s: &Scratch, keyd: &Keyd, handle: &str, pubkey: &Path, opts: &[&str]) {
+    let mut args = vec![
+        "pkeyutl",
+        "-sign",
+        "-engine",
+        "aziot_keys",
+        "-keyform",
+        "engine",
+        "-inkey",
+        handle,
+        "-in",
+        "digest",
+    ];
+    args.extend_from_slice(opts);
+    let out = ok(
+        s.openssl_as(APP, TEST_GID, keyd, &args),
+        &format!("pkeyutl -sign {opts:?}"),
+    );
+    assert!(!out.stdout.is_empty(), "no signature");
+    s.write("sig", &out.stdout);
+    let pubkey = pubkey.to_str().expect("utf-8");
+    let mut verify = vec![
+        "pkeyutl", "-verify", "-pubin", "-inkey", pubkey, "-in", "digest", "-sigfile", "sig",
+    ];
+    verify.extend_from_slice(opts);
+    let out = s.openssl(&verify);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Signature Verified Successfully"),
+        "{opts:?}: {}",
+        text(&out)
+    );
+    // and a tampered digest does not verify (the check can fail)
+    let mut bad = sha256(b"the message signed by keyd");
+    bad[0] ^= 1;
+    s.write("digest.bad", &bad);
+    let mut verify_bad = verify.clone();
+    verify_bad[6] = "digest.bad";
+    let out = Command::new("openssl")
+        .args(&verify_bad)
+        .current_dir(s.dir.path())
+        .output()
+        .expect("openssl");
+    assert!(
+        !out.status.success(),
+        "a wrong digest verified: {}",
+        text(&out)
+    );
+}
+
+/// spec §9.3/§9.4: `pkeyutl -sign` with EC P-256 (sign_sig), RSA-2048 PKCS#1 v1.5 and PSS
+/// (priv_enc with PKCS1 / no padding), RSA-4096; verified against keyd's public parameters.
+#[test]
+fn pkeyutl_sign_ec_rsa_pss_verify_with_keyd_public_key() {
+    if !deps_for(Backend::from_env()) {
+        return;
+    }
+    let keyd = start_keyd(Backend::from_env());
+    let api = keyd.api(V2021);
+    let s = Scratch::new("engine-pkeyutl");
+    s.write("digest", &sha256(b"the message signed by keyd"));
+
+    let ec = api.create_keypair("engine-ec", Some("ec-p256"));
+    let ec_pub = write_public(&s, "ec.pub.pem", &public_key(&api, &ec));
+    sign_and_verify(&s, &keyd, &ec, &ec_pub, &[]);
+    sign_and_verify(&s, &keyd, &ec, &ec_pub, &["-pkeyopt", "digest:sha256"]);
+
+    for (id, alg) in [("engine-rsa", "rsa-2048"), ("engine-rsa4k", "rsa-4096")] {
+        let h = api.create_keypair(id, Some(alg));
+        let p = write_public(&s, &format!("{id}.pub.pem"), &public_key(&api, &h));
+        sign_and_verify(&s, &keyd, &h, &p, &["-pkeyopt", "digest:sha256"]);
+        sign_and_verify(
+            &s,
+            &keyd,
+            &h,
+            &p,
+            &[
+                "-pkeyopt",
+                "digest:sha256",
+                "-pkeyopt",
+                "rsa_padding_mode:pss",
+                "-pkeyopt",
+                "rsa_pss_saltlen:32",
+            ],
+        );
+    }
+}
+
+/// `openssl req -new` with the engine key: the CSR's self-signature verifies and carries keyd's
+/// public key.
+#[test]
+fn req_new_with_engine_key_verifies() {
+    if !deps_for(Backend::from_env()) {
+        return;
+    }
+    let keyd = start_keyd(Backend::from_env());
+    let api = keyd.api(V2021);
+    let s = Scratch::new("engine-req");
+    for (id, alg) in [("engine-req-ec", "ec-p256"), ("engine-req-rsa", "rsa-2048")] {
+        let h = api.create_keypair(id, Some(alg));
+        let out = ok(
+            s.openssl_as(
+                APP,
+                TEST_GID,
+                &keyd,
+                &[
+                    "req",
+                    "-new",
+                    "-engine",
+                    "aziot_keys",
+                    "-keyform",
+                    "engine",
+                    "-key",
+                    &h,
+                    "-subj",
+                    "/CN=x",
+                ],
+            ),
+            "req -new",
+        );
+        let csr = s.write(&format!("{id}.csr"), &out.stdout);
+        let out = s.openssl(&[
+            "req",
+            "-verify",
+            "-noout",
+            "-in",
+            csr.to_str().expect("utf-8"),
+        ]);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("verify OK")
+                || String::from_utf8_lossy(&out.stdout).contains("verify OK"),
+            "{}",
+            text(&out)
+        );
+        let req = openssl::x509::X509Req::from_pem(&std::fs::read(&csr).expect("csr"))
+            .expect("parse CSR");
+        assert!(
+            req.public_key()
+                .expect("key")
+                .public_eq(&public_key(&api, &h)),
+            "the CSR holds keyd's key"
+        );
+    }
+}
+
+/// A test CA (openssl CLI) and a server certificate for 127.0.0.1.
+fn make_ca(s: &Scratch) {
+    s.openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=engine test CA",
+        "-days",
+        "2",
+    ]);
+    s.openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+    ]);
+    s.openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-copy_extensions",
+        "copyall",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+    ]);
+    std::fs::set_permissions(s.path("ca.pem"), std::fs::Permissions::from_mode(0o644))
+        .expect("chmod");
+}
+
+/// Issues `<name>.pem` from the CSR bytes (signed by the test CA).
+fn issue(s: &Scratch, name: &str, csr_pem: &[u8]) -> PathBuf {
+    let csr = s.write(&format!("{name}.csr"), csr_pem);
+    let cert = s.path(&format!("{name}.pem"));
+    s.openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        csr.to_str().expect("utf-8"),
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        cert.to_str().expect("utf-8"),
+        "-days",
+        "2",
+    ]);
+    std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    cert
+}
+
+/// `openssl s_server -Verify 1` on a free loopback port, its output collected.
+struct SServer {
+    child: Child,
+    /// s_server quits at EOF on its stdin: kept open while it serves.
+    stdin: Option<std::process::ChildStdin>,
+    port: u16,
+    output: Arc<Mutex<String>>,
+}
+
+impl SServer {
+    fn start(s: &Scratch) -> SServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let mut child = Command::new("openssl")
+            .args([
+                "s_server",
+                "-accept",
+                &format!("127.0.0.1:{port}"),
+                "-naccept",
+                "1",
+                "-Verify",
+                "1",
+                "-verify_return_error",
+            ])
+            .args([
+                "-CAfile",
+                "ca.pem",
+                "-cert",
+                "server.pem",
+                "-key",
+                "server.key",
+            ])
+            .current_dir(s.dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("spawn s_server");
+        let output = Arc::new(Mutex::new(String::new()));
+        for pipe in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let output = Arc::clone(&output);
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut o = output.lock().expect("lock");
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        let stdin = child.stdin.take();
+        let server = SServer {
+            child,
+            stdin,
+            port,
+            output,
+        };
+        server.wait_for("ACCEPT", Duration::from_secs(10));
+        server
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().expect("lock").clone()
+    }
+
+    fn wait_for(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.output().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "s_server did not print {needle:?} within {timeout:?}:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for s_server to end (it serves one connection); its output.
+    fn finish(mut self) -> String {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.child.try_wait().expect("try_wait").is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // the reader threads drain the pipes until EOF
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Arc::strong_count(&self.output) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.output()
+    }
+}
+
+impl Drop for SServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// mTLS: a client certificate for the keyd key (CSR made through the engine), `s_client` with
+/// the engine key completes the handshake, and `s_server -Verify 1` saw and verified the cert.
+fn s_client_mtls(backend: Backend) {
+    if !deps_for(backend) {
+        return;
+    }
+    let keyd = start_keyd(backend);
+    let api = keyd.api(V2021);
+    let s = Scratch::new("engine-mtls");
+    make_ca(&s);
+    for (id, alg) in [("engine-tls-ec", "ec-p256"), ("engine-tls-rsa", "rsa-2048")] {
+        let h = api.create_keypair(id, Some(alg));
+        let csr = ok(
+            s.openssl_as(
+                APP,
+                TEST_GID,
+                &keyd,
+                &[
+                    "req",
+                    "-new",
+                    "-engine",
+                    "aziot_keys",
+                    "-keyform",
+                    "engine",
+                    "-key",
+                    &h,
+                    "-subj",
+                    &format!("/CN={id}"),
+                ],
+            ),
+            "req -new",
+        );
+        let cert = issue(&s, id, &csr.stdout);
+        for tls in ["-tls1_3", "-tls1_2"] {
+            let server = SServer::start(&s);
+            let out = s.openssl_as(
+                APP,
+                TEST_GID,
+                &keyd,
+                &[
+                    "s_client",
+                    "-connect",
+                    &format!("127.0.0.1:{}", server.port),
+                    tls,
+                    "-engine",
+                    "aziot_keys",
+                    "-keyform",
+                    "engine",
+                    "-key",
+                    &h,
+                    "-cert",
+                    cert.to_str().expect("utf-8"),
+                    "-CAfile",
+                    "ca.pem",
+                    "-verify_return_error",
+                    "-brief",
+                ],
+            );
+            let seen = server.finish();
+            let client = text(&out);
+            assert!(
+                out.status.success(),
+                "{id} {tls} ({}): s_client failed:\n{client}\n--- s_server ---\n{seen}",
+                backend.name()
+            );
+            assert!(client.contains("CONNECTION ESTABLISHED"), "{client}");
+            assert!(
+                seen.contains(&format!("CN = {id}")) && seen.contains("verify return:1"),
+                "{id} {tls}: s_server did not see the client certificate:\n{seen}\n--- s_client ---\n{client}"
+            );
+            assert!(!seen.contains("verify error"), "{seen}");
+        }
+    }
+}
+
+#[test]
+fn s_client_mtls_file_backend() {
+    s_client_mtls(Backend::File);
+}
+
+#[test]
+fn s_client_mtls_softhsm_backend() {
+    s_client_mtls(Backend::SoftHsm);
+}
+
+/// The in-process twin: an `openssl::ssl::SslConnector` holding a keyd key (no ENGINE) completes
+/// mTLS against `openssl s_server`; its CSR is signed through the twin by `X509ReqBuilder`.
+#[test]
+fn twin_mtls_in_process() {
+    if !deps_for(Backend::from_env()) {
+        return;
+    }
+    let keyd = start_keyd(Backend::from_env());
+    let api = keyd.api(V2021);
+    let s = Scratch::new("engine-twin");
+    make_ca(&s);
+    aziot_key_openssl_engine::preload().expect("preload");
+    let client = Arc::new(KeydClient::new(keyd.socket()));
+    for (id, alg) in [
+        ("engine-twin-ec", "ec-p256"),
+        ("engine-twin-rsa", "rsa-2048"),
+    ] {
+        let h = api.create_keypair(id, Some(alg));
+        let key = load_private_key(&client, &h).unwrap_or_else(|e| panic!("load {id}: {e}"));
+        assert!(key.public_eq(&public_key(&api, &h)));
+        // CSR signed through keyd
+        let mut req = openssl::x509::X509ReqBuilder::new().expect("req");
+        let mut name = openssl::x509::X509NameBuilder::new().expect("name");
+        name.append_entry_by_text("CN", id).expect("cn");
+        req.set_subject_name(&name.build()).expect("subject");
+        req.set_pubkey(&key).expect("pubkey");
+        req.sign(&key, openssl::hash::MessageDigest::sha256())
+            .expect("sign the CSR through keyd");
+        let req = req.build();
+        assert!(
+            req.verify(&public_key(&api, &h)).expect("verify"),
+            "CSR signature"
+        );
+        let cert = issue(&s, id, &req.to_pem().expect("pem"));
+
+        for version in [
+            openssl::ssl::SslVersion::TLS1_3,
+            openssl::ssl::SslVersion::TLS1_2,
+        ] {
+            let server = SServer::start(&s);
+            let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client())
+                .expect("connector");
+            b.set_ca_file(s.path("ca.pem")).expect("ca");
+            b.set_certificate_file(&cert, openssl::ssl::SslFiletype::PEM)
+                .expect("cert");
+            b.set_private_key(&key).expect("key");
+            b.check_private_key()
+                .expect("the certificate matches the keyd key");
+            b.set_min_proto_version(Some(version)).expect("min");
+            b.set_max_proto_version(Some(version)).expect("max");
+            let connector = b.build();
+            let tcp = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+            let mut tls = connector.connect("127.0.0.1", tcp).unwrap_or_else(|e| {
+                panic!(
+                    "{id} {version:?}: handshake: {e}\n--- s_server ---\n{}",
+                    server.output()
+                )
+            });
+            use std::io::Write as _;
+            tls.write_all(b"hello from the twin\n").expect("write");
+            server.wait_for("hello from the twin", Duration::from_secs(10));
+            let _ = tls.shutdown();
+            drop(tls);
+            let seen = server.finish();
+            assert!(
+                seen.contains(&format!("CN = {id}")) && seen.contains("verify return:1"),
+                "{id} {version:?}:\n{seen}"
+            );
+        }
+    }
+}
+
+/// RSA decryption (upstream: `priv_dec` not implemented): keyd's raw RSA operation + padding
+/// checked in the caller, PKCS#1 v1.5 and OAEP (SHA-256).
+#[test]
+fn rsa_decrypt_through_the_engine() {
+    if !deps_for(Backend::from_env()) {
+        return;
+    }
+    let keyd = start_keyd(Backend::from_env());
+    let api = keyd.api(V2021);
+    let s = Scratch::new("engine-decrypt");
+    let h = api.create_keypair("engine-dec", Some("rsa-2048"));
+    let pubkey = write_public(&s, "dec.pub.pem", &public_key(&api, &h));
+    let secret = random(24);
+    s.write("secret", &secret);
+    for opts in [
+        &[][..],
+        &[
+            "-pkeyopt",
+            "rsa_padding_mode:oaep",
+            "-pkeyopt",
+            "rsa_oaep_md:sha256",
+        ][..],
+    ] {
+        let mut enc = vec![
+            "pkeyutl",
+            "-encrypt",
+            "-pubin",
+            "-inkey",
+            pubkey.to_str().expect("utf-8"),
+            "-in",
+            "secret",
+            "-out",
+            "ct",
+        ];
+        enc.extend_from_slice(opts);
+        s.openssl(&enc);
+        std::fs::set_permissions(s.path("ct"), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let mut dec = vec![
+            "pkeyutl",
+            "-decrypt",
+            "-engine",
+            "aziot_keys",
+            "-keyform",
+            "engine",
+            "-inkey",
+            &h,
+            "-in",
+            "ct",
+        ];
+        dec.extend_from_slice(opts);
+        let out = ok(s.openssl_as(APP, TEST_GID, &keyd, &dec), "pkeyutl -decrypt");
+        assert_eq!(out.stdout, secret, "{opts:?}");
+    }
+    // a corrupted ciphertext fails with the engine's error, not garbage
+    let mut ct = std::fs::read(s.path("ct")).expect("ct");
+    ct[5] ^= 0x40;
+    s.write("ct", &ct);
+    let out = s.openssl_as(
+        APP,
+        TEST_GID,
+        &keyd,
+        &[
+            "pkeyutl",
+            "-decrypt",
+            "-engine",
+            "aziot_keys",
+            "-keyform",
+            "engine",
+            "-inkey",
+            &h,
+            "-in",
+            "ct",
+            "-pkeyopt",
+            "rsa_padding_mode:oaep",
+            "-pkeyopt",
+            "rsa_oaep_md:sha256",
+        ],
+    );
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Bad input: each case exits non-zero (never a signal) and openssl's output shows the engine's
+/// error — library, function (spec §9.3) and cause.
+#[test]
+fn bad_input_fails_with_a_clear_error() {
+    let backend = aziot_tests::keyd::file_backend_only("bad_input_fails_with_a_clear_error");
+    if !deps_for(backend) {
+        return;
+    }
+    let mut keyd = start_keyd(backend);
+    let api = keyd.api(V2021);
+    let s = Scratch::new("engine-bad");
+    s.write("digest", &sha256(b"m"));
+    let good = api.create_keypair("engine-bad-ec", Some("ec-p256"));
+    let sym = api.create_key("engine-sym", "sign");
+    let sign = |keyd: &Keyd, uid: u32, gid: u32, handle: &str| -> String {
+        let out = s.openssl_as(
+            uid,
+            gid,
+            keyd,
+            &[
+                "pkeyutl",
+                "-sign",
+                "-engine",
+                "aziot_keys",
+                "-keyform",
+                "engine",
+                "-inkey",
+                handle,
+                "-in",
+                "digest",
+            ],
+        );
+        assert!(
+            out.status.code().is_some(),
+            "openssl died by a signal: {}",
+            text(&out)
+        );
+        assert!(
+            !out.status.success(),
+            "signing with {handle:?} succeeded: {}",
+            text(&out)
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "a signature came out: {}",
+            text(&out)
+        );
+        let all = text(&out);
+        assert!(
+            all.contains("aziot_key_openssl_engine:aziot_key_engine_load_privkey:"),
+            "{all}"
+        );
+        all
+    };
+    // unknown / forged handle
+    let forged = tamper(&good, "sig");
+    let e = sign(&keyd, APP, TEST_GID, &forged);
+    assert!(
+        e.contains("keyd refused the request")
+            && e.contains("HTTP 400")
+            && e.contains("invalid handle"),
+        "{e}"
+    );
+    let e = sign(&keyd, APP, TEST_GID, "not-a-handle");
+    assert!(e.contains("invalid handle"), "{e}");
+    // a symmetric key's handle
+    let e = sign(&keyd, APP, TEST_GID, &sym);
+    assert!(e.contains("handle is not for a key pair"), "{e}");
+    // a key the caller may not use: a (validly MACed) handle for the reserved handle-validation key → 401
+    let hvk = std::fs::read(keyd.keys_dir().join(
+        "handlevalidationkey-40f1ca41fe8b50f53e10f3e3a580dcae24087f37aa498ba9903f2612b03e90ba.key",
+    ))
+    .expect("the file backend's handle-validation key");
+    let reserved = mint_handle(&hvk, r#"{"KeyPair":"handle-validation-key"}"#);
+    let e = sign(&keyd, APP, TEST_GID, &reserved);
+    assert!(
+        e.contains("HTTP 401") && e.contains(&unauthorized(APP, "handle-validation-key")),
+        "{e}"
+    );
+    // a caller outside the socket's group: connect() is refused
+    let e = sign(&keyd, OUTSIDER, OUTSIDER, &good);
+    assert!(
+        e.contains("keyd unreachable") && e.contains("Permission denied"),
+        "{e}"
+    );
+    // the good handle works (so the failures above are the inputs' fault)
+    let out = s.openssl_as(
+        APP,
+        TEST_GID,
+        &keyd,
+        &[
+            "pkeyutl",
+            "-sign",
+            "-engine",
+            "aziot_keys",
+            "-keyform",
+            "engine",
+            "-inkey",
+            &good,
+            "-in",
+            "digest",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // keyd down
+    keyd.stop();
+    let e = sign(&keyd, APP, TEST_GID, &good);
+    assert!(
+        e.contains("keyd unreachable") && e.contains(&keyd.socket().display().to_string()),
+        "{e}"
+    );
+}
+
+/// The twin reports the same causes as a typed error.
+#[test]
+fn twin_errors_are_typed() {
+    let backend = aziot_tests::keyd::file_backend_only("twin_errors_are_typed");
+    if !deps_for(backend) {
+        return;
+    }
+    let mut keyd = start_keyd(backend);
+    let api = keyd.api(V2021);
+    let client = Arc::new(KeydClient::new(keyd.socket()));
+    let sym = api.create_key("engine-twin-sym", "sign");
+    match load_private_key(&client, &sym) {
+        Err(aziot_key_openssl_engine::Error::Keyd {
+            status: 400,
+            message,
+        }) => assert!(
+            message.contains("handle is not for a key pair"),
+            "{message}"
+        ),
+        other => panic!("{:?}", other.map(|_| "a key")),
+    }
+    keyd.stop();
+    let good = "sr=eyJrZXlfaWQiOnsiS2V5UGFpciI6ImsifSwibm9uY2UiOiIifQ==&sig=AA==";
+    match load_private_key(&client, good) {
+        Err(aziot_key_openssl_engine::Error::Unreachable { path, .. }) => {
+            assert_eq!(Path::new(&path), keyd.socket())
+        }
+        other => panic!("{:?}", other.map(|_| "a key")),
+    }
+}
+
+/// P-384 (upstream: unusable through the engine, keyd names no curve but P-256): a preloaded
+/// P-384 file key is recognised by its 49-byte compressed point and signs through the engine.
+#[test]
+fn p384_preloaded_key_signs_through_the_engine() {
+    let backend =
+        aziot_tests::keyd::file_backend_only("p384_preloaded_key_signs_through_the_engine");
+    if !deps_for(backend) {
+        return;
+    }
+    let group = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::SECP384R1).expect("P-384");
+    let local = openssl::ec::EcKey::generate(&group).expect("generate");
+    let b = Keyd::builder().backend(backend);
+    let path = b.dir().join("p384.pem");
+    std::fs::write(&path, local.private_key_to_pem().expect("pem")).expect("write");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (uid, gid) = aziot_tests::keyd::service_user();
+    nix::unistd::chown(
+        &path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .expect("chown");
+    let keyd = b
+        .extra(&format!(
+            "[preloaded_keys]\nengine-p384 = {}\n\n[[principal]]\nuid = {APP}\nkeys = [\"engine-*\"]\n",
+            aziot_tests::keyd::toml_str(&format!("file://{}", path.display()))
+        ))
+        .start();
+    let api = keyd.api(V2021);
+    let h = api.get_keypair("engine-p384");
+    // why upstream fails: keyd cannot name the curve (spec keyd.md §5.8)
+    expect_err(&api.param_resp(&h, "ec-curve-oid"), 400, LIB_INVALID);
+    assert_eq!(unb64(&api.param(&h, "ec-point")).len(), 49);
+    let s = Scratch::new("engine-p384");
+    let public = PKey::from_ec_key(
+        openssl::ec::EcKey::from_public_key(&group, local.public_key()).expect("pub"),
+    )
+    .expect("pkey");
+    let p = write_public(&s, "p384.pub.pem", &public);
+    s.write("digest", &sha256(b"the message signed by keyd"));
+    // SHA-384-sized digest too (not truncated: the order is 384 bits)
+    sign_and_verify(&s, &keyd, &h, &p, &[]);
+}
+
+/// `AZIOT_KEYD_ENDPOINT` is honoured by an ordinary process and ignored by a set-group-ID one
+/// (AT_SECURE, the rule of secure_getenv): there the engine goes to the compiled-in socket.
+#[test]
+fn endpoint_override_is_ignored_when_setgid() {
+    let backend = aziot_tests::keyd::file_backend_only("endpoint_override_is_ignored_when_setgid");
+    if !deps_for(backend) {
+        return;
+    }
+    let keyd = start_keyd(backend);
+    let h = keyd
+        .api(V2021)
+        .create_keypair("engine-secure", Some("ec-p256"));
+    let s = Scratch::new("engine-setgid");
+    s.write("digest", &sha256(b"m"));
+    let openssl_bin = ["/usr/bin/openssl", "/bin/openssl"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("openssl binary");
+    let so = s.path("engines").join("aziot_keys.so");
+    let args = [
+        "pkeyutl",
+        "-sign",
+        "-engine",
+        so.to_str().expect("utf-8"),
+        "-keyform",
+        "engine",
+        "-inkey",
+        &h,
+        "-in",
+        "digest",
+    ];
+    let run = |bin: &Path, gid: u32| {
+        Command::new(bin)
+            .args(args)
+            .current_dir(s.dir.path())
+            .env_clear()
+            .env(
+                "AZIOT_KEYD_ENDPOINT",
+                format!("unix://{}", keyd.socket().display()),
+            )
+            .uid(APP)
+            .gid(gid)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openssl")
+    };
+    // control: an ordinary process uses the override
+    let out = run(Path::new(openssl_bin), TEST_GID);
+    assert!(out.status.success(), "{}", text(&out));
+    // the same program set-group-ID (to the socket's group, so it could connect to the test keyd)
+    let setgid = s.path("openssl-setgid");
+    std::fs::copy(openssl_bin, &setgid).expect("copy openssl");
+    nix::unistd::chown(
+        &setgid,
+        Some(nix::unistd::Uid::from_raw(0)),
+        Some(nix::unistd::Gid::from_raw(TEST_GID)),
+    )
+    .expect("chown");
+    std::fs::set_permissions(&setgid, std::fs::Permissions::from_mode(0o2755)).expect("chmod g+s");
+    let out = run(&setgid, OUTSIDER);
+    let all = text(&out);
+    assert!(
+        !out.status.success() && out.status.code().is_some(),
+        "{all}"
+    );
+    assert!(
+        !all.contains(&keyd.socket().display().to_string()),
+        "the override was used: {all}"
+    );
+    if !Path::new("/run/aziot/keyd.sock").exists() {
+        assert!(
+            all.contains("keyd unreachable") && all.contains("/run/aziot/keyd.sock"),
+            "{all}"
+        );
+    }
+}
+
+/// The twin inside a confined worker: `aziotd --worker` started as the broker starts
+/// identityd's worker — the service that holds mTLS connections to DPS and IoT Hub with keys in
+/// keyd — (hand-off socket on fd 3, user aziotid with its groups, empty environment, identityd's
+/// real effective policy with the s_server port granted as a hub port would be), locked in
+/// (rlimits, Landlock, seccomp in kill mode), then the escape-probe attempt `tls-client`
+/// (`aziot_policy::escape::attempts`) loads the keyd key and completes mTLS against
+/// `openssl s_server`. keyd's socket keeps the owner keyd gives it (group aziotks, of which
+/// aziotid is a member, as in production).
+#[test]
+fn twin_mtls_in_a_confined_identityd_worker() {
+    use aziot_ipc::handoff::{
+        self, DescriptorEntry, DescriptorKind, Manifest, HANDOFF_FD, MANIFEST_VERSION,
+    };
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+    if !aziot_tests::require_deps(&[
+        Dep::Root,
+        Dep::ServiceUser(aziot_tests::keyd::SERVICE_USER),
+        Dep::ServiceUser("aziotid"),
+        Dep::OpensslCli,
+    ]) {
+        return;
+    }
+    let keyd = Keyd::builder()
+        .backend(Backend::from_env())
+        .keep_socket_owner()
+        .start();
+    let api = keyd.api(V2021);
+    let s = Scratch::new("engine-confined");
+    make_ca(&s);
+    aziot_key_openssl_engine::preload().expect("preload");
+    let client = Arc::new(KeydClient::new(keyd.socket()));
+    let svc_user = nix::unistd::User::from_name("aziotid")
+        .expect("getpwnam")
+        .expect("aziotid");
+    for (id, alg) in [
+        ("engine-confined-ec", "ec-p256"),
+        ("engine-confined-rsa", "rsa-2048"),
+    ] {
+        let h = api.create_keypair(id, Some(alg));
+        // the client certificate, from a CSR signed through the twin in this process
+        let key = load_private_key(&client, &h).expect("load");
+        let mut req = openssl::x509::X509ReqBuilder::new().expect("req");
+        let mut name = openssl::x509::X509NameBuilder::new().expect("name");
+        name.append_entry_by_text("CN", id).expect("cn");
+        req.set_subject_name(&name.build()).expect("subject");
+        req.set_pubkey(&key).expect("pubkey");
+        req.sign(&key, openssl::hash::MessageDigest::sha256())
+            .expect("sign");
+        let cert = issue(&s, id, &req.build().to_pem().expect("pem"));
+
+        // identityd's state directory (aziotid, 0700) with the inputs of the attempt
+        let state = s.path(&format!("state-{id}"));
+        std::fs::create_dir(&state).expect("mkdir state");
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        for (name, data) in [
+            ("tls-client.handle", h.clone().into_bytes()),
+            (
+                "tls-client.ca.pem",
+                std::fs::read(s.path("ca.pem")).expect("ca"),
+            ),
+            ("tls-client.cert.pem", std::fs::read(&cert).expect("cert")),
+            ("", Vec::new()),
+        ] {
+            let p = if name.is_empty() {
+                state.clone()
+            } else {
+                state.join(name)
+            };
+            if !name.is_empty() {
+                std::fs::write(&p, data).expect("write");
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod");
+            }
+            nix::unistd::chown(&p, Some(svc_user.uid), Some(svc_user.gid)).expect("chown");
+        }
+
+        let server = SServer::start(&s);
+        let mut grants = aziot_policy::Grants::default();
+        grants.tcp_ports.push(aziot_policy::PortGrant {
+            port: server.port,
+            origin: aziot_policy::Origin::Config(
+                "engine suite: the s_server port, as a hub port".into(),
+            ),
+        });
+        let policy = aziot_policy::effective("identityd", &grants, None)
+            .expect("identityd's effective policy");
+        let creds = aziot_policy::resolve_credentials(&policy).expect("credentials");
+        let listener_path = s.path(&format!("identityd-{id}.sock"));
+        let listener = std::os::unix::net::UnixListener::bind(&listener_path).expect("bind");
+        let fds: Vec<OwnedFd> = vec![
+            listener.into(),
+            std::fs::File::open(&state).expect("open state").into(),
+        ];
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            service: "identityd".to_owned(),
+            // (identityd has no worker yet: the generic path locks it in without reading a config)
+            config: format!("homedir_path = {:?}\n", state.display().to_string()),
+            descriptors: vec![
+                DescriptorEntry {
+                    name: "listener".into(),
+                    kind: DescriptorKind::UnixListener,
+                },
+                DescriptorEntry {
+                    name: "state".into(),
+                    kind: DescriptorKind::Directory,
+                },
+            ],
+            policy: serde_json::to_value(&policy).expect("policy"),
+            log_filter: String::new(),
+            seccomp_mode: "kill".to_owned(),
+            allow_degraded: false,
+            escape: Some(aziot_policy::escape::EscapeAttempt {
+                name: "tls-client".into(),
+                arg: Some(format!("{}|{}", keyd.socket().display(), server.port)),
+            }),
+        };
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        let child_fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(aziot_tests::keyd::aziotd_bin());
+        cmd.arg0("aziotd")
+            .arg("--worker")
+            .env_clear()
+            .current_dir("/");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: runs in the forked child before exec: dup2/fcntl and the policy crate's
+        // privilege drop (raw syscalls, no allocation); `creds` was computed before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rc = if child_fd == HANDOFF_FD {
+                    libc::fcntl(child_fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(child_fd, HANDOFF_FD)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                aziot_policy::drop_privileges_in_child(&creds)
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn aziotd --worker");
+        drop(theirs);
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+        handoff::send_manifest(ours.as_fd(), &manifest, &borrowed).expect("send the manifest");
+        drop(fds);
+        nix::sys::socket::setsockopt(
+            &ours,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(60, 0),
+        )
+        .expect("timeout");
+        let report: Option<serde_json::Value> = handoff::recv_json(ours.as_fd()).ok();
+        let mut messages = Vec::new();
+        while let Ok(m) = handoff::recv_json::<serde_json::Value>(ours.as_fd()) {
+            messages.push(m);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let mut out = String::new();
+        let _ = child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out);
+        let _ = child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut out);
+        let seen = server.finish();
+        let transcript = format!("report: {report:?}\nmessages: {messages:?}\nexit: {status:?}\noutput: {out}\n--- s_server ---\n{seen}");
+        let report = report.unwrap_or_else(|| panic!("no sandbox report\n{transcript}"));
+        assert_eq!(
+            report["ok"], true,
+            "the worker did not lock in\n{transcript}"
+        );
+        let outcome = messages
+            .iter()
+            .find_map(|m| m["escape_outcome"].as_str().map(str::to_owned));
+        assert_eq!(
+            outcome.as_deref(),
+            Some("ok"),
+            "{id}: the tls-client attempt (an aziotd built without the escape-probe feature? `cargo build --workspace --bins`)\n{transcript}"
+        );
+        assert!(
+            seen.contains("hello from the confined worker"),
+            "{transcript}"
+        );
+        assert!(
+            seen.contains(&format!("CN = {id}")) && seen.contains("verify return:1"),
+            "{transcript}"
+        );
+    }
+}
