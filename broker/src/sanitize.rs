@@ -13,11 +13,14 @@ const KEEP_ENV: &[&str] = &[
     "AZIOT_LOG",
     // SoftHSM2's config file location; passed on to the keyd worker (see WORKER_ENV).
     "SOFTHSM2_CONF",
+    // certd's EST proxy (spec certd.md §6.5): the broker grants its port, the worker uses it.
+    "HTTPS_PROXY",
+    "https_proxy",
 ];
 
 /// Variables a worker receives (its environment is otherwise empty): only what a pre-loaded
 /// library reads to find its own files.
-pub const WORKER_ENV: &[&str] = &["SOFTHSM2_CONF"];
+pub const WORKER_ENV: &[&str] = &["SOFTHSM2_CONF", "HTTPS_PROXY", "https_proxy"];
 
 /// The systemd-activated descriptors (3 .. 3+LISTEN_FDS) when they are meant for this process.
 pub fn activated_range() -> std::ops::Range<RawFd> {

@@ -138,6 +138,8 @@ pub struct Request {
     pub method: Method,
     /// The raw (still percent-encoded) path.
     pub path: String,
+    /// The raw query string (identityd reads its `type` parameter).
+    pub query: Option<String>,
     pub api_version: &'static str,
     /// Caller identity, read with `SO_PEERCRED` at accept.
     pub uid: u32,
@@ -491,6 +493,7 @@ async fn pipeline<S: Service>(
     let header_str = |name| parts.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
     let request = Request {
         path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
         api_version,
         uid,
         pid,

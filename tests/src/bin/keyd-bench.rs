@@ -502,8 +502,14 @@ fn offload_rows(bin: &Path, label: &str, warmup: Duration, duration: Duration) -
     rows
 }
 
+const BESIDE_ROUNDS: u32 = 3;
+
 /// HMAC (`hmac`) at c=4 alone, then again while one more connection sends `slow` without
-/// pause; rows: `<name>, alone`, `<name>, beside <what>`, and the slow client's own rate.
+/// pause; rows: `<name>, alone`, `<name>, beside <what>`, and the slow client's own rate. As
+/// with long-lived clients, the HMAC connections are open (and placed on the server's serving
+/// threads, least-loaded first) before the slow client connects, half-way through the warm-up;
+/// it then joins one of their threads. Each row pools `BESIDE_ROUNDS` runs with fresh
+/// connections.
 fn beside_a_signer(
     sock: &Path,
     hmac: &[u8],
@@ -513,33 +519,49 @@ fn beside_a_signer(
     warmup: Duration,
     duration: Duration,
 ) -> Vec<Row> {
-    let mut rows = vec![measure(&format!("{name}, alone"), sock, hmac, 4, warmup, duration)];
-    let stop = Arc::new(AtomicBool::new(false));
-    let signer = {
-        let (stop, sock, req) = (Arc::clone(&stop), sock.to_path_buf(), slow.to_vec());
-        std::thread::spawn(move || {
-            let mut conn = Conn::connect(&sock).expect("signer connects");
-            let (mut lat, mut errors) = (Vec::new(), 0u64);
-            while !stop.load(Ordering::Relaxed) {
-                let s = Instant::now();
-                match conn.send_raw(&req).and_then(|()| conn.read_response()) {
-                    Ok(r) if r.status == 200 => lat.push(u64::try_from(s.elapsed().as_nanos()).unwrap_or(u64::MAX)),
-                    _ => {
-                        errors += 1;
-                        conn = Conn::connect(&sock).expect("signer reconnects");
+    let (mut alone, mut alone_errors) = (Vec::new(), 0);
+    let (mut beside, mut beside_errors) = (Vec::new(), 0);
+    let (mut slow_lat, mut slow_errors, mut slow_time) = (Vec::new(), 0, Duration::ZERO);
+    for _ in 0..BESIDE_ROUNDS {
+        let (lat, e) = drive(sock, hmac, 4, warmup, duration);
+        alone.extend(lat);
+        alone_errors += e;
+        let stop = Arc::new(AtomicBool::new(false));
+        let signer = {
+            let (stop, sock, req) = (Arc::clone(&stop), sock.to_path_buf(), slow.to_vec());
+            std::thread::spawn(move || {
+                // after the HMAC clients have connected (drive connects them first)
+                std::thread::sleep(warmup / 2);
+                let started = Instant::now();
+                let mut conn = Conn::connect(&sock).expect("signer connects");
+                let (mut lat, mut errors) = (Vec::new(), 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let s = Instant::now();
+                    match conn.send_raw(&req).and_then(|()| conn.read_response()) {
+                        Ok(r) if r.status == 200 => lat.push(u64::try_from(s.elapsed().as_nanos()).unwrap_or(u64::MAX)),
+                        _ => {
+                            errors += 1;
+                            conn = Conn::connect(&sock).expect("signer reconnects");
+                        }
                     }
                 }
-            }
-            (lat, errors)
-        })
-    };
-    let started = Instant::now();
-    rows.push(measure(&format!("{name}, beside {what}"), sock, hmac, 4, warmup, duration));
-    let elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let (lat, errors) = signer.join().expect("signer thread");
-    rows.push(row(&format!("{name}: {what} (c=1, same run)"), 1, lat, errors, elapsed));
-    rows
+                (lat, errors, started.elapsed())
+            })
+        };
+        let (lat, e) = drive(sock, hmac, 4, warmup, duration);
+        beside.extend(lat);
+        beside_errors += e;
+        stop.store(true, Ordering::Relaxed);
+        let (lat, e, t) = signer.join().expect("signer thread");
+        slow_lat.extend(lat);
+        slow_errors += e;
+        slow_time += t;
+    }
+    vec![
+        row(&format!("{name}, alone"), 4, alone, alone_errors, duration * BESIDE_ROUNDS),
+        row(&format!("{name}, beside {what}"), 4, beside, beside_errors, duration * BESIDE_ROUNDS),
+        row(&format!("{name}: {what} (c=1, same runs)"), 1, slow_lat, slow_errors, slow_time),
+    ]
 }
 
 /// tpmd's sign_with_auth_key (64 B) through the broker against a fresh swtpm, c=1.

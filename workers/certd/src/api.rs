@@ -357,7 +357,12 @@ impl Api {
                         est.issue(EstRequest { cert_id: id.to_owned(), csr_der, options }).await
                     }
                 }
-                .map_err(|e| internal(&format!("could not issue cert {id:?} by EST"), &e))?;
+                .map_err(|e| {
+                    // 500 as upstream, but with the EST failure in the message (no secrets in it)
+                    let what = format!("could not issue cert {id:?} by EST");
+                    let _ = internal(&what, &e);
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{what}: {}", crate::est::describe(&e)))
+                })?;
                 return self.store_issued(id, pem).await;
             }
         };

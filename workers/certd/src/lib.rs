@@ -5,11 +5,12 @@
 //! per ID beneath the state directory) or [`issue`] (a certificate signed by a key in keyd,
 //! through the engine's in-process twin).
 //!
-//! EST (`method = "est"`) plugs in as an [`issue::EstIssuer`]; this build has none yet and
-//! answers such requests with 500 (`EST issuance is not available` in the log).
+//! EST (`method = "est"`) plugs in as an [`issue::EstIssuer`]: [`est::EstClient`], which also
+//! renews EST identity certs on a timer.
 
 pub mod api;
 pub mod config;
+pub mod est;
 pub mod issue;
 pub mod service;
 pub mod store;
@@ -136,9 +137,19 @@ pub fn serve(
         Ok(k) => k,
         Err(e) => return e,
     };
-    let api = Arc::new(api::Api::new(config, Arc::new(store), &keyd, None));
-    let reload = |api: &api::Api, raw: config::RawConfig| match config::Config::from_raw(raw, &mut |_| {}) {
-        Ok(c) => api.reload(&c),
+    let store = Arc::new(store);
+    // EST (workers/certd/src/est): the issuer of `method = "est"` and the renewal timer.
+    let est = est::EstClient::new(config, Arc::clone(&store), &keyd);
+    if let Err(e) = est.start_renewal() {
+        return CertdError::Serve(aziot_ipc::server::WorkerServeError::Runtime(e));
+    }
+    let issuer: Arc<dyn issue::EstIssuer> = Arc::new(est.clone());
+    let api = Arc::new(api::Api::new(config, store, &keyd, Some(issuer)));
+    let reload = move |api: &api::Api, raw: config::RawConfig| match config::Config::from_raw(raw, &mut |_| {}) {
+        Ok(c) => {
+            api.reload(&c);
+            est.reload(&c);
+        }
         Err(e) => tracing::warn!("Config update failed. Error: {e}"),
     };
     aziot_ipc::server::serve_worker(listener, api, config.max_requests, control, reload).into()

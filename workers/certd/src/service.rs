@@ -64,6 +64,12 @@ impl ServiceImpl for Certd {
             });
         }
         grants.sockets.push(aziot_policy::SocketGrant { path: keyd, origin });
+        // EST: TCP connect to the port of every configured EST URL, or only to the proxy's
+        // (HTTPS_PROXY, which the broker keeps for the worker) when one is set.
+        let proxy = crate::est::proxy_from_env().map_err(ServiceError::Invalid)?;
+        for (port, key) in crate::est::tcp_ports(&config, proxy.as_ref()) {
+            grants.tcp_ports.push(aziot_ipc::service::PortGrant { port, origin: aziot_ipc::service::Origin::Config(key) });
+        }
         Ok(BrokerSetup {
             config_text: toml::to_string(&merged)?,
             endpoint,
