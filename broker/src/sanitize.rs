@@ -16,11 +16,15 @@ const KEEP_ENV: &[&str] = &[
     // certd's EST proxy (spec certd.md §6.5): the broker grants its port, the worker uses it.
     "HTTPS_PROXY",
     "https_proxy",
+    // OpenSSL's trust store location (cloud-protocols.md §1.1: honoured for tests); identityd's
+    // worker loads it before it locks in.
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
 ];
 
 /// Variables a worker receives (its environment is otherwise empty): only what a pre-loaded
 /// library reads to find its own files.
-pub const WORKER_ENV: &[&str] = &["SOFTHSM2_CONF", "HTTPS_PROXY", "https_proxy"];
+pub const WORKER_ENV: &[&str] = &["SOFTHSM2_CONF", "HTTPS_PROXY", "https_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR"];
 
 /// The systemd-activated descriptors (3 .. 3+LISTEN_FDS) when they are meant for this process.
 pub fn activated_range() -> std::ops::Range<RawFd> {

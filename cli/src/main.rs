@@ -1,9 +1,11 @@
 //! `aziotctl`: the command-line tool of the Azure IoT Identity Service.
 //!
-//! Implemented: `config apply` and `config mp` (spec aziotctl.md §1-3). Run-time errors print
-//! the error and its causes to stderr and exit 1; usage errors exit 2 (clap).
+//! `config apply`, `config mp`, `check`, `check-list`, `system ...` (spec aziotctl.md §1-5) and
+//! `policy`. Run-time errors print the error and its causes to stderr and exit 1; usage errors
+//! exit 2 (clap); `check` exits 1 when a check failed.
 
 mod apply;
+mod check;
 mod fsops;
 mod hostname;
 mod mp;
@@ -11,6 +13,7 @@ mod policy;
 mod render;
 mod services;
 mod super_config;
+mod system;
 mod users;
 mod warnings;
 
@@ -29,13 +32,19 @@ struct Cli {
     command: Command,
 }
 
-/// Top-level subcommands. `check`, `check-list`, `system` and `policy` join this list as
-/// further variants, each dispatched in `main`.
+/// Top-level subcommands, each dispatched in `main`.
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Configure the Azure IoT Identity Service
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Check for common configuration and connectivity issues
+    Check(check::Options),
+    /// List the checks that `check` runs
+    CheckList(check::ListOptions),
+    /// Manage the system services
+    #[command(subcommand)]
+    System(system::SystemCommand),
     /// Show and audit the sandbox of every service
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -55,6 +64,14 @@ fn main() -> ExitCode {
         Command::Config(ConfigCommand::Apply(options)) => apply::run(options).map_err(Into::into),
         Command::Config(ConfigCommand::Mp(options)) => mp::run(options).map_err(Into::into),
         Command::Policy(command) => policy::run(command).map_err(Into::into),
+        Command::System(command) => system::run(command).map_err(Into::into),
+        Command::CheckList(options) => check::list(options).map_err(Into::into),
+        Command::Check(options) => match check::run(options) {
+            Ok(true) => Ok(()),
+            // The results say what failed; nothing more to print.
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,7 +20,7 @@ pub const ENGINE_NAME: &CStr = c"An openssl engine that talks to the Azure IoT K
 /// and its kept connections.
 static CLIENT: OnceLock<Result<Arc<KeydClient>, String>> = OnceLock::new();
 
-fn client() -> Result<Arc<KeydClient>, Error> {
+pub(crate) fn client() -> Result<Arc<KeydClient>, Error> {
     match CLIENT.get_or_init(|| {
         KeydClient::from_environment()
             .map(Arc::new)

@@ -36,6 +36,8 @@ pub enum Error {
     Endpoint(String),
     #[error("the key handle {0}")]
     BadHandle(&'static str),
+    #[error("invalid aziot-keys URI: {0} (expected aziot-keys:handle=<percent-encoded key handle>)")]
+    BadUri(String),
     #[error("RSA decryption failed")]
     Decrypt,
     #[error("this key has no keyd handle attached (not loaded through aziot_keys)")]
@@ -60,6 +62,7 @@ const REASONS: &[(c_int, &CStr)] = &[
     (109, c"key not loaded through aziot_keys"),
     (110, c"OpenSSL call failed"),
     (111, c"internal error"),
+    (112, c"invalid key URI"),
 ];
 
 impl Error {
@@ -77,6 +80,7 @@ impl Error {
             Error::NoContext => 109,
             Error::OpenSsl(_) => 110,
             Error::Internal(_) => 111,
+            Error::BadUri(_) => 112,
         }
     }
 }
@@ -94,6 +98,13 @@ pub enum Func {
     Bind,
     Init,
     Destroy,
+    /// The OpenSSL 3 provider `aziot_keys` (docs/engine.md "The provider").
+    ProvStoreOpen,
+    ProvStoreLoad,
+    ProvKeymgmt,
+    ProvSign,
+    ProvVerify,
+    ProvDecrypt,
 }
 
 impl Func {
@@ -108,6 +119,12 @@ impl Func {
             Func::Bind => c"aziot_key_engine_shared_bind",
             Func::Init => c"aziot_key_engine_shared_init",
             Func::Destroy => c"aziot_key_engine_shared_destroy",
+            Func::ProvStoreOpen => c"aziot_keys_provider_store_open",
+            Func::ProvStoreLoad => c"aziot_keys_provider_store_load",
+            Func::ProvKeymgmt => c"aziot_keys_provider_keymgmt",
+            Func::ProvSign => c"aziot_keys_provider_sign",
+            Func::ProvVerify => c"aziot_keys_provider_verify",
+            Func::ProvDecrypt => c"aziot_keys_provider_decrypt",
         }
     }
 }

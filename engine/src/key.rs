@@ -271,7 +271,7 @@ pub(crate) fn truncate_digest(digest: &[u8], order_bits: c_int) -> &[u8] {
 }
 
 /// Runs a callback body, turning a panic into an error (never unwinds into C).
-fn guarded<T>(func: Func, failed: T, body: impl FnOnce() -> Result<T, Error>) -> T {
+pub(crate) fn guarded<T>(func: Func, failed: T, body: impl FnOnce() -> Result<T, Error>) -> T {
     match std::panic::catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {

@@ -16,6 +16,10 @@
 //! OpenSSL above) on a kept keyd connection; the public parts are read once, when the key is
 //! loaded. Errors go on OpenSSL's error queue under `aziot_key_openssl_engine` ([`error`]).
 //!
+//! * the **provider** `aziot_keys` (the same cdylib, also installed as
+//!   `<openssl version -m>/aziot_keys.so`; [`provider`]): `OSSL_provider_init`, a store loader
+//!   for `aziot-keys:handle=<handle>` URIs, key management, signatures and RSA decryption.
+//!
 //! In a confined worker: call [`preload`] (and build the [`KeydClient`]) before locking in;
 //! see docs/engine.md "Inside a sandbox".
 
@@ -23,7 +27,9 @@ pub mod client;
 pub mod engine;
 pub mod error;
 mod ffi;
+mod ffi_provider;
 mod key;
+pub mod provider;
 
 use std::sync::Arc;
 

@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build -q -p aziotd -p aziotctl --bins
-cargo test -q -p aziot-tests --test certd_api --test certd_issue --no-run
+cargo test -q -p aziot-tests --test certd_api --test certd_issue --test certd_est --no-run
 work=$(mktemp -d /tmp/aziot-measure-certd.XXXXXX)
 trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 bin=$(realpath target/debug/aziotd)
@@ -28,6 +28,7 @@ if [ "${1:-}" = --log-mode ]; then
   export AZIOT_TESTS_CERTD_CONFIG=$'[sandbox]\nseccomp = "log"\nallow_degraded = true'
   cargo test -q -p aziot-tests --test certd_api || true
   cargo test -q -p aziot-tests --test certd_issue || true
+  cargo test -q -p aziot-tests --test certd_est || true
   uid=$(id -u aziotcs)
   echo "# new type=1326 (SECCOMP_RET_LOG) records of uid $uid (none = the allowlist covered every call):"
   dmesg | tail -n +"$((before + 1))" | grep 'type=1326' | grep " uid=$uid " | grep 'code=0x7ffc0000' || true
@@ -48,6 +49,8 @@ WRAP
 chmod +x "$work/aziotd"
 AZIOTD_BIN="$work/aziotd" cargo test -q -p aziot-tests --test certd_api || true
 AZIOTD_BIN="$work/aziotd" cargo test -q -p aziot-tests --test certd_issue || true
+# EST against the mock server (TCP sockets, connect_timeout's poll, Retry-After sleeps)
+AZIOTD_BIN="$work/aziotd" cargo test -q -p aziot-tests --test certd_est || true
 
 python3 - "$work/traces" <<'PY'
 import collections, glob, re, sys

@@ -445,7 +445,7 @@ impl HubState {
                         r
                     }
                     (Some(_), None) => error(404, "ModuleNotFound"),
-                    (Some(v), Some(i)) if v == "*" => {
+                    (Some("*"), Some(i)) => {
                         let auth = body.get("authentication");
                         let key = |name: &str| -> Result<Option<String>, ()> {
                             match auth.and_then(|a| a.get("symmetricKey")).and_then(|s| s.get(name)) {
@@ -591,8 +591,7 @@ fn cn_is(cert: &X509, expected: &str) -> bool {
     cert.subject_name()
         .entries_by_nid(openssl::nid::Nid::COMMONNAME)
         .next()
-        .and_then(|e| e.data().as_utf8().ok())
-        .is_some_and(|cn| cn.to_string() == expected)
+        .is_some_and(|e| e.data().to_string().is_ok_and(|cn| cn == expected))
 }
 
 impl Handler for HubState {
@@ -623,8 +622,14 @@ impl MockHub {
         MockHub::start_on(0)
     }
 
+    /// Starts on `port` (0: any) with a CA of its own.
     pub fn start_on(port: u16) -> std::io::Result<MockHub> {
-        let ca = TestCa::new("aziot mock IoT Hub CA");
+        MockHub::start_with_ca(TestCa::new("aziot mock IoT Hub CA"), port)
+    }
+
+    /// Starts on `port` (0: any) with its server certificate issued by `ca` (several mocks in one
+    /// test process can then share one `SSL_CERT_FILE`).
+    pub fn start_with_ca(ca: TestCa, port: u16) -> std::io::Result<MockHub> {
         let server_cert = ca.issue_server(&["localhost", "127.0.0.1"]);
         let state = Arc::new(HubState::new("localhost"));
         let server = TlsServer::start(port, &server_cert, &[], state.clone())?;

@@ -9,7 +9,7 @@
 //! One request per connection (`Connection: close`), as the product's client does (§1.1).
 //! Everything listens on 127.0.0.1 only.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -79,6 +79,7 @@ fn builder(cn: &str, key: &PKey<Private>, days: u32) -> X509Builder {
 }
 
 /// A private certificate authority (P-256, self-signed, valid 30 days).
+#[derive(Clone)]
 pub struct TestCa {
     pub ca: CertKey,
 }
@@ -128,6 +129,18 @@ impl TestCa {
         }
         b.sign(&self.ca.key, MessageDigest::sha256()).expect("sign leaf");
         CertKey { cert: b.build(), key }
+    }
+
+    /// An intermediate CA issued by this one.
+    pub fn issue_intermediate(&self, cn: &str) -> TestCa {
+        let key = new_key();
+        let mut b = builder(cn, &key, 30);
+        b.set_issuer_name(self.ca.cert.subject_name()).expect("issuer");
+        b.append_extension(BasicConstraints::new().critical().ca().build().expect("bc")).expect("bc");
+        b.append_extension(KeyUsage::new().critical().key_cert_sign().crl_sign().build().expect("ku"))
+            .expect("ku");
+        b.sign(&self.ca.key, MessageDigest::sha256()).expect("sign intermediate");
+        TestCa { ca: CertKey { cert: b.build(), key } }
     }
 
     /// A server certificate for `names` (DNS names or IP addresses, also the SANs).
@@ -378,8 +391,11 @@ fn serve_one(acceptor: &SslAcceptor, tcp: TcpStream, handler: &dyn Handler, stop
     Ok(())
 }
 
+/// A request as read: method, target, headers (names lower-cased), body.
+pub type RawRequest = (String, String, Vec<(String, String)>, Vec<u8>);
+
 /// Reads one request head and its `Content-Length` body (chunked bodies are refused).
-pub fn read_request<R: BufRead>(reader: &mut R) -> io::Result<(String, String, Vec<(String, String)>, Vec<u8>)> {
+pub fn read_request<R: BufRead>(reader: &mut R) -> io::Result<RawRequest> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
     let mut line = String::new();
     let mut total = 0usize;

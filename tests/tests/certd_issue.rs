@@ -1,7 +1,7 @@
 //! Local issuance through the broker (spec certd.md §4.1, §5, §8): self-signed, local CA and
 //! explicit issuer, each with the signing key in keyd (certd signs through the engine's
 //! in-process twin); every issued certificate is checked with `openssl verify` against its
-//! issuer. Bad CSRs and issuers, EST not yet available, and kill -9 of the worker in a loop of
+//! issuer. Bad CSRs and issuers, EST without auth, and kill -9 of the worker in a loop of
 //! issuances (every cert file is the old or the new one, never torn).
 
 use std::time::{Duration, Instant};
@@ -181,10 +181,15 @@ fn bad_csrs_and_issuers() {
     // self_signed whose key pair does not exist in keyd: 500
     let r = api.post("/certificates", &json!({ "certId": "orphan", "csr": good }));
     expect_err(&r, 500, "internal error");
-    // EST: not in this build yet — 500, and the log says why
+    // EST without EST auth configured: 500 naming the cause, in the API and the log (EST
+    // against a server: tests/tests/certd_est.rs)
     let r = api.post("/certificates", &json!({ "certId": "est-cert", "csr": good }));
-    expect_err(&r, 500, "internal error");
-    assert!(certd.wait_log("EST issuance is not available", Duration::from_secs(5)), "{}", certd.log());
+    expect_err(
+        &r,
+        500,
+        "could not issue cert \"est-cert\" by EST: EST issuance failed: EST auth is not configured for cert \"est-cert\"",
+    );
+    assert!(certd.wait_log("EST auth is not configured", Duration::from_secs(5)), "{}", certd.log());
     let mut after = certd.stored();
     after.retain(|n| !before.contains(n));
     // only the import of "empty" was written

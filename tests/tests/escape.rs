@@ -422,6 +422,8 @@ fn start_worker(svc: &str, opts: &WorkerOpts) -> Worker {
             let home = state.display().to_string();
             match svc {
                 "keyd" => format!("[aziot_keys]\nhomedir_path = {home:?}\n"),
+                // the real worker parses its config before it locks itself in
+                "identityd" => format!("hostname = \"escape\"\nhomedir = {home:?}\n[provisioning]\nsource = \"none\"\n"),
                 _ => format!("homedir_path = {home:?}\n"),
             }
         }
@@ -717,7 +719,7 @@ fn forbidden(e: &Env, svc: &str) -> Vec<Case> {
         c("ioctl-tiocsti", None, "ioctl(TIOCSTI)", Sigsys, PermissionOk),
         c("mmap-exec", None, "mmap PROT_EXEC after start", Sigsys, Succeeds),
         c("mprotect-exec", None, "mprotect a page to PROT_EXEC", Sigsys, Succeeds),
-        c("connect-tcp", Some(e.closed_port.to_string()), "connect to a TCP port not granted", if no_network(svc) { Sigsys } else { SigsysOrErrno(EACCES) }, Succeeds),
+        c("connect-tcp", Some(e.closed_port.to_string()), "connect to a TCP port not granted", if no_network(svc) { Sigsys } else if svc == "certd" { Errno(EACCES) } else { SigsysOrErrno(EACCES) }, Succeeds),
         c("connect-abstract", Some(e.abstract_name.clone()), "connect to an abstract unix socket", if no_network(svc) { Sigsys } else { Errno(EPERM) }, Succeeds),
     ];
     if has_state(svc) {
@@ -760,9 +762,11 @@ fn allowed(e: &Env, svc: &str) -> Vec<(&'static str, Option<String>, &'static st
     if !no_network(svc) {
         v.push(("connect-unix", Some(e.public_sock.display().to_string()), "connect to another service's socket"));
     }
-    if svc == "identityd" {
-        // certd: no TCP until EST lands (its filter allows AF_UNIX sockets only).
+    if svc == "identityd" || svc == "certd" {
+        // certd: the port of its EST server (Landlock TCP rule derived from the config).
         v.push(("connect-tcp", Some(e.granted_port.to_string()), "connect to the granted TCP port"));
+    }
+    if svc == "identityd" {
         v.push(("read-path", Some("/etc/hosts".into()), "read /etc/hosts (resolver)"));
     }
     v
@@ -906,53 +910,19 @@ fn connect_when_listening(
     }
 }
 
-/// identityd has no worker yet: the worker's generic path locks it in with its policy, and a
-/// multi-threaded tokio runtime then serves one client on the handed-over listener under its
-/// real filter (accept, SO_PEERCRED, read, spawn_blocking, a timer, write). keyd and tpmd serve
-/// with their real server: `real_workers_serve_under_their_filter`.
-#[test]
-fn tokio_runtime_serves_under_the_identityd_filter() {
-    require!(Dep::Root, Dep::ServiceUser("aziotid"));
-    assert_attempt_mode(&aziotd_bin());
-    for svc in ["identityd"] {
-        let w = start_worker(svc, &WorkerOpts::attempt("tokio-echo", None));
-        let report = w.recv();
-        assert!(
-            report.as_ref().is_some_and(|r| r["ok"] == true),
-            "{svc}: no sandbox report: {report:?}"
-        );
-        // The listener exists (bound by the test) and the worker accepts once it has started
-        // its runtime: the reply proves it.
-        let mut stream = match connect_when_listening(&w.listener_path, Duration::from_secs(10)) {
-            Ok(s) => s,
-            Err(e) => panic!(
-                "{svc}: connect: {e}\n{}",
-                w.finish(report, Duration::ZERO).transcript
-            ),
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        stream.write_all(b"ping").unwrap();
-        let mut reply = String::new();
-        let _ = stream.read_to_string(&mut reply);
-        let r = w.finish(report, Duration::from_secs(20));
-        assert_eq!(reply, "ping uid=0\n", "{svc}: {}", r.transcript);
-        assert!(r.is_ok(), "{svc}: {} — {}", r.result, r.transcript);
-    }
-}
-
-/// keyd's and tpmd's real servers (tokio + hyper) answer a request from the locked-in worker
-/// started by this suite's broker stand-in (no attempt in the manifest: the worker serves).
+/// keyd's, tpmd's and identityd's real servers (tokio + hyper) answer a request from the
+/// locked-in worker started by this suite's broker stand-in (no attempt in the manifest: the
+/// worker serves).
 #[test]
 fn real_workers_serve_under_their_filter() {
     require!(
         Dep::Root,
         Dep::ServiceUser("aziotks"),
         Dep::ServiceUser("aziottpm"),
+        Dep::ServiceUser("aziotid"),
         Dep::Swtpm
     );
-    for svc in ["keyd", "tpmd"] {
+    for svc in ["keyd", "tpmd", "identityd"] {
         let opts = WorkerOpts {
             attempt: None,
             seccomp_mode: "kill",
@@ -964,10 +934,10 @@ fn real_workers_serve_under_their_filter() {
             report.as_ref().is_some_and(|r| r["ok"] == true),
             "{svc}: no sandbox report: {report:?}"
         );
-        let path = if svc == "keyd" {
-            "/keys/nonexistent?api-version=2020-09-01"
-        } else {
-            "/get_tpm_keys?api-version=2020-09-01"
+        let path = match svc {
+            "keyd" => "/keys/nonexistent?api-version=2020-09-01",
+            "identityd" => "/trust-bundle?api-version=2020-09-01",
+            _ => "/get_tpm_keys?api-version=2020-09-01",
         };
         let mut stream = match connect_when_listening(&w.listener_path, Duration::from_secs(10)) {
             Ok(s) => s,

@@ -350,8 +350,14 @@ mod tests {
     fn type_parameter() {
         assert_eq!(id_type(Some("api-version=x&type=aziot")).unwrap(), "aziot");
         assert_eq!(id_type(Some("type=local&type=aziot")).unwrap(), "local", "the first one counts");
-        assert_eq!(id_type(None).unwrap_err().message(), "parameter \"type\" has an invalid value\ncaused by: missing parameter");
-        assert_eq!(id_type(Some("type=x")).unwrap_err().message(), "parameter \"type\" has an invalid value\ncaused by: invalid type: x");
+        assert_eq!(
+            id_type(None).unwrap_err().message(),
+            "parameter \"type\" has an invalid value\ncaused by: missing parameter"
+        );
+        assert_eq!(
+            id_type(Some("type=x")).unwrap_err().message(),
+            "parameter \"type\" has an invalid value\ncaused by: invalid type: x"
+        );
     }
 
     #[test]

@@ -360,7 +360,9 @@ mod tests {
         let none = "hostname = \"h\"\nhomedir = \"/x\"\n[provisioning]\nsource = \"none\"\n[[principal]]\nuid = 1\nname = \"a\"\nidtype = [\"device\"]\n";
         assert_eq!(
             parse(none).unwrap().check(),
-            Err(CheckError("invalid config for a: module or device identity requires provisioning with IoT Hub".into()))
+            Err(CheckError(
+                "invalid config for a: module or device identity requires provisioning with IoT Hub".into()
+            ))
         );
         // a principal without idtype skips rules 2-4
         assert_eq!(with("[[principal]]\nuid = 1\nname = \"a\"\nlocalid = { type = \"x509\" }\n"), Ok(()));
@@ -368,7 +370,8 @@ mod tests {
 
     #[test]
     fn caller_classes() {
-        let p = |uid, name: &str, idtype: Option<Vec<IdType>>| Principal { uid, name: name.into(), idtype, localid: None };
+        let p =
+            |uid, name: &str, idtype: Option<Vec<IdType>>| Principal { uid, name: name.into(), idtype, localid: None };
         let callers = Callers::new(&[
             p(5, "daemon", None),
             p(6, "second-daemon", None),
@@ -388,6 +391,9 @@ mod tests {
     fn csr_subject_cn_is_replaced() {
         let s = CsrSubject::Subject(BTreeMap::from([("cn".into(), "x".into()), ("l".into(), "AQ".into())]));
         assert_eq!(CsrSubject::with_cn(Some(&s), "dev"), vec![("CN".into(), "dev".into()), ("L".into(), "AQ".into())]);
-        assert_eq!(CsrSubject::with_cn(Some(&CsrSubject::CommonName("x".into())), "dev"), vec![("CN".into(), "dev".into())]);
+        assert_eq!(
+            CsrSubject::with_cn(Some(&CsrSubject::CommonName("x".into())), "dev"),
+            vec![("CN".into(), "dev".into())]
+        );
     }
 }

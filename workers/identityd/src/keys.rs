@@ -127,8 +127,10 @@ impl Keyd {
 
     /// `POST /derivedkey/export`: the derived key's bytes, base64 (as keyd returns them).
     pub async fn export_derived(&self, handle: &str) -> Result<String, ClientError> {
-        let k: KeyBody =
-            self.client.call(Method::POST, "/derivedkey/export", Some(&serde_json::json!({"keyHandle": handle}))).await?;
+        let k: KeyBody = self
+            .client
+            .call(Method::POST, "/derivedkey/export", Some(&serde_json::json!({"keyHandle": handle})))
+            .await?;
         Ok(k.key)
     }
 

@@ -168,7 +168,10 @@ pub fn serve(
     let spawned = std::thread::Builder::new().name("aziot-identityd-bg".into()).spawn(move || {
         runtime.block_on(async move {
             if let Err(e) = background.core().start().await {
-                tracing::error!("Failed to provision with IoT Hub, and no valid device backup was found: {}", e.message());
+                tracing::error!(
+                    "Failed to provision with IoT Hub, and no valid device backup was found: {}",
+                    e.message()
+                );
                 if let identity::IdentityError::Internal(detail) = &e {
                     tracing::error!("!!! {detail}");
                 }

@@ -7,7 +7,10 @@ use std::convert::Infallible;
 use std::os::fd::{AsFd, OwnedFd};
 
 use aziot_ipc::config::ConfigPaths;
-use aziot_ipc::service::{AccessSet, BrokerSetup, Grants, Handed, LockIn, Origin, PathGrant, PortGrant, ServiceError, ServiceImpl, ServiceInfo};
+use aziot_ipc::service::{
+    AccessSet, BrokerSetup, Grants, Handed, LockIn, Origin, PathGrant, PortGrant, ServiceError, ServiceImpl,
+    ServiceInfo,
+};
 
 /// identityd's entry in the table of services.
 pub const INFO: &ServiceInfo = aziot_ipc::service::services::get("identityd");
@@ -49,7 +52,11 @@ impl ServiceImpl for Identityd {
         for (path, key) in sockets {
             let origin = Origin::Config(key.into());
             if let Some(dir) = path.parent() {
-                grants.paths.push(PathGrant { path: dir.to_path_buf(), access: resolve.clone(), origin: origin.clone() });
+                grants.paths.push(PathGrant {
+                    path: dir.to_path_buf(),
+                    access: resolve.clone(),
+                    origin: origin.clone(),
+                });
             }
             grants.sockets.push(aziot_policy::SocketGrant { path, origin });
         }

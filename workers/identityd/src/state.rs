@@ -131,7 +131,8 @@ impl State {
         let (dir, name) = split(rel);
         let dir = self.open_dir(dir).map_err(|e| err("could not open the directory of", rel, errno(e)))?;
         let mut random = [0u8; 8];
-        openssl::rand::rand_bytes(&mut random).map_err(|e| err("could not name a temporary file for", rel, std::io::Error::other(e)))?;
+        openssl::rand::rand_bytes(&mut random)
+            .map_err(|e| err("could not name a temporary file for", rel, std::io::Error::other(e)))?;
         let tmp = format!("{TMP_PREFIX}{}", hex(&random));
         let fd = openat(
             Some(dir.as_raw_fd()),
@@ -144,9 +145,8 @@ impl State {
         let mut file = std::fs::File::from(fd);
         let written = file.write_all(bytes).and_then(|()| file.sync_all());
         drop(file);
-        let renamed = written.and_then(|()| {
-            renameat(Some(dir.as_raw_fd()), tmp.as_str(), Some(dir.as_raw_fd()), name).map_err(errno)
-        });
+        let renamed = written
+            .and_then(|()| renameat(Some(dir.as_raw_fd()), tmp.as_str(), Some(dir.as_raw_fd()), name).map_err(errno));
         if let Err(e) = renamed {
             let _ = unlinkat(Some(dir.as_raw_fd()), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
             return Err(err("could not write", rel, e));
@@ -248,7 +248,8 @@ impl State {
     }
 
     pub fn write_device_info(&self, info: &DeviceInfo) -> Result<(), StateError> {
-        let text = toml::to_string(info).map_err(|e| err("could not serialize", DEVICE_INFO, std::io::Error::other(e)))?;
+        let text =
+            toml::to_string(info).map_err(|e| err("could not serialize", DEVICE_INFO, std::io::Error::other(e)))?;
         self.write(DEVICE_INFO, text.as_bytes())
     }
 
@@ -296,7 +297,8 @@ impl State {
 
     pub fn write_module(&self, hub: &str, device_id: &str, module: &Module) -> Result<(), StateError> {
         let rel = format!("{}/{}", device_dir(hub, device_id), module_file(&module.module_id));
-        let bytes = serde_json::to_vec(module).map_err(|e| err("could not serialize", &rel, std::io::Error::other(e)))?;
+        let bytes =
+            serde_json::to_vec(module).map_err(|e| err("could not serialize", &rel, std::io::Error::other(e)))?;
         self.write(&rel, &bytes)
     }
 
@@ -304,9 +306,9 @@ impl State {
         let rel = format!("{}/{}", device_dir(hub, device_id), module_file(module_id));
         match self.read(&rel)? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| err("invalid module cache file", &rel, std::io::Error::new(std::io::ErrorKind::InvalidData, e))),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                err("invalid module cache file", &rel, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            }),
         }
     }
 
@@ -321,11 +323,9 @@ impl State {
         for name in self.list(&dir)? {
             let rel = format!("{dir}/{name}");
             let bytes = self.read(&rel)?.unwrap_or_default();
-            modules.push(
-                serde_json::from_slice(&bytes).map_err(|e| {
-                    err("invalid module cache file", &rel, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-                })?,
-            );
+            modules.push(serde_json::from_slice(&bytes).map_err(|e| {
+                err("invalid module cache file", &rel, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })?);
         }
         Ok(modules)
     }
@@ -358,7 +358,12 @@ mod tests {
     fn cache_round_trip_and_device_switch() {
         let (dir, state) = temp_state();
         state.set_device("hub", "d1").unwrap();
-        let m = Module { module_id: "m$1".into(), device_id: "d1".into(), managed_by: None, generation_id: Some("g".into()) };
+        let m = Module {
+            module_id: "m$1".into(),
+            device_id: "d1".into(),
+            managed_by: None,
+            generation_id: Some("g".into()),
+        };
         state.write_module("hub", "d1", &m).unwrap();
         assert_eq!(state.read_module("hub", "d1", "m$1").unwrap(), Some(m.clone()));
         let text = std::fs::read_to_string(dir.join(device_dir("hub", "d1")).join(module_file("m$1"))).unwrap();
@@ -385,7 +390,8 @@ mod tests {
             .write(PREV_STATE, b"[[principal]]\nuid = 1\nname = \"a\"\nidtype = [\"module\"]\n[[principal]]\nuid = 2\nname = \"b\"\nidtype = [\"local\"]\n")
             .unwrap();
         assert_eq!(state.prev_modules(), Some(BTreeSet::from(["a".to_owned()])));
-        let names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert!(names.iter().all(|n| !n.starts_with(TMP_PREFIX)), "{names:?}");
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -199,7 +199,10 @@ impl Tls {
                 }
                 b.set_cert_store(store.build());
             }
-            None => b.set_default_verify_paths()?,
+            // The system store as one file (OpenSSL's default CA file, e.g. /usr/lib/ssl/cert.pem
+            // -> /etc/ssl/certs/ca-certificates.crt): no hashed-directory lookups, which would
+            // list /etc/ssl/certs (getdents64, not in certd's seccomp filter).
+            None => b.set_ca_file(default_ca_file())?,
         }
         if let Some(id) = &self.identity {
             if let Some((leaf, rest)) = id.chain.split_first() {
@@ -214,6 +217,15 @@ impl Tls {
     }
 }
 
+/// OpenSSL's default CA file (`OPENSSLDIR/cert.pem`).
+fn default_ca_file() -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: X509_get_default_cert_file returns a pointer to a static NUL-terminated string
+    // owned by OpenSSL; it is only read here.
+    let file = unsafe { std::ffi::CStr::from_ptr(openssl_sys::X509_get_default_cert_file()) };
+    std::path::PathBuf::from(std::ffi::OsStr::from_bytes(file.to_bytes()))
+}
+
 /// An HTTP(S) proxy (`HTTPS_PROXY`): every EST exchange goes through it.
 #[derive(Clone, Debug)]
 pub struct Proxy {
@@ -226,7 +238,10 @@ impl Proxy {
     }
 
     fn authorization(&self) -> Option<String> {
-        self.url.userinfo.as_ref().map(|(u, p)| format!("Basic {}", openssl::base64::encode_block(format!("{u}:{p}").as_bytes())))
+        self.url
+            .userinfo
+            .as_ref()
+            .map(|(u, p)| format!("Basic {}", openssl::base64::encode_block(format!("{u}:{p}").as_bytes())))
     }
 }
 
@@ -351,7 +366,11 @@ pub fn exchange(
         None => (url.host.as_str(), url.port),
     };
     let socket = connect_tcp(first_host, first_port, until, timeout)?;
-    let deadline = Deadline { socket: socket.try_clone().map_err(|e| HttpError::Io { host: first_host.into(), source: e })?, until, total: timeout };
+    let deadline = Deadline {
+        socket: socket.try_clone().map_err(|e| HttpError::Io { host: first_host.into(), source: e })?,
+        until,
+        total: timeout,
+    };
     deadline.arm("TLS handshake")?;
     let mut stream: Box<dyn Stream> = Box::new(socket);
     let mut absolute_form = false;
@@ -401,7 +420,10 @@ pub fn exchange(
     let mut msg = head.into_bytes();
     msg.extend_from_slice(body);
     deadline.arm("sending the request")?;
-    stream.write_all(&msg).and_then(|()| stream.flush()).map_err(|e| deadline.map(&url.host, "sending the request", e))?;
+    stream
+        .write_all(&msg)
+        .and_then(|()| stream.flush())
+        .map_err(|e| deadline.map(&url.host, "sending the request", e))?;
     deadline.arm("reading the response")?;
     let mut reader = BufReader::new(stream);
     read_response(&mut reader, &url.host, &deadline)
@@ -413,7 +435,10 @@ fn read_line(r: &mut BufReader<Box<dyn Stream>>, host: &str, deadline: &Deadline
         deadline.arm("reading the response")?;
         let available = r.fill_buf().map_err(|e| deadline.map(host, "reading the response", e))?;
         if available.is_empty() {
-            return Err(HttpError::Protocol { host: host.into(), what: "connection closed in the response head".into() });
+            return Err(HttpError::Protocol {
+                host: host.into(),
+                what: "connection closed in the response head".into(),
+            });
         }
         match available.iter().position(|b| *b == b'\n') {
             Some(i) => {
@@ -434,7 +459,13 @@ fn read_line(r: &mut BufReader<Box<dyn Stream>>, host: &str, deadline: &Deadline
     Ok(String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_owned())
 }
 
-fn read_exact_body(r: &mut BufReader<Box<dyn Stream>>, host: &str, deadline: &Deadline, n: usize, out: &mut Vec<u8>) -> Result<(), HttpError> {
+fn read_exact_body(
+    r: &mut BufReader<Box<dyn Stream>>,
+    host: &str,
+    deadline: &Deadline,
+    n: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), HttpError> {
     let start = out.len();
     out.resize(start + n, 0);
     let mut done = 0;
@@ -455,9 +486,16 @@ fn read_response(r: &mut BufReader<Box<dyn Stream>>, host: &str, deadline: &Dead
     let mut parts = status_line.splitn(3, ' ');
     let version = parts.next().unwrap_or_default();
     if !version.starts_with("HTTP/1.") {
-        return Err(bad(&format!("not an HTTP/1.x status line: {:?}", status_line.chars().take(80).collect::<String>())));
+        return Err(bad(&format!(
+            "not an HTTP/1.x status line: {:?}",
+            status_line.chars().take(80).collect::<String>()
+        )));
     }
-    let status: u16 = parts.next().and_then(|s| s.parse().ok()).filter(|s| (100..600).contains(s)).ok_or_else(|| bad("bad status code"))?;
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .filter(|s| (100..600).contains(s))
+        .ok_or_else(|| bad("bad status code"))?;
     let mut headers = Vec::new();
     loop {
         let line = read_line(r, host, deadline)?;
@@ -477,7 +515,8 @@ fn read_response(r: &mut BufReader<Box<dyn Stream>>, host: &str, deadline: &Dead
     } else if get("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked")) {
         loop {
             let size_line = read_line(r, host, deadline)?;
-            let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16).map_err(|_| bad("bad chunk size"))?;
+            let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| bad("bad chunk size"))?;
             if size == 0 {
                 // trailers
                 while !read_line(r, host, deadline)?.is_empty() {}
@@ -526,7 +565,10 @@ mod tests {
     #[test]
     fn urls() {
         let u = Url::parse("https://127.0.0.1:8443/.well-known/est").unwrap();
-        assert_eq!((u.scheme, u.host.as_str(), u.port, u.path.as_str()), (Scheme::Https, "127.0.0.1", 8443, "/.well-known/est"));
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.port, u.path.as_str()),
+            (Scheme::Https, "127.0.0.1", 8443, "/.well-known/est")
+        );
         let u = Url::parse("http://us%40r:p%3Ass@[::1]:3128").unwrap();
         assert_eq!(u.host, "::1");
         assert_eq!(u.port, 3128);
@@ -539,6 +581,125 @@ mod tests {
         for bad in ["est.example.com", "ftp://x/", "https://:1/", "https://h:0/", "https://h:99999/", "https://[::1/"] {
             assert!(Url::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A self-signed server certificate for 127.0.0.1 and its key.
+    fn server_identity() -> (X509, PKey<Private>) {
+        use openssl::x509::extension::SubjectAlternativeName;
+        let key = PKey::from_ec_key(
+            openssl::ec::EcKey::generate(
+                &openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "test server").unwrap();
+        let name = name.build();
+        let mut b = openssl::x509::X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap()).unwrap();
+        b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap()).unwrap();
+        let san = SubjectAlternativeName::new().ip("127.0.0.1").build(&b.x509v3_context(None, None)).unwrap();
+        b.append_extension(san).unwrap();
+        b.sign(&key, openssl::hash::MessageDigest::sha256()).unwrap();
+        (b.build(), key)
+    }
+
+    /// One HTTPS answer on 127.0.0.1 (any port), returning its port.
+    fn tls_server(cert: X509, key: PKey<Private>) -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut b = openssl::ssl::SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).unwrap();
+            b.set_certificate(&cert).unwrap();
+            b.set_private_key(&key).unwrap();
+            let acceptor = b.build();
+            let (tcp, _) = listener.accept().unwrap();
+            let mut tls = acceptor.accept(tcp).unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && tls.read(&mut byte).unwrap() == 1 {
+                head.push(byte[0]);
+            }
+            let body = format!("seen: {}", String::from_utf8_lossy(&head).lines().next().unwrap());
+            let answer =
+                format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+            tls.write_all(answer.as_bytes()).unwrap();
+            let _ = tls.shutdown();
+        });
+        port
+    }
+
+    /// A CONNECT proxy for one tunnel; sends the request head it got.
+    fn connect_proxy() -> (u16, std::sync::mpsc::Receiver<String>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut client, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && client.read(&mut byte).unwrap() == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let target = head.split_whitespace().nth(1).unwrap().to_owned();
+            tx.send(head).unwrap();
+            let upstream = TcpStream::connect(target).unwrap();
+            client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").unwrap();
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            let t = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+            let mut u = upstream;
+            let _ = std::io::copy(&mut client, &mut u);
+            let _ = t.join();
+        });
+        (port, rx)
+    }
+
+    #[test]
+    fn https_through_a_connect_proxy_with_credentials_and_an_explicit_trust_store() {
+        let (cert, key) = server_identity();
+        let port = tls_server(cert.clone(), key);
+        let (proxy_port, seen) = connect_proxy();
+        let proxy = Proxy::parse(&format!("http://us%65r:p%40ss@127.0.0.1:{proxy_port}")).unwrap();
+        let url = Url::parse(&format!("https://127.0.0.1:{port}/.well-known/est/cacerts")).unwrap();
+        let tls = Tls { trust: Some(vec![cert]), identity: None };
+        let r = exchange(&url, "GET", &[], b"", &tls, Some(&proxy), Duration::from_secs(10)).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(String::from_utf8(r.body).unwrap(), "seen: GET /.well-known/est/cacerts HTTP/1.1");
+        let head = seen.recv().unwrap();
+        assert!(head.starts_with(&format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n")), "{head}");
+        let creds = openssl::base64::encode_block(b"user:p@ss");
+        assert!(head.contains(&format!("Proxy-Authorization: Basic {creds}\r\n")), "{head}");
+    }
+
+    #[test]
+    fn an_untrusted_server_or_a_silent_one_fails_clearly() {
+        let (cert, key) = server_identity();
+        let port = tls_server(cert, key);
+        let (other, _) = server_identity();
+        let url = Url::parse(&format!("https://127.0.0.1:{port}/x")).unwrap();
+        let tls = Tls { trust: Some(vec![other]), identity: None };
+        match exchange(&url, "GET", &[], b"", &tls, None, Duration::from_secs(10)) {
+            Err(HttpError::Tls { detail, .. }) => assert!(detail.contains("verification failed"), "{detail}"),
+            r => panic!("{r:?}"),
+        }
+        // a server that accepts and never answers: the deadline ends the exchange
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = Url::parse(&format!("https://127.0.0.1:{}/x", silent.local_addr().unwrap().port())).unwrap();
+        let started = std::time::Instant::now();
+        match exchange(&url, "GET", &[], b"", &Tls::default(), None, Duration::from_millis(500)) {
+            Err(HttpError::Tls { .. } | HttpError::Timeout(..)) => {}
+            r => panic!("{r:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

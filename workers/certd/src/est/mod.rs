@@ -33,7 +33,7 @@ use openssl::stack::Stack;
 use openssl::x509::extension::ExtendedKeyUsage;
 use openssl::x509::{X509NameRef, X509Req, X509ReqBuilder, X509};
 
-use crate::config::{Config, CertOptions, Est, EstAuth, Method, X509Auth};
+use crate::config::{CertOptions, Config, Est, EstAuth, Method, X509Auth};
 use crate::issue::{EstIssuer, EstRequest, IssueError};
 use crate::store::{Store, StoreError};
 use http::{HttpError, Identity, Proxy, Tls, Url};
@@ -294,7 +294,9 @@ impl EstClient {
     pub fn start_renewal(&self) -> std::io::Result<()> {
         let inner = Arc::clone(&self.inner);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        std::thread::Builder::new().name("aziot-est-renew".into()).spawn(move || runtime.block_on(renewal_task(inner)))?;
+        std::thread::Builder::new()
+            .name("aziot-est-renew".into())
+            .spawn(move || runtime.block_on(renewal_task(inner)))?;
         Ok(())
     }
 
@@ -454,7 +456,10 @@ impl Inner {
         let cacerts_url = Url::parse(&format!("{base}cacerts")).map_err(EstError::Url)?;
         let mut headers = Vec::new();
         if let Some((u, p)) = basic {
-            headers.push(("Authorization", format!("Basic {}", openssl::base64::encode_block(format!("{u}:{p}").as_bytes()))));
+            headers.push((
+                "Authorization",
+                format!("Basic {}", openssl::base64::encode_block(format!("{u}:{p}").as_bytes())),
+            ));
         }
         let fetch_cacerts = || -> Result<Vec<X509>, EstError> {
             let url = cacerts_url.masked();
@@ -491,7 +496,9 @@ impl Inner {
         });
         let issued = issued?;
         let cacerts = cacerts?;
-        let leaf = issued.first().ok_or(EstError::Wire { url: enroll_url.masked(), source: wire::WireError::NoCertificate })?;
+        let leaf = issued
+            .first()
+            .ok_or(EstError::Wire { url: enroll_url.masked(), source: wire::WireError::NoCertificate })?;
         if !leaf.public_key()?.public_eq(expected) {
             return Err(EstError::KeyMismatch);
         }
@@ -547,7 +554,11 @@ impl Inner {
             match self.read_chain(&x.identity_cert)? {
                 Some(chain) if !chain.is_empty() => match self.register(&x.identity_cert, &x.identity_pk, lookup) {
                     Ok(c) => registered = Some(c),
-                    Err(e) => tracing::warn!("EST identity cert {:?} is not usable ({}); bootstrapping a new one", x.identity_cert, describe(&e)),
+                    Err(e) => tracing::warn!(
+                        "EST identity cert {:?} is not usable ({}); bootstrapping a new one",
+                        x.identity_cert,
+                        describe(&e)
+                    ),
                 },
                 _ => {}
             }
@@ -564,7 +575,10 @@ impl Inner {
                 let handle = self.require_handle(&x.identity_pk)?;
                 return Ok(Identity { chain, key: self.load_key(&x.identity_pk, &handle)? });
             }
-            tracing::warn!("EST identity cert {:?} has expired and could not be renewed; bootstrapping a new one", x.identity_cert);
+            tracing::warn!(
+                "EST identity cert {:?} has expired and could not be renewed; bootstrapping a new one",
+                x.identity_cert
+            );
         }
         // bootstrap (spec §6.3)
         let (boot_cert, boot_pk) = x.bootstrap.clone().ok_or_else(|| EstError::NoBootstrap(x.identity_cert.clone()))?;
@@ -603,7 +617,8 @@ impl Inner {
     }
 
     fn credential(&self, cert: &str, pk: &str, lookup: &str, chain: &[X509]) -> Result<Credential, EstError> {
-        let leaf = chain.first().ok_or_else(|| EstError::IdentityCert(cert.into(), "holds no PEM certificate".into()))?;
+        let leaf =
+            chain.first().ok_or_else(|| EstError::IdentityCert(cert.into(), "holds no PEM certificate".into()))?;
         let (nb, na) = (unix(leaf.not_before())?, unix(leaf.not_after())?);
         if nb >= na {
             return Err(EstError::IdentityCert(cert.into(), "notBefore is not before notAfter".into()));
@@ -649,7 +664,10 @@ impl Inner {
                 }
             }
             match self.register(&cert, &pk, &lookup) {
-                Ok(c) => tracing::info!("EST identity cert {cert:?} registered for auto-renewal; next renewal at unix time {}", c.next),
+                Ok(c) => tracing::info!(
+                    "EST identity cert {cert:?} registered for auto-renewal; next renewal at unix time {}",
+                    c.next
+                ),
                 Err(e) => tracing::warn!("Failed to add {cert} to cert auto-renewal: {}", describe(&e)),
             }
         }
@@ -748,16 +766,13 @@ impl Inner {
         let new_key = if policy.rotate_key {
             self.fresh_key_pair(&temp).map_err(retryable)?
         } else {
-            identity_key_for(&identity, expired).map_or_else(
-                || self.require_handle(&cred.pk).and_then(|h| self.load_key(&cred.pk, &h)),
-                Ok,
-            ).map_err(retryable)?
+            identity_key_for(&identity, expired)
+                .map_or_else(|| self.require_handle(&cred.pk).and_then(|h| self.load_key(&cred.pk, &h)), Ok)
+                .map_err(retryable)?
         };
         let csr_der = identity_csr(leaf.subject_name(), &new_key).map_err(|e| retryable(e.into()))?;
-        let public = new_key
-            .public_key_to_der()
-            .and_then(|d| PKey::public_key_from_der(&d))
-            .map_err(|e| retryable(e.into()))?;
+        let public =
+            new_key.public_key_to_der().and_then(|d| PKey::public_key_from_der(&d)).map_err(|e| retryable(e.into()))?;
         let tls = Tls { trust: self.trust(&settings).map_err(retryable)?, identity: Some(identity) };
         let pem = self.enroll(&url, op, &csr_der, &tls, auth.basic.as_ref(), &public).map_err(retryable)?;
         let new_chain = X509::stack_from_pem(&pem).map_err(|e| retryable(e.into()))?;
@@ -767,7 +782,11 @@ impl Inner {
         if policy.rotate_key {
             let moved = self
                 .keyd
-                .call::<_, ()>("POST", &format!("/keypair/{}", pct(&cred.pk)), Some(&serde_json::json!({ "from": temp })))
+                .call::<_, ()>(
+                    "POST",
+                    &format!("/keypair/{}", pct(&cred.pk)),
+                    Some(&serde_json::json!({ "from": temp })),
+                )
                 .map_err(|e| EstError::Keyd(format!("POST /keypair/{} (move from {temp})", cred.pk), e));
             if let Err(e) = moved {
                 if let Err(w) = self.store.write(&cred.cert, &old) {
@@ -846,8 +865,10 @@ method = "est"
     #[test]
     fn identity_csr_is_v1_with_client_auth() {
         let key = PKey::from_ec_key(
-            openssl::ec::EcKey::generate(&openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap())
-                .unwrap(),
+            openssl::ec::EcKey::generate(
+                &openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap(),
+            )
+            .unwrap(),
         )
         .unwrap();
         let mut name = openssl::x509::X509NameBuilder::new().unwrap();

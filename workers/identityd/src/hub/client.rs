@@ -196,7 +196,13 @@ impl Client {
             Some(uri) => Some(Proxy::parse(uri).map_err(|e| HubError::new(HubErrorKind::Other, None, e))?),
             None => None,
         };
-        Ok(Client { connector: Arc::new(connector), proxy, timeout: settings.timeout, retries: settings.retries, tuning })
+        Ok(Client {
+            connector: Arc::new(connector),
+            proxy,
+            timeout: settings.timeout,
+            retries: settings.retries,
+            tuning,
+        })
     }
 
     /// The proxy in use (password masked), for the start-up log.
@@ -214,8 +220,8 @@ impl Client {
 
     /// §1.5: attempts until a non-429 response, a final 429, or a final failure.
     async fn send(&self, device: &HubDevice, call: Call) -> Result<transport::Response, HubError> {
-        let target = Authority::parse(&device.gateway_host, 443)
-            .map_err(|e| HubError::new(HubErrorKind::Other, None, e))?;
+        let target =
+            Authority::parse(&device.gateway_host, 443).map_err(|e| HubError::new(HubErrorKind::Other, None, e))?;
         let cert = match &device.auth {
             DeviceAuth::X509 { chain, key } => Some(ClientCert { chain: chain.clone(), key: key.clone() }),
             DeviceAuth::Sas(_) => None,
@@ -226,9 +232,10 @@ impl Client {
             let mut headers = Vec::new();
             if let DeviceAuth::Sas(signer) = &device.auth {
                 // A new token for this attempt: never one that expired during a back-off.
-                let token = sas::header(signer.as_ref(), &audience, sas::now_unix(), self.tuning.sas_lifetime_secs, None)
-                    .await
-                    .map_err(|e| HubError::new(HubErrorKind::Other, None, e.to_string()))?;
+                let token =
+                    sas::header(signer.as_ref(), &audience, sas::now_unix(), self.tuning.sas_lifetime_secs, None)
+                        .await
+                        .map_err(|e| HubError::new(HubErrorKind::Other, None, e.to_string()))?;
                 headers.push(("Authorization", token));
             }
             if call.if_match {
@@ -242,7 +249,8 @@ impl Client {
                 read_body: call.read_body,
             };
             let deadline = Instant::now() + self.timeout;
-            let (connector, proxy, target, cert) = (self.connector.clone(), self.proxy.clone(), target.clone(), cert.clone());
+            let (connector, proxy, target, cert) =
+                (self.connector.clone(), self.proxy.clone(), target.clone(), cert.clone());
             let attempt = tokio::task::spawn_blocking(move || {
                 transport::exchange(&connector, proxy.as_ref(), &target, cert.as_ref(), &request, deadline)
             });
@@ -344,8 +352,9 @@ fn parse_response<T: serde::de::DeserializeOwned>(r: &transport::Response, expec
 }
 
 fn module_from(wire: WireModule) -> Result<Module, HubError> {
-    wire.into_module()
-        .map_err(|e| HubError::new(HubErrorKind::InvalidData, Some(200), format!("could not parse the hub's module: {e}")))
+    wire.into_module().map_err(|e| {
+        HubError::new(HubErrorKind::InvalidData, Some(200), format!("could not parse the hub's module: {e}"))
+    })
 }
 
 impl HubClient for Client {
@@ -477,14 +486,25 @@ mod tests {
             "authentication":{"symmetricKey":{"primaryKey":null,"secondaryKey":null},
             "x509Thumbprint":{"primaryThumbprint":"AB"},"type":"selfSigned"}}"#;
         let m = module(&resp(200, Some("application/json; charset=utf-8"), body)).expect("parses");
-        assert_eq!(m, Module { module_id: "m".into(), device_id: "d".into(), managed_by: None, generation_id: Some("1".into()) });
-        let m = module(&resp(200, None, r#"{"moduleId":"m","deviceId":"d","authentication":null,"managedBy":"iotedge"}"#))
-            .expect("parses");
+        assert_eq!(
+            m,
+            Module { module_id: "m".into(), device_id: "d".into(), managed_by: None, generation_id: Some("1".into()) }
+        );
+        let m =
+            module(&resp(200, None, r#"{"moduleId":"m","deviceId":"d","authentication":null,"managedBy":"iotedge"}"#))
+                .expect("parses");
         assert_eq!(m.managed_by.as_deref(), Some("iotedge"));
-        let e = module(&resp(200, None, r#"{"moduleId":"m","deviceId":"d","authentication":{"symmetricKey":{"primaryKey":"!!"}}}"#))
-            .expect_err("bad base64");
+        let e = module(&resp(
+            200,
+            None,
+            r#"{"moduleId":"m","deviceId":"d","authentication":{"symmetricKey":{"primaryKey":"!!"}}}"#,
+        ))
+        .expect_err("bad base64");
         assert_eq!(e.kind, HubErrorKind::InvalidData);
-        assert_eq!(module(&resp(200, None, r#"{"deviceId":"d"}"#)).expect_err("no moduleId").kind, HubErrorKind::InvalidData);
+        assert_eq!(
+            module(&resp(200, None, r#"{"deviceId":"d"}"#)).expect_err("no moduleId").kind,
+            HubErrorKind::InvalidData
+        );
     }
 
     /// §1.3 / §4.5 classification.
@@ -493,11 +513,21 @@ mod tests {
         let e = module(&resp(200, Some("text/html"), "{}")).expect_err("content type");
         assert_eq!((e.kind, e.message.as_str()), (HubErrorKind::InvalidData, "invalid Content-Type; expected JSON"));
         let e = module(&resp(404, None, "")).expect_err("404");
-        assert_eq!((e.kind, e.status, e.message.as_str()), (HubErrorKind::Other, Some(404), "HTTP error 404 Not Found"));
+        assert_eq!(
+            (e.kind, e.status, e.message.as_str()),
+            (HubErrorKind::Other, Some(404), "HTTP error 404 Not Found")
+        );
         assert!(e.is_not_found() && !e.is_network());
-        let e = module(&resp(401, Some("application/json"), r#"{"Message":"ErrorCode:IotHubUnauthorizedAccess;Unauthorized","ExceptionMessage":"t"}"#))
-            .expect_err("401");
-        assert_eq!((e.kind, e.message.as_str()), (HubErrorKind::Other, "ErrorCode:IotHubUnauthorizedAccess;Unauthorized"));
+        let e = module(&resp(
+            401,
+            Some("application/json"),
+            r#"{"Message":"ErrorCode:IotHubUnauthorizedAccess;Unauthorized","ExceptionMessage":"t"}"#,
+        ))
+        .expect_err("401");
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (HubErrorKind::Other, "ErrorCode:IotHubUnauthorizedAccess;Unauthorized")
+        );
         let e = module(&resp(500, None, r#"{"Message":"upstream down"}"#)).expect_err("500");
         assert!(e.is_network(), "a parsed 500 is network: {e:?}");
         let e = module(&resp(500, None, "oops")).expect_err("500 text");
@@ -516,7 +546,10 @@ mod tests {
         let update = ModuleBody {
             module_id: "m",
             device_id: "d",
-            authentication: Some(AuthBody { symmetric_key: SymKeyBody { primary_key: "cA==", secondary_key: "cw==" }, kind: "sas" }),
+            authentication: Some(AuthBody {
+                symmetric_key: SymKeyBody { primary_key: "cA==", secondary_key: "cw==" },
+                kind: "sas",
+            }),
         };
         assert_eq!(
             serde_json::to_string(&update).expect("json"),

@@ -167,8 +167,11 @@ pub trait HubClient: Send + Sync {
 
     /// `PUT /devices/{d}/modules/{m}` without `If-Match`, body `{"moduleId","deviceId"}`
     /// (creation; the answer carries the `generationId`).
-    fn create_module<'a>(&'a self, device: &'a HubDevice, module_id: &'a str)
-        -> BoxFuture<'a, Result<Module, HubError>>;
+    fn create_module<'a>(
+        &'a self,
+        device: &'a HubDevice,
+        module_id: &'a str,
+    ) -> BoxFuture<'a, Result<Module, HubError>>;
 
     /// `PUT /devices/{d}/modules/{m}` with `If-Match: *` and the SAS keys.
     fn update_module<'a>(

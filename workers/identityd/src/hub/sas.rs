@@ -134,8 +134,9 @@ mod tests {
     fn dps_test_vector() {
         let u = Unsigned::new("0ne00ABCDEF/registrations/My-Device", 1_700_000_030);
         assert_eq!(u.sr, "0ne00abcdef/registrations/my-device");
-        let h = block_on(header(&key(), "0ne00ABCDEF/registrations/My-Device", 1_700_000_000, 30, Some("registration")))
-            .expect("sign");
+        let h =
+            block_on(header(&key(), "0ne00ABCDEF/registrations/My-Device", 1_700_000_000, 30, Some("registration")))
+                .expect("sign");
         assert_eq!(
             h,
             "SharedAccessSignature sr=0ne00abcdef/registrations/my-device&sig=oHIL0gq1UpgR6lTLxhLJFA40z4k6gESjCmttNbW32uk%3D&se=1700000030&skn=registration"

@@ -92,6 +92,8 @@ pub struct Proxy {
     pub authorization: Option<String>,
     /// The URI with its password masked (for the log).
     pub display: String,
+    /// The URI as given (for [`super::HubSettings::proxy`]; carries the password: never log it).
+    pub uri: String,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -141,8 +143,23 @@ impl Proxy {
             }
             None => (None, format!("{scheme}://{}", authority.text)),
         };
-        Ok(Proxy { tls, authority, authorization, display })
+        Ok(Proxy { tls, authority, authorization, display, uri: uri.to_owned() })
     }
+}
+
+/// The proxy variables, in order of preference (§1.4; `NO_PROXY`/`HTTP_PROXY` are ignored).
+pub const PROXY_VARS: [&str; 2] = ["HTTPS_PROXY", "https_proxy"];
+
+/// §1.4 at start: `HTTPS_PROXY`, else `https_proxy`, checked with [`Proxy::parse`] (an invalid
+/// value is a startup error). `Ok(None)` when neither is set.
+pub fn proxy_from_env() -> Result<Option<Proxy>, String> {
+    for var in PROXY_VARS {
+        if let Some(value) = std::env::var_os(var) {
+            let value = value.into_string().map_err(|_| format!("{var} is not UTF-8"))?;
+            return Proxy::parse(&value).map(Some).map_err(|e| format!("{var}: {e}"));
+        }
+    }
+    Ok(None)
 }
 
 /// A TLS client certificate: `chain[0]` the leaf, then extra chain certificates.
@@ -282,7 +299,8 @@ fn tls<S: Stream + std::fmt::Debug + 'static>(
 ) -> Result<SslStream<S>, TransportError> {
     let mut config = connector.configure().map_err(|e| TransportError::Connect(e.to_string()))?;
     if let Some(cert) = cert {
-        let leaf = cert.chain.first().ok_or_else(|| TransportError::Connect("empty client certificate chain".into()))?;
+        let leaf =
+            cert.chain.first().ok_or_else(|| TransportError::Connect("empty client certificate chain".into()))?;
         config.set_certificate(leaf).map_err(|e| TransportError::Connect(e.to_string()))?;
         for extra in &cert.chain[1..] {
             config.add_chain_cert(extra.clone()).map_err(|e| TransportError::Connect(e.to_string()))?;
@@ -299,7 +317,12 @@ fn tls<S: Stream + std::fmt::Debug + 'static>(
 }
 
 /// Sends `CONNECT target` on `stream` and reads the proxy's answer (2xx → tunnel open).
-fn open_tunnel(stream: &mut dyn Stream, target: &Authority, proxy: &Proxy, deadline: Instant) -> Result<(), TransportError> {
+fn open_tunnel(
+    stream: &mut dyn Stream,
+    target: &Authority,
+    proxy: &Proxy,
+    deadline: Instant,
+) -> Result<(), TransportError> {
     let mut head = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n", target.connect_target());
     if let Some(auth) = &proxy.authorization {
         head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
