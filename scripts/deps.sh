@@ -6,6 +6,8 @@ set -euo pipefail
 AZIOT_DEBIAN_PACKAGES=(
   build-essential pkg-config libssl-dev openssl curl ca-certificates systemd strace
   softhsm2 opensc swtpm swtpm-tools tpm2-tools libtss2-dev
+  # scripts/package and its test (tests/tests/package.rs): dpkg-shlibdeps, lintian
+  dpkg-dev lintian
 )
 
 aziot_install_deps() {

@@ -13,7 +13,10 @@ const KEEP_ENV: &[&str] = &[
     "AZIOT_LOG",
     // SoftHSM2's config file location; passed on to the keyd worker (see WORKER_ENV).
     "SOFTHSM2_CONF",
-    // certd's EST proxy (spec certd.md §6.5): the broker grants its port, the worker uses it.
+    // The HTTPS proxy (cloud-protocols.md §1.4). certd's EST (spec certd.md §6.5): the broker
+    // grants its port, the worker reads it from WORKER_ENV. identityd: the broker validates it,
+    // grants its port and passes it in the worker's config text (workers/identityd/src/lib.rs
+    // BROKER_TABLE); identityd's worker ignores its environment's copy.
     "HTTPS_PROXY",
     "https_proxy",
     // OpenSSL's trust store location (cloud-protocols.md §1.1: honoured for tests); identityd's

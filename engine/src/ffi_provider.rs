@@ -48,28 +48,13 @@ pub struct OSSL_CORE_HANDLE {
 
 /// `typedef struct ossl_lib_ctx_st OSSL_LIB_CTX;`
 pub use openssl_sys::OSSL_LIB_CTX;
-/// `typedef struct ossl_provider_st OSSL_PROVIDER;`
-pub use openssl_sys::OSSL_PROVIDER;
 
 /// `typedef int (OSSL_CALLBACK)(const OSSL_PARAM params[], void *arg);`
 pub type OSSL_CALLBACK = unsafe extern "C" fn(params: *const OSSL_PARAM, arg: *mut c_void) -> c_int;
 /// `typedef int (OSSL_PASSPHRASE_CALLBACK)(char *pass, size_t pass_size, size_t *pass_len,
 /// const OSSL_PARAM params[], void *arg);`
-pub type OSSL_PASSPHRASE_CALLBACK = unsafe extern "C" fn(
-    *mut c_char,
-    usize,
-    *mut usize,
-    *const OSSL_PARAM,
-    *mut c_void,
-) -> c_int;
-/// `typedef int (OSSL_provider_init_fn)(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
-/// const OSSL_DISPATCH **out, void **provctx);`
-pub type OSSL_provider_init_fn = unsafe extern "C" fn(
-    *const OSSL_CORE_HANDLE,
-    *const OSSL_DISPATCH,
-    *mut *const OSSL_DISPATCH,
-    *mut *mut c_void,
-) -> c_int;
+pub type OSSL_PASSPHRASE_CALLBACK =
+    unsafe extern "C" fn(*mut c_char, usize, *mut usize, *const OSSL_PARAM, *mut c_void) -> c_int;
 
 // core.h: OSSL_PARAM data types
 pub const OSSL_PARAM_INTEGER: c_uint = 1;
@@ -264,18 +249,4 @@ extern "C" {
     pub fn EVP_PKEY_CTX_get_params(ctx: *mut EVP_PKEY_CTX, params: *mut OSSL_PARAM) -> c_int;
     /// `int EVP_MD_CTX_copy_ex(EVP_MD_CTX *out, const EVP_MD_CTX *in);`
     pub fn EVP_MD_CTX_copy_ex(out: *mut EVP_MD_CTX, input: *const EVP_MD_CTX) -> c_int;
-
-    // --- provider.h ---
-    /// `int OSSL_PROVIDER_add_builtin(OSSL_LIB_CTX *, const char *name, OSSL_provider_init_fn *init_fn);`
-    pub fn OSSL_PROVIDER_add_builtin(
-        libctx: *mut OSSL_LIB_CTX,
-        name: *const c_char,
-        init_fn: OSSL_provider_init_fn,
-    ) -> c_int;
-    /// `OSSL_PROVIDER *OSSL_PROVIDER_try_load(OSSL_LIB_CTX *, const char *name, int retain_fallbacks);`
-    pub fn OSSL_PROVIDER_try_load(
-        libctx: *mut OSSL_LIB_CTX,
-        name: *const c_char,
-        retain_fallbacks: c_int,
-    ) -> *mut OSSL_PROVIDER;
 }

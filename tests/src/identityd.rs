@@ -128,8 +128,8 @@ impl Drop for Broker {
     }
 }
 
-/// Spawns `aziotd <program>` with `env`, logging to `log`.
-fn spawn(program: &str, env: &[(&str, &Path)], log: &Path, cwd: &Path) -> Child {
+/// Spawns `aziotd <program>` with `env` and `extra` (e.g. `HTTPS_PROXY`), logging to `log`.
+fn spawn(program: &str, env: &[(&str, &Path)], extra: &[(String, String)], log: &Path, cwd: &Path) -> Child {
     let log = fs::OpenOptions::new().create(true).append(true).open(log).expect("open log");
     let mut cmd = Command::new(aziotd_bin());
     cmd.arg(program)
@@ -142,6 +142,9 @@ fn spawn(program: &str, env: &[(&str, &Path)], log: &Path, cwd: &Path) -> Child 
         .stderr(Stdio::from(log))
         .process_group(0);
     for (k, v) in env {
+        cmd.env(k, v);
+    }
+    for (k, v) in extra {
         cmd.env(k, v);
     }
     // The mock IoT Hub's CA (tests/tests/identityd_hub.rs exports it; cloud-protocols.md §1.1).
@@ -192,6 +195,8 @@ pub struct Identityd {
     certd: Option<Broker>,
     root: PathBuf,
     config: String,
+    /// Extra environment of identityd's broker (the unit's `Environment=`, e.g. `HTTPS_PROXY`).
+    broker_env: Vec<(String, String)>,
     /// Dropped last: its prefix holds everything.
     keyd: Keyd,
 }
@@ -225,7 +230,7 @@ impl Identityd {
         handle_of(&r, "import the master key");
         let root = keyd.dir().join("identityd");
         fs::create_dir_all(root.join("config.d")).expect("mkdir identityd/config.d");
-        let mut stack = Identityd { identityd: None, certd: None, root, config: config.to_owned(), keyd };
+        let mut stack = Identityd { identityd: None, certd: None, root, config: config.to_owned(), broker_env: Vec::new(), keyd };
         stack.start_certd();
         stack.write_config();
         stack
@@ -253,6 +258,7 @@ impl Identityd {
         let mut child = spawn(
             "aziot-certd",
             &[("AZIOT_CERTD_CONFIG", &dir.join("config.toml")), ("AZIOT_CERTD_CONFIG_DIR", &dir.join("config.d"))],
+            &[],
             &log,
             &dir,
         );
@@ -288,7 +294,7 @@ impl Identityd {
             toml_str(&format!("unix://{}", self.certd_socket().display())),
             toml_str(&format!("unix://{}", self.socket().display())),
             toml_str(&format!("unix://{}", self.keyd.socket().display())),
-            toml_str(&format!("unix://{}", self.keyd.dir().join("tpmd.sock").display())),
+            toml_str(&format!("unix://{}", self.tpmd_socket().display())),
         );
         fs::write(self.config_path(), config).unwrap();
     }
@@ -298,6 +304,12 @@ impl Identityd {
     pub fn set_config(&mut self, config: &str) {
         config.clone_into(&mut self.config);
         self.write_config();
+    }
+
+    /// Sets `key=value` in the environment of identityd's broker from its next start on.
+    pub fn set_broker_env(&mut self, key: &str, value: &str) {
+        self.broker_env.retain(|(k, _)| k != key);
+        self.broker_env.push((key.to_owned(), value.to_owned()));
     }
 
     /// Writes `config.d/<name>`.
@@ -322,6 +334,7 @@ impl Identityd {
                 ("AZIOT_IDENTITYD_CONFIG", &self.config_path()),
                 ("AZIOT_IDENTITYD_CONFIG_DIR", &self.root.join("config.d")),
             ],
+            &self.broker_env,
             &self.log_path(),
             &self.root,
         );
@@ -340,6 +353,7 @@ impl Identityd {
                 ("AZIOT_IDENTITYD_CONFIG", &self.config_path()),
                 ("AZIOT_IDENTITYD_CONFIG_DIR", &self.root.join("config.d")),
             ],
+            &self.broker_env,
             &self.log_path(),
             &self.root,
         );
@@ -386,6 +400,14 @@ impl Identityd {
     }
     pub fn socket(&self) -> PathBuf {
         self.keyd.dir().join("identityd.sock")
+    }
+    /// Where a test's tpmd lives (`tests/src/tpmd.rs` `Tpmd::start(stack.tpmd_dir(), ..)`): its
+    /// socket is the `aziot_tpmd` endpoint of identityd's config.
+    pub fn tpmd_dir(&self) -> PathBuf {
+        self.keyd.dir().join("tpmd")
+    }
+    pub fn tpmd_socket(&self) -> PathBuf {
+        self.tpmd_dir().join("tpmd.sock")
     }
     pub fn certd_socket(&self) -> PathBuf {
         self.keyd.dir().join("certd.sock")

@@ -26,6 +26,7 @@ pub mod crypto;
 pub mod http;
 pub mod identityd;
 pub mod keyd;
+pub mod mock_dps;
 pub mod mock_est;
 pub mod mock_hub;
 pub mod mock_tls;

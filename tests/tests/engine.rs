@@ -1123,8 +1123,12 @@ fn twin_mtls_in_a_confined_identityd_worker() {
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             service: "identityd".to_owned(),
-            // (identityd has no worker yet: the generic path locks it in without reading a config)
-            config: format!("homedir_path = {:?}\n", state.display().to_string()),
+            // identityd's worker parses its config before lock-in: the smallest one that needs no
+            // cloud (as the escape suite's).
+            config: format!(
+                "hostname = \"engine\"\nhomedir = {:?}\n[provisioning]\nsource = \"none\"\n",
+                state.display().to_string()
+            ),
             descriptors: vec![
                 DescriptorEntry {
                     name: "listener".into(),

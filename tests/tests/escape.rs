@@ -334,6 +334,19 @@ struct WorkerOpts {
     attempt: Option<EscapeAttempt>,
     seccomp_mode: &'static str,
     allow_degraded: bool,
+    /// A worker set up from its service's own config (identityd's rows): its policy, config
+    /// text, state dir and private mount namespace instead of the generic ones.
+    custom: Option<Custom>,
+}
+
+/// What [`WorkerOpts::custom`] replaces.
+#[derive(Clone)]
+struct Custom {
+    policy: aziot_policy::Policy,
+    config: String,
+    state: PathBuf,
+    /// Enter the policy's private mount namespace (the broker's code: `aziot_policy::mountns`).
+    namespace: bool,
 }
 
 impl WorkerOpts {
@@ -345,6 +358,7 @@ impl WorkerOpts {
             }),
             seccomp_mode: "kill",
             allow_degraded: false,
+            custom: None,
         }
     }
 }
@@ -387,7 +401,14 @@ fn start_worker(svc: &str, opts: &WorkerOpts) -> Worker {
         port: e.granted_port,
         origin: aziot_policy::Origin::Config("escape suite: a granted port".into()),
     });
-    let policy = aziot_policy::effective(svc, &grants, None).expect("effective policy");
+    let policy = match &opts.custom {
+        Some(c) => c.policy.clone(),
+        None => aziot_policy::effective(svc, &grants, None).expect("effective policy"),
+    };
+    // The broker's step before fork (broker/src/mountns.rs), when asked for.
+    let prepared = opts.custom.as_ref().filter(|c| c.namespace).map(|_| {
+        aziot_policy::mountns::prepare(&policy.mount_plan().expect("mount plan")).expect("prepare the namespace")
+    });
     let creds = aziot_policy::resolve_credentials(&policy).expect("credentials");
     let n = RUNS.fetch_add(1, Ordering::SeqCst);
     let listener_path = e.prefix.join(format!("{svc}-{n}.sock"));
@@ -413,7 +434,7 @@ fn start_worker(svc: &str, opts: &WorkerOpts) -> Worker {
             format!("tcti = \"swtpm:host=127.0.0.1,port={port}\"\n[[principal]]\nuid = {aziotid}\n")
         }
         _ => {
-            let state = e.state_dir(svc);
+            let state = opts.custom.as_ref().map_or_else(|| e.state_dir(svc), |c| c.state.clone());
             entries.push(DescriptorEntry {
                 name: "state".into(),
                 kind: DescriptorKind::Directory,
@@ -428,6 +449,7 @@ fn start_worker(svc: &str, opts: &WorkerOpts) -> Worker {
             }
         }
     };
+    let config = opts.custom.as_ref().map_or(config, |c| c.config.clone());
     let manifest = Manifest {
         version: MANIFEST_VERSION,
         service: svc.to_owned(),
@@ -462,10 +484,15 @@ fn start_worker(svc: &str, opts: &WorkerOpts) -> Worker {
         cmd.pre_exec(move || {
             generous_core_limit()?;
             place_fd(child_fd, HANDOFF_FD)?;
+            if let Some(p) = &prepared {
+                aziot_policy::mountns::enter_in_child(p)?;
+            }
             aziot_policy::drop_privileges_in_child(&creds)
         });
     }
     let child = cmd.spawn().expect("spawn aziotd --worker");
+    // Closes our copies of the namespace's detached socket mounts.
+    drop(cmd);
     drop(theirs);
     let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
     handoff::send_manifest(ours.as_fd(), &manifest, &borrowed).expect("send the manifest");
@@ -927,6 +954,7 @@ fn real_workers_serve_under_their_filter() {
             attempt: None,
             seccomp_mode: "kill",
             allow_degraded: false,
+            custom: None,
         };
         let w = start_worker(svc, &opts);
         let report = w.recv();
@@ -1138,4 +1166,188 @@ fn live_worker_cannot_dump_core() {
             .any(|l| l.starts_with("Seccomp:") && l.ends_with('2')),
         "{status}"
     );
+}
+
+// ---- identityd, set up from its own config (the broker's grant code, its mount namespace) ----
+
+/// identityd's fixture: keyd's and certd's stand-in sockets and a world-writable socket nobody
+/// granted in `/run/<name>/`, another in `/tmp/<name>/`; identityd's, keyd's and certd's state
+/// directories in `/var/lib/<name>/` (outside the namespace's masks, so Landlock alone decides),
+/// the others' with a 0644 `secret` any user may read; TCP listeners for the hub, a proxy and a
+/// port nobody grants.
+struct IdentitydFixture {
+    run_dir: PathBuf,
+    tmp_dir: PathBuf,
+    lib_dir: PathBuf,
+    keyd_sock: PathBuf,
+    certd_sock: PathBuf,
+    run_public: PathBuf,
+    tmp_public: PathBuf,
+    hub_port: u16,
+    proxy_port: u16,
+    closed_port: u16,
+}
+
+impl IdentitydFixture {
+    fn new() -> IdentitydFixture {
+        let name = format!("aziot-escape-identityd-{}", std::process::id());
+        let (run_dir, tmp_dir, lib_dir) =
+            (Path::new("/run").join(&name), Path::new("/tmp").join(&name), Path::new("/var/lib").join(&name));
+        for d in [&run_dir, &tmp_dir, &lib_dir] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).unwrap();
+            mode(d, 0o755);
+        }
+        for (svc, user) in [("keyd", "aziotks"), ("certd", "aziotcs"), ("identityd", "aziotid")] {
+            let (uid, gid) = ids(user);
+            let state = lib_dir.join(svc);
+            std::fs::create_dir(&state).unwrap();
+            if svc == "identityd" {
+                mode(&state, 0o700);
+            } else {
+                // Readable by all (DAC): only the sandbox stops identityd.
+                mode(&state, 0o755);
+                std::fs::write(state.join("secret"), b"another service's secret").unwrap();
+                mode(&state.join("secret"), 0o644);
+                chown(state.join("secret"), Some(uid), Some(gid)).unwrap();
+            }
+            chown(&state, Some(uid), Some(gid)).unwrap();
+        }
+        let f = IdentitydFixture {
+            keyd_sock: run_dir.join("keyd.sock"),
+            certd_sock: run_dir.join("certd.sock"),
+            run_public: run_dir.join("public.sock"),
+            tmp_public: tmp_dir.join("public.sock"),
+            hub_port: listen_tcp(),
+            proxy_port: listen_tcp(),
+            closed_port: listen_tcp(),
+            run_dir,
+            tmp_dir,
+            lib_dir,
+        };
+        for s in [&f.keyd_sock, &f.certd_sock, &f.run_public, &f.tmp_public] {
+            let l = UnixListener::bind(s).unwrap_or_else(|e| panic!("bind {}: {e}", s.display()));
+            mode(s, 0o777);
+            accept_forever(l, |l| l.accept().is_ok());
+        }
+        f
+    }
+
+    fn state(&self, svc: &str) -> PathBuf {
+        self.lib_dir.join(svc)
+    }
+
+    /// identityd's worker as its broker sets it up for a manual-SAS config naming the hub at
+    /// `127.0.0.1:<hub_port>` and these keyd/certd sockets, with `proxy` as the unit's
+    /// `HTTPS_PROXY`: grants from `aziot_identityd::service::grants`, the config text from
+    /// `aziot_identityd::manifest_text`, the policy's mount namespace.
+    fn custom(&self, proxy: Option<&str>) -> Custom {
+        let unix = |p: &Path| format!("unix://{}", p.display());
+        let text = format!(
+            "hostname = \"escape\"\nhomedir = {:?}\n[provisioning]\nsource = \"manual\"\niothub_hostname = \"127.0.0.1:{}\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"sas\"\ndevice_id_pk = \"device-id\"\n[endpoints]\naziot_certd = {:?}\naziot_identityd = {:?}\naziot_keyd = {:?}\naziot_tpmd = {:?}\n",
+            self.state("identityd").display().to_string(),
+            self.hub_port,
+            unix(&self.certd_sock),
+            unix(&self.run_dir.join("identityd.sock")),
+            unix(&self.keyd_sock),
+            unix(&self.run_dir.join("tpmd.sock")),
+        );
+        let config = aziot_identityd::config_from_text(&text).expect("identityd's config");
+        let proxy = proxy.map(|p| aziot_identityd::Proxy::parse(p).expect("proxy"));
+        let grants = aziot_identityd::service::grants(&config, proxy.as_ref()).expect("grants");
+        let policy = aziot_policy::effective("identityd", &grants, None).expect("effective policy");
+        let merged: toml::Table = toml::from_str(&text).expect("toml");
+        Custom {
+            policy,
+            config: aziot_identityd::manifest_text(merged, proxy.as_ref()).expect("manifest text"),
+            state: self.state("identityd"),
+            namespace: true,
+        }
+    }
+}
+
+impl Drop for IdentitydFixture {
+    fn drop(&mut self) {
+        for d in [&self.run_dir, &self.tmp_dir, &self.lib_dir] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// A TCP listener on 127.0.0.1 that accepts forever; its port.
+fn listen_tcp() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    accept_forever(l, |l| l.accept().is_ok());
+    port
+}
+
+/// identityd's own grants, in its real worker set up as its broker does (grants derived from a
+/// manual-SAS config by `aziot_identityd::service::grants`, its private mount namespace):
+/// another service's state (keyd's, certd's: 0644 files any user may read) is unreadable; a TCP
+/// port nobody granted is refused by Landlock (EACCES) while the hub's port connects; with an
+/// HTTPS proxy in the unit's environment only the proxy's port connects and the hub's is refused;
+/// a world-writable pathname socket nobody granted does not exist in its mount namespace
+/// (ENOENT) while keyd's and certd's connect. Every refused action succeeds for the plain
+/// `aziotid` user without the sandbox (the control).
+#[test]
+fn identityd_reaches_only_what_its_config_grants() {
+    require!(Dep::Root, Dep::ServiceUser("aziotid"), Dep::ServiceUser("aziotks"), Dep::ServiceUser("aziotcs"));
+    assert_attempt_mode(&aziotd_bin());
+    let f = IdentitydFixture::new();
+    let direct = f.custom(None);
+    let proxied = f.custom(Some(&format!("http://u:p@127.0.0.1:{}", f.proxy_port)));
+    let path = |p: PathBuf| Some(p.display().to_string());
+    let port = |p: u16| Some(p.to_string());
+    use Control::*;
+    use Expect::*;
+    #[rustfmt::skip]
+    let denied: Vec<(&Custom, Case)> = vec![
+        (&direct, Case { attempt: "read-path", arg: path(f.state("keyd").join("secret")), what: "read keyd's state (a 0644 file)", expect: Errno(EACCES), control: Succeeds }),
+        (&direct, Case { attempt: "list-dir", arg: path(f.state("keyd")), what: "list keyd's state dir", expect: Errno(EACCES), control: Succeeds }),
+        (&direct, Case { attempt: "read-path", arg: path(f.state("certd").join("secret")), what: "read certd's state (a 0644 file)", expect: Errno(EACCES), control: Succeeds }),
+        (&direct, Case { attempt: "connect-tcp", arg: port(f.closed_port), what: "connect to a TCP port not granted", expect: Errno(EACCES), control: Succeeds }),
+        (&proxied, Case { attempt: "connect-tcp", arg: port(f.hub_port), what: "with a proxy: connect to the hub directly", expect: Errno(EACCES), control: Succeeds }),
+        (&direct, Case { attempt: "connect-unix", arg: path(f.run_public.clone()), what: "connect to a 0777 socket in /run not granted", expect: Errno(&[libc::ENOENT]), control: Succeeds }),
+        (&direct, Case { attempt: "connect-unix", arg: path(f.tmp_public.clone()), what: "connect to a 0777 socket in /tmp not granted", expect: Errno(&[libc::ENOENT]), control: Succeeds }),
+    ];
+    #[rustfmt::skip]
+    let allowed: Vec<(&Custom, &str, Option<String>, &str)> = vec![
+        (&direct, "connect-tcp", port(f.hub_port), "connect to the hub's port (from iothub_hostname)"),
+        (&proxied, "connect-tcp", port(f.proxy_port), "with a proxy: connect to the proxy's port"),
+        (&direct, "connect-unix", path(f.keyd_sock.clone()), "connect to keyd's socket ([endpoints])"),
+        (&direct, "connect-unix", path(f.certd_sock.clone()), "connect to certd's socket ([endpoints])"),
+        (&direct, "state-write-read", None, "write and read back in its own state dir"),
+    ];
+    let mut failures = Vec::new();
+    let mut table = String::from("\n== identityd, set up from its config, in its mount namespace\n");
+    for (custom, case) in &denied {
+        let opts = WorkerOpts { custom: Some((*custom).clone()), ..WorkerOpts::attempt(case.attempt, case.arg.as_deref()) };
+        let sandboxed = run_worker("identityd", opts);
+        let control = run_control("identityd", case.attempt, case.arg.as_deref());
+        if !sandboxed.report.as_ref().is_some_and(|r| r["ok"] == true && r["seccomp"].is_object()) {
+            failures.push(format!("{}: no sandbox report before the attempt: {}", case.what, sandboxed.transcript));
+        }
+        let verdict = match check_denied(case, &sandboxed) {
+            Ok(()) => "denied",
+            Err(e) => {
+                failures.push(e);
+                "ESCAPED?"
+            }
+        };
+        if let Err(e) = check_control(case, &control) {
+            failures.push(e);
+        }
+        table.push_str(&format!("  {verdict:<8} {:<52} worker: {:<30} control: {}\n", case.what, sandboxed.result, control.result));
+    }
+    for (custom, attempt, arg, what) in &allowed {
+        let opts = WorkerOpts { custom: Some((*custom).clone()), ..WorkerOpts::attempt(attempt, arg.as_deref()) };
+        let r = run_worker("identityd", opts);
+        if !r.is_ok() {
+            failures.push(format!("allowed action {what} failed: {} — {}", r.result, r.transcript));
+        }
+        table.push_str(&format!("  {:<8} {what:<52} worker: {}\n", if r.is_ok() { "allowed" } else { "BROKEN" }, r.result));
+    }
+    println!("{table}");
+    assert!(failures.is_empty(), "identityd:\n{}", failures.join("\n"));
 }

@@ -390,11 +390,12 @@ fn config_errors_stop_the_service_at_start() {
         assert!(log.contains(message), "{message}\n{log}");
     }
     stack.set_config(&format!(
-        "hostname = \"h\"\n[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"https://global.azure-devices-provisioning.net/\"\nscope_id = \"0ne00000000\"\n[provisioning.attestation]\nmethod = \"symmetric_key\"\nregistration_id = \"r\"\nsymmetric_key = \"device-id\"\n"
+        "hostname = \"h\"\n[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"http://global.azure-devices-provisioning.net/\"\nscope_id = \"0ne00000000\"\n[provisioning.attestation]\nmethod = \"symmetric_key\"\nregistration_id = \"r\"\nsymmetric_key = \"device-id\"\n"
     ));
     let (status, log) = stack.start_expecting_exit();
     assert!(!status.success(), "{log}");
-    assert!(log.contains("provisioning source \"dps\" is not available in this build"), "{log}");
+    // DPS is provisioned (tests/tests/identityd_dps.rs); an unusable DPS section stops the broker.
+    assert!(log.contains("global_endpoint \"http://global.azure-devices-provisioning.net/\" must be an https:// URL"), "{log}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, IsTerminal as _, Write as _};
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::{Done, Outcome, CHECKS, CONFIGURATION, CONNECTIVITY};
 
@@ -32,7 +32,7 @@ pub struct Printer {
     verbose: bool,
     colour: bool,
     /// JSON: every check, keyed (and so sorted) by ID.
-    checks: BTreeMap<&'static str, Value>,
+    checks: BTreeMap<&'static str, String>,
     ok: usize,
     warnings: usize,
     errors: usize,
@@ -40,14 +40,19 @@ pub struct Printer {
     stopped: bool,
 }
 
-fn result_json(outcome: &Outcome) -> Value {
-    match outcome {
-        Outcome::Ok => json!({"result": "ok"}),
-        Outcome::Ignored => json!({"result": "ignored"}),
-        Outcome::Skipped => json!({"result": "skipped"}),
-        Outcome::Warning(d) => json!({"result": "warning", "details": d}),
-        Outcome::Error(d) => json!({"result": "error", "details": d}),
-        Outcome::Fatal(d) => json!({"result": "fatal", "details": d}),
+/// `{"result":"<r>"[,"details":[...]]}`, in that member order (serde_json's maps sort keys).
+fn result_json(outcome: &Outcome) -> String {
+    let (name, details) = match outcome {
+        Outcome::Ok => ("ok", None),
+        Outcome::Ignored => ("ignored", None),
+        Outcome::Skipped => ("skipped", None),
+        Outcome::Warning(d) => ("warning", Some(d)),
+        Outcome::Error(d) => ("error", Some(d)),
+        Outcome::Fatal(d) => ("fatal", Some(d)),
+    };
+    match details {
+        None => format!(r#"{{"result":"{name}"}}"#),
+        Some(d) => format!(r#"{{"result":"{name}","details":{}}}"#, Value::from(d.clone())),
     }
 }
 
@@ -95,7 +100,7 @@ impl Printer {
                 writeln!(out, "{name}\n{}", "-".repeat(name.chars().count()))?;
             }
             OutputFormat::JsonStream => {
-                write!(out, "{}", json!({"kind": "section", "name": name}))?;
+                write!(out, r#"{{"kind":"section","name":{}}}"#, Value::from(name))?;
                 out.flush()?;
             }
             OutputFormat::Json => {}
@@ -151,20 +156,20 @@ impl Printer {
                 }
             }
             OutputFormat::JsonStream => {
-                let v = json!({
-                    "kind": "check",
-                    "id": done.check.id,
-                    "description": done.check.description,
-                    "result": result_json(&done.outcome),
-                    "additional_info": Value::Object(done.additional),
-                });
-                write!(out, "{v}")?;
+                write!(
+                    out,
+                    r#"{{"kind":"check","id":{},"description":{},"result":{},"additional_info":{}}}"#,
+                    Value::from(done.check.id),
+                    Value::from(done.check.description),
+                    result_json(&done.outcome),
+                    Value::Object(done.additional),
+                )?;
                 out.flush()?;
             }
             OutputFormat::Json => {
                 self.checks.insert(
                     done.check.id,
-                    json!({"result": result_json(&done.outcome), "additional_info": Value::Object(done.additional)}),
+                    format!(r#"{{"result":{},"additional_info":{}}}"#, result_json(&done.outcome), Value::Object(done.additional)),
                 );
             }
         }
@@ -204,14 +209,14 @@ impl Printer {
                 writeln!(out)?;
             }
             OutputFormat::Json => {
-                let checks: Map<String, Value> = self.checks.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-                writeln!(out, "{}", json!({"additional_info": Value::Object(info), "checks": Value::Object(checks)}))?;
+                let checks: Vec<String> = self.checks.iter().map(|(id, v)| format!("{}:{v}", Value::from(*id))).collect();
+                writeln!(out, r#"{{"additional_info":{},"checks":{{{}}}}}"#, Value::Object(info), checks.join(","))?;
             }
             OutputFormat::JsonStream => {
-                let mut v = Map::new();
-                v.insert("kind".into(), "additional_info".into());
-                v.extend(info);
-                writeln!(out, "{}", Value::Object(v))?;
+                let inner = Value::Object(info).to_string();
+                let members = &inner[1..inner.len() - 1];
+                let sep = if members.is_empty() { "" } else { "," };
+                writeln!(out, r#"{{"kind":"additional_info"{sep}{members}}}"#)?;
             }
         }
         out.flush()
@@ -238,18 +243,21 @@ pub fn list(format: ListFormat) -> io::Result<()> {
             writeln!(out)?;
         }
         ListFormat::Json => {
-            let mut sections: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-            for section in [CONFIGURATION, CONNECTIVITY] {
-                sections.insert(
-                    section,
-                    CHECKS
+            // Sections sorted by name, checks in execution order, `id` before `description`.
+            let mut sections = [CONFIGURATION, CONNECTIVITY];
+            sections.sort_unstable();
+            let body: Vec<String> = sections
+                .iter()
+                .map(|section| {
+                    let checks: Vec<String> = CHECKS
                         .iter()
-                        .filter(|c| c.section == section)
-                        .map(|c| json!({"id": c.id, "description": c.description}))
-                        .collect(),
-                );
-            }
-            write!(out, "{}", serde_json::to_string(&sections).map_err(io::Error::other)?)?;
+                        .filter(|c| c.section == *section)
+                        .map(|c| format!(r#"{{"id":{},"description":{}}}"#, Value::from(c.id), Value::from(c.description)))
+                        .collect();
+                    format!("{}:[{}]", Value::from(*section), checks.join(","))
+                })
+                .collect();
+            write!(out, "{{{}}}", body.join(","))?;
         }
     }
     out.flush()

@@ -60,7 +60,9 @@ impl CipherCtx {
                 let mut v: *const c_void = std::ptr::null();
                 let mut n = 0usize;
                 if ffi::OSSL_PARAM_get_octet_string_ptr(p, &mut v, &mut n) != 1 {
-                    return Err(Error::Internal("oaep-label is not an octet string".to_owned()));
+                    return Err(Error::Internal(
+                        "oaep-label is not an octet string".to_owned(),
+                    ));
                 }
                 self.label = Some(if v.is_null() {
                     Vec::new()
@@ -198,7 +200,8 @@ unsafe fn run(
                 let mut p = PkeyCtx::new(key.twin()?)?;
                 p.decrypt_init()?;
                 c.apply(&mut p)?;
-                p.decrypt_to_vec(input, &mut buf).map_err(|_| Error::Decrypt)?;
+                p.decrypt_to_vec(input, &mut buf)
+                    .map_err(|_| Error::Decrypt)?;
             } else {
                 let mut p = super::default_ctx(key.public()?)?;
                 p.encrypt_init()?;
@@ -277,9 +280,15 @@ pub(crate) fn dispatch() -> &'static Table<ffi::OSSL_DISPATCH> {
             f(ffi::OSSL_FUNC_ASYM_CIPHER_NEWCTX, newctx as *const ()),
             f(ffi::OSSL_FUNC_ASYM_CIPHER_FREECTX, freectx as *const ()),
             f(ffi::OSSL_FUNC_ASYM_CIPHER_DUPCTX, dupctx as *const ()),
-            f(ffi::OSSL_FUNC_ASYM_CIPHER_ENCRYPT_INIT, encrypt_init as *const ()),
+            f(
+                ffi::OSSL_FUNC_ASYM_CIPHER_ENCRYPT_INIT,
+                encrypt_init as *const (),
+            ),
             f(ffi::OSSL_FUNC_ASYM_CIPHER_ENCRYPT, encrypt as *const ()),
-            f(ffi::OSSL_FUNC_ASYM_CIPHER_DECRYPT_INIT, decrypt_init as *const ()),
+            f(
+                ffi::OSSL_FUNC_ASYM_CIPHER_DECRYPT_INIT,
+                decrypt_init as *const (),
+            ),
             f(ffi::OSSL_FUNC_ASYM_CIPHER_DECRYPT, decrypt as *const ()),
             f(
                 ffi::OSSL_FUNC_ASYM_CIPHER_SET_CTX_PARAMS,

@@ -251,7 +251,8 @@ unsafe extern "C" fn match_(k1: *const c_void, k2: *const c_void, selection: c_i
     if a.kind != b.kind {
         return 0;
     }
-    if selection & (ffi::OSSL_KEYMGMT_SELECT_PUBLIC_KEY | ffi::OSSL_KEYMGMT_SELECT_PRIVATE_KEY) != 0 {
+    if selection & (ffi::OSSL_KEYMGMT_SELECT_PUBLIC_KEY | ffi::OSSL_KEYMGMT_SELECT_PRIVATE_KEY) != 0
+    {
         return c_int::from(pa.public_eq(pb));
     }
     // parameters only: same group / size

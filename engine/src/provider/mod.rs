@@ -155,11 +155,7 @@ pub(crate) unsafe fn get_int_or_name(
 pub(crate) fn default_ctx<T>(pkey: &PKeyRef<T>) -> Result<PkeyCtx<T>, Error> {
     // SAFETY: `pkey` is a valid key (up-referenced by the new context); the query is 'static.
     let ctx = unsafe {
-        ffi::EVP_PKEY_CTX_new_from_pkey(
-            std::ptr::null_mut(),
-            pkey.as_ptr(),
-            DEFAULT_PROPQ.as_ptr(),
-        )
+        ffi::EVP_PKEY_CTX_new_from_pkey(std::ptr::null_mut(), pkey.as_ptr(), DEFAULT_PROPQ.as_ptr())
     };
     if ctx.is_null() {
         return Err(Error::OpenSsl(openssl::error::ErrorStack::get()));
@@ -197,16 +193,18 @@ unsafe extern "C" fn gettable_params(_provctx: *mut c_void) -> *const ffi::OSSL_
 }
 
 unsafe extern "C" fn get_params(_provctx: *mut c_void, params: *mut ffi::OSSL_PARAM) -> c_int {
-    const VERSION: &CStr = match CStr::from_bytes_with_nul(
-        concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes(),
-    ) {
-        Ok(v) => v,
-        Err(_) => c"unknown",
-    };
+    const VERSION: &CStr =
+        match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+            Ok(v) => v,
+            Err(_) => c"unknown",
+        };
     // SAFETY: OpenSSL passes a valid parameter array; the strings are 'static.
     unsafe {
         for (key, value) in [
-            (ffi::PROV_NAME, c"aziot_keys: keys held by the Azure IoT Keys Service (keyd)"),
+            (
+                ffi::PROV_NAME,
+                c"aziot_keys: keys held by the Azure IoT Keys Service (keyd)",
+            ),
             (ffi::PROV_VERSION, VERSION),
             (ffi::PROV_BUILDINFO, VERSION),
         ] {
@@ -273,7 +271,11 @@ fn algorithms(op: c_int) -> Option<&'static Table<ffi::OSSL_ALGORITHM>> {
         }),
         ffi::OSSL_OP_STORE => STORE.get_or_init(|| {
             Table(vec![
-                alg(uri::SCHEME_C, store::dispatch(), c"keyd key pairs by handle"),
+                alg(
+                    uri::SCHEME_C,
+                    store::dispatch(),
+                    c"keyd key pairs by handle",
+                ),
                 alg_end(),
             ])
         }),
@@ -313,8 +315,7 @@ fn provider_dispatch() -> &'static Table<ffi::OSSL_DISPATCH> {
 }
 
 /// The provider's entry point (provider-base(7)): OpenSSL calls it after loading
-/// `<modulesdir or $OPENSSL_MODULES>/aziot_keys.so`, or for the built-in registered by
-/// [`register_builtin`]. No core function is needed: the module links the same libcrypto.
+/// `<modulesdir or $OPENSSL_MODULES>/aziot_keys.so`. No core function is needed: the module links the same libcrypto.
 /// The provider context is unused (the keyd client is per process: the engine's).
 ///
 /// # Safety
@@ -337,34 +338,4 @@ pub unsafe extern "C" fn OSSL_provider_init(
         *provctx = provider_dispatch() as *const _ as *mut c_void;
     }
     1
-}
-
-/// Makes the provider available in this process under [`PROVIDER_NAME`] without a module file
-/// (`OSSL_PROVIDER_add_builtin`), and loads it and the default provider into the default
-/// library context. For programs that link this crate (tests, the workers); idempotent.
-pub fn register_builtin() -> Result<(), Error> {
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    DONE.get_or_init(|| {
-        openssl_sys::init();
-        // SAFETY: the name is 'static, the init function is ours; try_load with
-        // retain_fallbacks=1 keeps the default provider loadable as before.
-        unsafe {
-            if ffi::OSSL_PROVIDER_add_builtin(
-                std::ptr::null_mut(),
-                PROVIDER_NAME.as_ptr(),
-                OSSL_provider_init,
-            ) != 1
-            {
-                return Err(openssl::error::ErrorStack::get().to_string());
-            }
-            for name in [c"default", PROVIDER_NAME] {
-                if ffi::OSSL_PROVIDER_try_load(std::ptr::null_mut(), name.as_ptr(), 1).is_null() {
-                    return Err(openssl::error::ErrorStack::get().to_string());
-                }
-            }
-        }
-        Ok(())
-    })
-    .clone()
-    .map_err(Error::Internal)
 }

@@ -164,7 +164,11 @@ impl SigCtx {
     }
 
     fn start_digest(&mut self) -> Result<(), Error> {
-        let name = self.params.md.get_or_insert_with(|| "SHA256".to_owned()).clone();
+        let name = self
+            .params
+            .md
+            .get_or_insert_with(|| "SHA256".to_owned())
+            .clone();
         let mut md = MdCtx::new()?;
         let fetched = Md::fetch(None, &name, None)?;
         md.digest_init(&fetched)?;
@@ -386,8 +390,7 @@ unsafe extern "C" fn digest_update(ctx: *mut c_void, data: *const c_uchar, len: 
         // SAFETY: our context; `len` readable bytes at `data`.
         unsafe {
             let c = sctx(ctx)?;
-            c.md
-                .as_mut()
+            c.md.as_mut()
                 .ok_or_else(|| Error::Internal("no digest in progress".to_owned()))?
                 .digest_update(bytes(data, len))?;
         }
@@ -510,7 +513,10 @@ pub(crate) fn dispatch() -> &'static Table<ffi::OSSL_DISPATCH> {
             f(ffi::OSSL_FUNC_SIGNATURE_DUPCTX, dupctx as *const ()),
             f(ffi::OSSL_FUNC_SIGNATURE_SIGN_INIT, sign_init as *const ()),
             f(ffi::OSSL_FUNC_SIGNATURE_SIGN, sign as *const ()),
-            f(ffi::OSSL_FUNC_SIGNATURE_VERIFY_INIT, verify_init as *const ()),
+            f(
+                ffi::OSSL_FUNC_SIGNATURE_VERIFY_INIT,
+                verify_init as *const (),
+            ),
             f(ffi::OSSL_FUNC_SIGNATURE_VERIFY, verify as *const ()),
             f(
                 ffi::OSSL_FUNC_SIGNATURE_DIGEST_SIGN_INIT,

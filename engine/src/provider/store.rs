@@ -167,7 +167,10 @@ pub(crate) fn dispatch() -> &'static Table<ffi::OSSL_DISPATCH> {
                 ffi::OSSL_FUNC_STORE_SETTABLE_CTX_PARAMS,
                 settable_ctx_params as *const (),
             ),
-            f(ffi::OSSL_FUNC_STORE_SET_CTX_PARAMS, set_ctx_params as *const ()),
+            f(
+                ffi::OSSL_FUNC_STORE_SET_CTX_PARAMS,
+                set_ctx_params as *const (),
+            ),
             f(ffi::OSSL_FUNC_STORE_LOAD, load as *const ()),
             f(ffi::OSSL_FUNC_STORE_EOF, eof as *const ()),
             f(ffi::OSSL_FUNC_STORE_CLOSE, close as *const ()),

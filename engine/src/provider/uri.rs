@@ -7,7 +7,8 @@
 //! The scheme is matched case-insensitively (OpenSSL fetches the loader by the scheme name); the
 //! rest is `;`-separated `name=value` attributes (the shape of RFC 7512 PKCS#11 URIs). The only
 //! attribute is `handle`, exactly once; its value is percent-decoded (`%XX`, both hex cases) and
-//! must be non-empty UTF-8. Anything else — an unknown attribute, a repeated one, a bad escape,
+//! must be non-empty UTF-8; other characters but `;`, `%`, `?`, `#` are taken literally (so a
+//! raw handle usually works too, but `%` and `;` in it must be escaped). Anything else — an unknown attribute, a repeated one, a bad escape,
 //! a `?query` or `#fragment`, a URI longer than [`MAX_URI`] — is an error naming the problem.
 //! A keyd handle (`sr=<base64>&sig=<base64>`) contains `=`, `&`, `+`, `/`: [`to_uri`] escapes
 //! every byte but `A-Z a-z 0-9 - . _ ~`.
@@ -132,7 +133,9 @@ mod tests {
         assert!(!u[SCHEME.len() + 1..].contains(['&', '+', '/']), "{u}");
         assert_eq!(parse(&u).unwrap().handle, H);
         // the scheme in any case, lowercase hex escapes
-        let other = u.replacen("aziot-keys", "Aziot-Keys", 1).replace("%3D", "%3d");
+        let other = u
+            .replacen("aziot-keys", "Aziot-Keys", 1)
+            .replace("%3D", "%3d");
         assert_eq!(parse(&other).unwrap().handle, H);
     }
 
@@ -145,7 +148,10 @@ mod tests {
             ("aziot-keys:handle=", "empty"),
             ("aziot-keys:handle=a;handle=b", "twice"),
             ("aziot-keys:id=device", "unknown attribute \"id\""),
-            ("aziot-keys:handle=a;object=b", "unknown attribute \"object\""),
+            (
+                "aziot-keys:handle=a;object=b",
+                "unknown attribute \"object\"",
+            ),
             ("aziot-keys:handle=%zz", "percent escape"),
             ("aziot-keys:handle=%4", "percent escape"),
             ("aziot-keys:handle=%+1", "percent escape"),
@@ -167,7 +173,7 @@ mod tests {
     /// The URI parser's fuzz target, run as a test (no fuzzing crate in the workspace): a
     /// deterministic xorshift generator mutates valid URIs (byte flips, inserted separators,
     /// truncation, splices) and draws random strings; the parser must never panic, must accept
-    /// only URIs with exactly one non-empty `handle`, and every accepted handle must round-trip
+    /// only URIs that start with `aziot-keys:handle=` and name a non-empty handle, and every accepted handle must round-trip
     /// through `to_uri`.
     #[test]
     fn fuzz_the_uri_parser() {
@@ -183,7 +189,9 @@ mod tests {
         let mut accepted = 0;
         for round in 0..20_000 {
             let mut bytes: Vec<u8> = if round % 4 == 0 {
-                (0..(next() % 64)).map(|_| alphabet[(next() as usize) % alphabet.len()]).collect()
+                (0..(next() % 64))
+                    .map(|_| alphabet[(next() as usize) % alphabet.len()])
+                    .collect()
             } else {
                 seeds[(next() as usize) % seeds.len()].clone().into_bytes()
             };
@@ -202,14 +210,22 @@ mod tests {
                     }
                 }
             }
-            let Ok(s) = String::from_utf8(bytes) else { continue };
+            let Ok(s) = String::from_utf8(bytes) else {
+                continue;
+            };
             if let Ok(k) = parse(&s) {
                 accepted += 1;
                 assert!(!k.handle.is_empty(), "{s:?}");
                 assert_eq!(parse(&to_uri(&k.handle)).unwrap(), k, "{s:?}");
-                assert_eq!(s.matches("handle=").count(), 1, "{s:?}");
+                assert!(
+                    s.to_ascii_lowercase().starts_with("aziot-keys:handle="),
+                    "{s:?}"
+                );
             }
         }
-        assert!(accepted > 100, "the mutations kept too few valid URIs: {accepted}");
+        assert!(
+            accepted > 100,
+            "the mutations kept too few valid URIs: {accepted}"
+        );
     }
 }

@@ -21,6 +21,9 @@ use openssl::x509::{X509NameBuilder, X509ReqBuilder, X509};
 use serde_json::{json, Value};
 
 use crate::config::{Callers, Config, IdType, LocalIdAttributes, ManualAuth, Source};
+use crate::dps::client::{DpsAuth, DpsClient, Registration};
+use crate::dps::tpm::Tpmd;
+use crate::dps::{Attestation, DpsSettings};
 use crate::hub::{DeviceAuth, HubClient, HubDevice, HubError, Module, ModuleKeys};
 use crate::keys::{derivation_data, error_chain, Certd, Keyd, KeydSigner};
 use crate::state::{DeviceInfo, State, StateError};
@@ -38,6 +41,9 @@ pub enum IdentityError {
     ModuleNotFound,
     #[error("Hub client error")]
     Hub(#[source] HubError),
+    /// DPS registration failed (cloud-protocols.md §3.7: 404 `DPS client error` to callers).
+    #[error("DPS client error")]
+    Dps(#[source] HubError),
     /// This build has no IoT Hub client (hub/mod.rs).
     #[error("IoT Hub client unavailable")]
     HubUnavailable,
@@ -58,7 +64,7 @@ impl IdentityError {
             IdentityError::InvalidParameter(..) | IdentityError::DeviceNotFound | IdentityError::ModuleNotFound => {
                 StatusCode::BAD_REQUEST
             }
-            IdentityError::Hub(_) | IdentityError::KeyClient(_) => StatusCode::NOT_FOUND,
+            IdentityError::Hub(_) | IdentityError::Dps(_) | IdentityError::KeyClient(_) => StatusCode::NOT_FOUND,
             IdentityError::HubUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             IdentityError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -71,6 +77,7 @@ impl IdentityError {
                 format!("parameter \"{name}\" has an invalid value\ncaused by: {cause}")
             }
             IdentityError::Hub(e) => format!("Hub client error\ncaused by: {e}"),
+            IdentityError::Dps(e) => format!("DPS client error\ncaused by: {e}"),
             IdentityError::KeyClient(e) => {
                 let mut m = "Key client error".to_owned();
                 let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -94,6 +101,8 @@ fn invalid(name: &'static str, cause: impl Into<String>) -> IdentityError {
 pub enum Credentials {
     Sas(Arc<KeydSigner>),
     X509 { cert_id: String, keypair_handle: String, chain: Vec<X509>, key: PKey<Private> },
+    /// DPS TPM attestation: tpmd signs with the auth key DPS imported last.
+    Tpm(Arc<Tpmd>),
 }
 
 /// The provisioned device.
@@ -103,6 +112,8 @@ pub struct Device {
     pub gateway_host: String,
     pub device_id: String,
     pub credentials: Credentials,
+    /// DPS: the provisioning config's fingerprint, kept in the `device_info` backup.
+    pub fingerprint: Option<String>,
 }
 
 impl Device {
@@ -114,6 +125,7 @@ impl Device {
             auth: match &self.credentials {
                 Credentials::Sas(s) => DeviceAuth::Sas(Arc::clone(s) as Arc<dyn crate::hub::SasSigner>),
                 Credentials::X509 { chain, key, .. } => DeviceAuth::X509 { chain: chain.clone(), key: key.clone() },
+                Credentials::Tpm(t) => DeviceAuth::Sas(Arc::clone(t) as Arc<dyn crate::hub::SasSigner>),
             },
         }
     }
@@ -123,6 +135,7 @@ impl Device {
             hub_name: self.hub_name.clone(),
             local_gateway_hostname: self.gateway_host.clone(),
             device_id: self.device_id.clone(),
+            provisioning: self.fingerprint.clone(),
         }
     }
 }
@@ -157,6 +170,9 @@ pub struct Core {
     certd: Certd,
     engine_keyd: Arc<aziot_key_openssl_engine::KeydClient>,
     hub: Option<Arc<dyn HubClient>>,
+    /// The DPS client (`source = "dps"`) and tpmd (TPM attestation): [`Core::with_dps`].
+    dps: Option<Arc<DpsClient>>,
+    tpmd: Option<Arc<Tpmd>>,
     /// (module, generationId) → the derived primary key's handle (handles never expire).
     derived: Mutex<HashMap<(String, String), String>>,
     /// Serialises state changes (reconcile, reprovision); never taken by a read.
@@ -179,9 +195,18 @@ impl Core {
             certd: Certd::new(certd_socket),
             engine_keyd: Arc::new(aziot_key_openssl_engine::KeydClient::new(keyd_socket)),
             hub,
+            dps: None,
+            tpmd: None,
             derived: Mutex::new(HashMap::new()),
             changing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The DPS client and tpmd's socket (DPS provisioning; tpmd only for TPM attestation).
+    pub fn with_dps(mut self, dps: Option<Arc<DpsClient>>, tpmd_socket: Option<&std::path::Path>) -> Core {
+        self.dps = dps;
+        self.tpmd = tpmd_socket.map(|p| Arc::new(Tpmd::new(p)));
+        self
     }
 
     pub fn settings(&self) -> Arc<Settings> {
@@ -221,6 +246,8 @@ impl Core {
             Credentials::X509 { cert_id, keypair_handle, .. } => {
                 json!({"type": "x509", "keyHandle": keypair_handle, "certId": cert_id})
             }
+            // §3.1: no handle, no cert.
+            Credentials::Tpm(_) => json!({"type": "tpm"}),
         };
         Ok(json!({"type": "aziot", "spec": {
             "hubName": device.hub_name,
@@ -392,10 +419,14 @@ impl Core {
             return Err(invalid("module_id", "module name cannot be empty"));
         }
         let device = self.require_device()?;
+        self.create_module_of(&device, module_id).await
+    }
+
+    async fn create_module_of(&self, device: &Device, module_id: &str) -> Result<Value, IdentityError> {
         let hub = self.hub()?;
         let hd = device.hub_device();
         let created = hub.create_module(&hd, module_id).await.map_err(IdentityError::Hub)?;
-        self.set_module_keys(&device, created).await
+        self.set_module_keys(device, created).await
     }
 
     /// E7 (§8.1 update).
@@ -421,8 +452,12 @@ impl Core {
     /// E8 and reconciliation.
     pub async fn delete_module(&self, module_id: &str) -> Result<(), IdentityError> {
         let device = self.require_device()?;
+        self.delete_module_of(&device, module_id).await
+    }
+
+    async fn delete_module_of(&self, device: &Device, module_id: &str) -> Result<(), IdentityError> {
         self.hub()?.delete_module(&device.hub_device(), module_id).await.map_err(IdentityError::Hub)?;
-        self.cache_delete(&device, module_id);
+        self.cache_delete(device, module_id);
         Ok(())
     }
 
@@ -471,14 +506,16 @@ impl Core {
     // ---- provisioning (§10, §11) ----
 
     /// Builds the device from the current config's `[provisioning]` (manual: no cloud call).
-    async fn provisioned_device(&self, config: &Config) -> Result<Option<Device>, IdentityError> {
+    /// DPS: with `use_backup` (Startup), a valid `device_info` backup made with the same
+    /// provisioning config is used without a DPS call (§11.1 step 3).
+    async fn provisioned_device(&self, config: &Config, use_backup: bool) -> Result<Option<Device>, IdentityError> {
         let gateway = |hub: &str| config.provisioning.local_gateway_hostname.clone().unwrap_or_else(|| hub.to_owned());
         match &config.provisioning.source {
             Source::None => {
                 tracing::info!("Skipping provisioning with IoT Hub.");
                 Ok(None)
             }
-            Source::Dps { .. } => Err(IdentityError::Internal(crate::DPS_UNAVAILABLE.into())),
+            Source::Dps { .. } => self.dps_device(config, use_backup).await.map(Some),
             Source::Manual { iothub_hostname, device_id, authentication } => {
                 let credentials = match authentication {
                     ManualAuth::Sas { device_id_pk } => {
@@ -494,9 +531,89 @@ impl Core {
                     gateway_host: gateway(iothub_hostname),
                     device_id: device_id.clone(),
                     credentials,
+                    fingerprint: None,
                 }))
             }
         }
+    }
+
+    /// §11.1 for `source = "dps"`: the credentials (§10.1), then the backup or a registration.
+    async fn dps_device(&self, config: &Config, use_backup: bool) -> Result<Device, IdentityError> {
+        if config.provisioning.local_gateway_hostname.is_some() {
+            return Err(IdentityError::Internal("DPS provisioning is not supported in nested mode".into()));
+        }
+        let settings = DpsSettings::from_source(&config.provisioning.source)
+            .map_err(|e| IdentityError::Internal(e.to_string()))?
+            .ok_or_else(|| IdentityError::Internal("not a DPS config".into()))?;
+        let fingerprint = settings.fingerprint();
+        let (credentials, registration_id, auth) = match &settings.attestation {
+            Attestation::SymmetricKey { registration_id, symmetric_key } => {
+                let signer = Arc::new(KeydSigner::new(Arc::clone(&self.keyd), symmetric_key.clone()));
+                let auth = DpsAuth::Sas(Arc::clone(&signer) as Arc<dyn crate::hub::SasSigner>);
+                (Credentials::Sas(signer), registration_id.clone(), auth)
+            }
+            Attestation::X509 { identity_cert, identity_pk, registration_id, .. } => {
+                let subject = match registration_id.as_ref().and_then(crate::dps::registration_cn) {
+                    Some(cn) => crate::config::CsrSubject::with_cn(registration_id.as_ref(), &cn),
+                    None => Vec::new(),
+                };
+                let credentials = self.x509_credentials(identity_cert, identity_pk, &subject).await?;
+                let Credentials::X509 { chain, key, .. } = &credentials else { unreachable!("x509 credentials") };
+                let id = match settings.registration_id() {
+                    Some(id) => id,
+                    None => leaf_cn(&chain[0]).ok_or_else(|| {
+                        IdentityError::Internal("the identity certificate has no CN to register with".into())
+                    })?,
+                };
+                let cert = crate::hub::transport::ClientCert { chain: chain.clone(), key: key.clone() };
+                (credentials, id, DpsAuth::X509(cert))
+            }
+            Attestation::Tpm { registration_id } => {
+                let tpmd = self.tpmd.clone().ok_or_else(|| IdentityError::Internal("tpmd is not configured".into()))?;
+                (Credentials::Tpm(Arc::clone(&tpmd)), registration_id.clone(), DpsAuth::Tpm(tpmd))
+            }
+        };
+        if use_backup {
+            match self.state.device_info() {
+                Some(info) if info.provisioning.as_deref().is_none_or(|f| f == fingerprint) => {
+                    tracing::info!("Provisioned with backup for {}.", info.device_id);
+                    return Ok(Device {
+                        hub_name: info.hub_name,
+                        gateway_host: info.local_gateway_hostname,
+                        device_id: info.device_id,
+                        credentials,
+                        // A backup of upstream's (no fingerprint) is adopted as this config's.
+                        fingerprint: Some(fingerprint),
+                    });
+                }
+                Some(_) => tracing::info!(
+                    "The device info backup was made with another provisioning configuration; registering with DPS."
+                ),
+                None => {
+                    if self.state.read(crate::state::DEVICE_INFO).ok().flatten().is_some() {
+                        tracing::warn!("Ignoring invalid device info backup.");
+                        let _ = self.state.remove(crate::state::DEVICE_INFO);
+                    }
+                }
+            }
+        }
+        let dps = self.dps.as_ref().ok_or_else(|| IdentityError::Internal("the DPS client is not available".into()))?;
+        let payload = settings.payload().map_err(|e| IdentityError::InvalidParameter("provisioning.payload", e.to_string()))?;
+        let registration = Registration {
+            endpoint: settings.endpoint.clone(),
+            scope_id: settings.scope_id.clone(),
+            registration_id,
+            payload,
+        };
+        let assignment = dps.register(&registration, &auth).await.map_err(IdentityError::Dps)?;
+        tracing::info!("Successfully provisioned with DPS.");
+        Ok(Device {
+            gateway_host: assignment.assigned_hub.clone(),
+            hub_name: assignment.assigned_hub,
+            device_id: assignment.device_id,
+            credentials,
+            fingerprint: Some(fingerprint),
+        })
     }
 
     /// §10.2: the identity cert from certd (created through certd when missing) and its key in
@@ -518,6 +635,11 @@ impl Core {
                 let handle = existing_key
                     .map_err(|e| IdentityError::internal(&format!("could not get identity key pair {key_id:?}"), &e))?;
                 (pem, handle)
+            }
+            None if subject.is_empty() => {
+                return Err(IdentityError::Internal(
+                    "identity cert does not exist; cannot create new cert as registration ID is unknown".into(),
+                ))
             }
             None => {
                 if let Ok(old) = existing_key {
@@ -575,7 +697,7 @@ impl Core {
         let _changing = self.changing.lock().await;
         tracing::info!("Provisioning starting. Reason: Startup");
         let config = self.settings().config.clone();
-        let device = self.provisioned_device(&config).await?;
+        let device = self.provisioned_device(&config, true).await?;
         self.set_device(device)?;
         tracing::info!("Provisioning complete.");
         self.reconcile_with_fallback(Trigger::Startup).await
@@ -592,24 +714,37 @@ impl Core {
         }
     }
 
-    /// E9 (§11.2 Api, with §11.3's Recommendation: the new device is built first and the state
-    /// swapped only on success).
+    /// E9 (§11.2 Api), atomic (§11.3 Recommendation, quirk 8): the new device is provisioned
+    /// (DPS: registered) and reconciled as upstream does after clearing its state (no `prev`:
+    /// the configured modules are recreated), and only then replaces the old one. Any failure
+    /// leaves the old device, its `device_info` backup and its module cache as they were.
     pub async fn reprovision(&self) -> Result<(), IdentityError> {
         let _changing = self.changing.lock().await;
         tracing::info!("Provisioning starting. Reason: Api");
         let config = self.settings().config.clone();
-        let device = self.provisioned_device(&config).await?;
-        if let Some(old) = self.device() {
-            let _ = self.state.remove(crate::state::DEVICE_INFO);
-            if let Err(e) = self.state.clear_device(&old.hub_name, &old.device_id) {
-                tracing::warn!("Could not clear the module cache: {}", error_chain(&e));
-            }
-        }
-        self.derived.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.set_device(device)?;
+        let device = self.provisioned_device(&config, false).await?;
         tracing::info!("Provisioning complete.");
         tracing::info!("Identity reconciliation started. Reason: Api");
-        self.reconcile().await?;
+        match &device {
+            Some(new) => self.reconcile_device(new, true).await?,
+            None => {
+                let _ = self.state.remove(crate::state::DEVICE_INFO);
+            }
+        }
+        let moved = match (self.device(), &device) {
+            (Some(old), Some(new)) => !old.info().same_device(&new.info()),
+            _ => true,
+        };
+        self.derived.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.set_device(device)?;
+        if moved {
+            // The new device's module cache (its directory exists only now).
+            if let Some(new) = self.device() {
+                if let Err(e) = self.list_from_hub(&new).await {
+                    tracing::warn!("Could not fill the module cache of the new device: {}", error_chain(&e));
+                }
+            }
+        }
         tracing::info!("Identity reconciliation complete.");
         Ok(())
     }
@@ -629,9 +764,19 @@ impl Core {
             Err(IdentityError::Hub(e)) => {
                 tracing::info!("Could not reconcile Identities with current device data. Reprovisioning. ({e})");
                 let config = self.settings().config.clone();
-                let device = self.provisioned_device(&config).await?;
-                self.set_device(device)?;
-                self.reconcile().await?;
+                match self.provisioned_device(&config, false).await {
+                    Err(IdentityError::Dps(e)) if e.is_network() => {
+                        tracing::warn!(
+                            "Reprovisioning failed to communicate with DPS. Using offline backup from last run. ({e})"
+                        );
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                    Ok(device) => {
+                        self.set_device(device)?;
+                        self.reconcile().await?;
+                    }
+                }
             }
             Err(e) => return Err(e),
         }
@@ -645,24 +790,30 @@ impl Core {
             tracing::info!("reconcilation skipped since device is not provisioned");
             return Ok(());
         };
+        self.reconcile_device(&device, false).await
+    }
+
+    /// §12 for `device` (the current one, or E9's new one before it replaces the current);
+    /// `fresh`: no `prev` (E9: upstream cleared `device_info` first).
+    async fn reconcile_device(&self, device: &Device, fresh: bool) -> Result<(), IdentityError> {
         let settings = self.settings();
         settings.config.check().map_err(|e| IdentityError::Internal(e.to_string()))?;
         let mut current: BTreeSet<String> = settings.config.module_names();
-        let prev = match (self.state.device_info(), self.state.prev_modules()) {
-            (Some(info), Some(prev)) if info == device.info() => prev,
+        let prev = match (fresh, self.state.device_info(), self.state.prev_modules()) {
+            (false, Some(info), Some(prev)) if info.same_device(&device.info()) => prev,
             _ => BTreeSet::new(),
         };
         let hub = self.hub()?;
         let hd = device.hub_device();
         let modules = hub.list_modules(&hd).await.map_err(IdentityError::Hub)?;
         for m in &modules {
-            self.cache_write(&device, m);
+            self.cache_write(device, m);
         }
         for m in &modules {
             let id = &m.module_id;
             match (current.contains(id), prev.contains(id)) {
                 (false, true) => {
-                    self.delete_module(id).await?;
+                    self.delete_module_of(device, id).await?;
                     tracing::info!("Hub identity {id:?} removed");
                 }
                 (true, true) => {
@@ -670,14 +821,14 @@ impl Core {
                     tracing::info!("Hub identity {id:?} already exists");
                 }
                 (true, false) => {
-                    self.delete_module(id).await?;
+                    self.delete_module_of(device, id).await?;
                     tracing::info!("Hub identity {id:?} will be recreated");
                 }
                 (false, false) => {}
             }
         }
         for id in &current {
-            self.create_module(id).await?;
+            self.create_module_of(device, id).await?;
             tracing::info!("Hub identity {id:?} added");
         }
         self.state.write_device_info(&device.info()).map_err(state_error)?;
@@ -694,7 +845,28 @@ impl Core {
                 ManualAuth::Sas { .. } => "sas",
                 ManualAuth::X509 { .. } => "x509",
             }}),
-            Source::Dps { .. } => json!({"source": "dps"}),
+            source @ Source::Dps { .. } => match DpsSettings::from_source(source) {
+                Ok(Some(dps)) => {
+                    // X.509 without a configured ID: the CN of the identity cert in use.
+                    let registration_id = dps.registration_id().or_else(|| match self.device().as_deref() {
+                        Some(Device { credentials: Credentials::X509 { chain, .. }, .. }) => leaf_cn(&chain[0]),
+                        _ => None,
+                    });
+                    let payload = dps.payload().unwrap_or_else(|e| {
+                        tracing::warn!("{e}");
+                        None
+                    });
+                    json!({
+                        "source": "dps",
+                        "auth": dps.attestation.name(),
+                        "endpoint": dps.endpoint_url,
+                        "scope_id": dps.scope_id,
+                        "registration_id": registration_id,
+                        "payload": payload,
+                    })
+                }
+                _ => json!({"source": "dps"}),
+            },
         }
     }
 
@@ -749,6 +921,14 @@ fn identity_csr(key: &PKey<Private>, subject: &[(String, String)]) -> Result<Str
     req.set_pubkey(key)?;
     req.sign(key, MessageDigest::sha256())?;
     Ok(String::from_utf8_lossy(&req.build().to_pem()?).into_owned())
+}
+
+/// The subject CN of `cert`.
+fn leaf_cn(cert: &X509) -> Option<String> {
+    cert.subject_name()
+        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+        .next()
+        .and_then(|e| e.data().to_string().ok())
 }
 
 /// An ASN.1 time as RFC 3339 UTC with `+00:00` and whole seconds.

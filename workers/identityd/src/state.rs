@@ -69,6 +69,20 @@ pub struct DeviceInfo {
     pub hub_name: String,
     pub local_gateway_hostname: String,
     pub device_id: String,
+    /// New (DPS only): the fingerprint of the `[provisioning]` section the device was
+    /// provisioned with (`dps::DpsSettings::fingerprint`); a backup whose fingerprint differs
+    /// from the current config's is not used at start. Absent in upstream's files (accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning: Option<String>,
+}
+
+impl DeviceInfo {
+    /// The same hub, gateway and device (§12 step 3), whatever the fingerprint.
+    pub fn same_device(&self, other: &DeviceInfo) -> bool {
+        self.hub_name == other.hub_name
+            && self.local_gateway_hostname == other.local_gateway_hostname
+            && self.device_id == other.device_id
+    }
 }
 
 /// The home directory.
@@ -381,7 +395,7 @@ mod tests {
     fn device_info_and_prev_state() {
         let (dir, state) = temp_state();
         assert_eq!(state.device_info(), None);
-        let info = DeviceInfo { hub_name: "h".into(), local_gateway_hostname: "h".into(), device_id: "d".into() };
+        let info = DeviceInfo { hub_name: "h".into(), local_gateway_hostname: "h".into(), device_id: "d".into(), provisioning: None };
         state.write_device_info(&info).unwrap();
         assert_eq!(state.device_info(), Some(info));
         state.write(DEVICE_INFO, b"unprovisioned").unwrap();

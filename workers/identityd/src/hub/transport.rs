@@ -121,7 +121,9 @@ fn percent_decode(s: &str) -> Result<String, String> {
 
 impl Proxy {
     pub fn parse(uri: &str) -> Result<Proxy, String> {
-        let (scheme, rest) = uri.split_once("://").ok_or_else(|| format!("proxy {uri:?} is not an absolute URI"))?;
+        // The error texts never quote the URI: its userinfo may hold a password.
+        let (scheme, rest) =
+            uri.split_once("://").ok_or_else(|| "the proxy is not an absolute URI (http://... or https://...)".to_owned())?;
         let tls = match scheme.to_ascii_lowercase().as_str() {
             "http" => false,
             "https" => true,
@@ -132,7 +134,9 @@ impl Proxy {
             Some((u, h)) => (Some(u), h),
             None => (None, authority_part),
         };
-        let authority = Authority::parse(hostport, if tls { 443 } else { 80 })?;
+        // A password holding an unencoded '/' ends the authority early: not quoted either.
+        let authority = Authority::parse(hostport, if tls { 443 } else { 80 })
+            .map_err(|_| "the proxy's host[:port] is not valid".to_owned())?;
         let (authorization, display) = match userinfo {
             Some(u) => {
                 let (user, pass) = u.split_once(':').unwrap_or((u, ""));
