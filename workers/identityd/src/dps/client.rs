@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use openssl::ssl::SslConnector;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::tpm::Tpmd;
 use crate::hub::transport::{self, Authority, ClientCert, Proxy, TransportError};
@@ -268,6 +268,24 @@ fn auth_key(v: Option<&Value>) -> Result<Option<Vec<u8>>, HubError> {
         .map_err(|e| err(HubErrorKind::InvalidData, None, format!("DPS authenticationKey is not base64: {e}")))
 }
 
+/// §3.2's body, compact, in this field order.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RegisterBody<'a> {
+    registration_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tpm: Option<TpmBody>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a Value>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TpmBody {
+    endorsement_key: String,
+    storage_root_key: String,
+}
+
 struct Call {
     method: &'static str,
     path_and_query: String,
@@ -401,21 +419,19 @@ impl DpsClient {
     }
 
     fn register_call(&self, reg: &Registration, tpm: Option<(&[u8], &[u8])>) -> Call {
-        let mut body = json!({"registrationId": reg.registration_id});
-        if let Some((ek, srk)) = tpm {
-            let b = |k: &[u8]| base64::engine::general_purpose::STANDARD.encode(k);
-            body["tpm"] = json!({"endorsementKey": b(ek), "storageRootKey": b(srk)});
-        }
-        if let Some(p) = &reg.payload {
-            body["payload"] = p.clone();
-        }
+        let b = |k: &[u8]| base64::engine::general_purpose::STANDARD.encode(k);
+        let body = RegisterBody {
+            registration_id: &reg.registration_id,
+            tpm: tpm.map(|(ek, srk)| TpmBody { endorsement_key: b(ek), storage_root_key: b(srk) }),
+            payload: reg.payload.as_ref(),
+        };
         Call {
             method: "PUT",
             path_and_query: format!(
                 "/{}/registrations/{}/register?api-version={API_VERSION}",
                 reg.scope_id, reg.registration_id
             ),
-            body: Some(body.to_string().into_bytes()),
+            body: Some(serde_json::to_vec(&body).expect("the register body serializes")),
             timeout: self.timeout,
             retries: self.retries,
         }
@@ -520,6 +536,7 @@ impl DpsClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn error_bodies() {
