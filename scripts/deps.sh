@@ -8,6 +8,8 @@ AZIOT_DEBIAN_PACKAGES=(
   softhsm2 opensc swtpm swtpm-tools tpm2-tools libtss2-dev
   # scripts/package and its test (tests/tests/package.rs): dpkg-shlibdeps, lintian
   dpkg-dev lintian
+  # scripts/vm-test (tests/vm/): the guest image, the VM, its TPM (swtpm above)
+  mmdebstrap qemu-system-x86 qemu-utils
 )
 
 aziot_install_deps() {

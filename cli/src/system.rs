@@ -127,7 +127,11 @@ pub fn run_with(command: SystemCommand, tools: &Tools) -> Result<(), SystemError
 fn spawn_error(tools: &Tools, verb: &str) -> impl FnOnce(io::Error) -> SystemError {
     let program = tools.systemctl.to_string_lossy().into_owned();
     let verb = verb.to_owned();
-    move |source| SystemError::Spawn { program, verb, source }
+    move |source| SystemError::Spawn {
+        program,
+        verb,
+        source,
+    }
 }
 
 /// `systemctl is-system-running`: "offline" means systemd is not PID 1.
@@ -140,14 +144,25 @@ fn require_systemd(tools: &Tools) -> Result<(), SystemError> {
     let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     if state == "offline" || state.is_empty() || stderr.contains("not been booted with systemd") {
-        return Err(SystemError::NoSystemd(if state.is_empty() { stderr.trim().to_owned() } else { state }));
+        return Err(SystemError::NoSystemd(if state.is_empty() {
+            stderr.trim().to_owned()
+        } else {
+            state
+        }));
     }
     Ok(())
 }
 
 /// `systemctl <verb> <unit>` with `<doing> <unit>...<done>` on stdout; a failure is reported
 /// on stderr and recorded in `failed`.
-fn unit_op(tools: &Tools, verb: &str, unit: &str, doing: &str, done: &str, failed: &mut Vec<String>) -> Result<(), SystemError> {
+fn unit_op(
+    tools: &Tools,
+    verb: &str,
+    unit: &str,
+    doing: &str,
+    done: &str,
+    failed: &mut Vec<String>,
+) -> Result<(), SystemError> {
     print!("{doing} {unit}...");
     let _ = io::stdout().flush();
     let output = Command::new(&tools.systemctl)
@@ -182,7 +197,11 @@ fn stop_all(tools: &Tools, failed: &mut Vec<String>) -> Result<(), SystemError> 
 fn stop(tools: &Tools) -> Result<(), SystemError> {
     let mut failed = Vec::new();
     stop_all(tools, &mut failed)?;
-    if failed.is_empty() { Ok(()) } else { Err(SystemError::UnitsFailed(failed)) }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(SystemError::UnitsFailed(failed))
+    }
 }
 
 /// §5.1: stop every service, start every socket, then the primary service.
@@ -192,7 +211,11 @@ fn restart(tools: &Tools) -> Result<(), SystemError> {
     for unit in SOCKETS.into_iter().chain([SERVICES[0]]) {
         unit_op(tools, "start", unit, "Starting", "Started!", &mut failed)?;
     }
-    if failed.is_empty() { Ok(()) } else { Err(SystemError::UnitsFailed(failed)) }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(SystemError::UnitsFailed(failed))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,7 +235,10 @@ fn is_active(tools: &Tools, unit: &str) -> Result<State, SystemError> {
     Ok(match stdout.as_str() {
         "active" => State::Active,
         "inactive" => State::Inactive,
-        _ => State::Failed(format!("{stdout} {}", String::from_utf8_lossy(&out.stderr).trim())),
+        _ => State::Failed(format!(
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
     })
 }
 
@@ -235,7 +261,12 @@ fn status(tools: &Tools) -> Result<(), SystemError> {
     let prog = crate::check::program_name();
     let mut states = Vec::new();
     for (service, socket) in SERVICES.iter().zip(SOCKETS) {
-        states.push((*service, is_active(tools, service)?, socket, is_active(tools, socket)?));
+        states.push((
+            *service,
+            is_active(tools, service)?,
+            socket,
+            is_active(tools, socket)?,
+        ));
     }
     let effective = |service: &State, socket: &State| -> State {
         match socket {
@@ -281,7 +312,11 @@ fn status(tools: &Tools) -> Result<(), SystemError> {
     }
     println!("Use '{prog} system logs' to check for non-fatal errors.");
     println!("Use '{prog} check' to diagnose connectivity and configuration issues.");
-    if down.is_empty() { Ok(()) } else { Err(SystemError::NotRunning(down)) }
+    if down.is_empty() {
+        Ok(())
+    } else {
+        Err(SystemError::NotRunning(down))
+    }
 }
 
 /// §5.4: the four services' journal; extra arguments replace `-e --no-pager`.
@@ -300,7 +335,11 @@ fn logs(tools: &Tools, args: Vec<OsString>) -> Result<(), SystemError> {
         verb: "-u".into(),
         source,
     })?;
-    if status.success() { Ok(()) } else { Err(SystemError::Journal(status)) }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(SystemError::Journal(status))
+    }
 }
 
 /// §5.5: `<base>/<service>.d/log-level.conf` for every service, written atomically (root,
@@ -317,7 +356,9 @@ fn set_log_level(tools: &Tools, level: LogLevel) -> Result<(), SystemError> {
             .map_err(|e| SystemError::DropInDir(dir.clone(), e))?;
         files.push(crate::fsops::atomic::NewFile {
             path: dir.join("log-level.conf"),
-            contents: zeroize::Zeroizing::new(format!("[Service]\nEnvironment=AZIOT_LOG={upper}\n").into_bytes()),
+            contents: zeroize::Zeroizing::new(
+                format!("[Service]\nEnvironment=AZIOT_LOG={upper}\n").into_bytes(),
+            ),
             uid: nix::unistd::geteuid().as_raw(),
             gid: nix::unistd::getegid().as_raw(),
             mode: 0o644,
@@ -335,7 +376,11 @@ fn set_log_level(tools: &Tools, level: LogLevel) -> Result<(), SystemError> {
     println!(
         "Set log level to {upper} for all services. Run the `{prog} system restart` command for the changes to take effect."
     );
-    if reload.success() { Ok(()) } else { Err(SystemError::DaemonReload) }
+    if reload.success() {
+        Ok(())
+    } else {
+        Err(SystemError::DaemonReload)
+    }
 }
 
 use std::os::unix::fs::DirBuilderExt as _;
@@ -344,17 +389,24 @@ use std::os::unix::fs::DirBuilderExt as _;
 /// names, else `/run/aziot/identityd.sock`).
 fn reprovision() -> Result<(), SystemError> {
     let info = aziot_policy::services::get("identityd");
-    let socket = aziot_ipc::service::ServiceImpl::reload(&aziot_identityd::service::Identityd, &aziot_ipc::service::config_paths(info))
-        .ok()
-        .and_then(|text| aziot_identityd::config_from_text(&text).ok())
-        .and_then(|c| aziot_identityd::endpoint(&c).ok())
-        .and_then(|e| match e {
-            aziot_ipc::endpoint::Endpoint::Unix(p) => Some(p),
-            _ => None,
-        })
-        .unwrap_or_else(|| PathBuf::from(info.default_socket));
+    let socket = aziot_ipc::service::ServiceImpl::reload(
+        &aziot_identityd::service::Identityd,
+        &aziot_ipc::service::config_paths(info),
+    )
+    .ok()
+    .and_then(|text| aziot_identityd::config_from_text(&text).ok())
+    .and_then(|c| aziot_identityd::endpoint(&c).ok())
+    .and_then(|e| match e {
+        aziot_ipc::endpoint::Endpoint::Unix(p) => Some(p),
+        _ => None,
+    })
+    .unwrap_or_else(|| PathBuf::from(info.default_socket));
     let client = aziot_ipc::client::BlockingClient::new(socket, "2021-12-01");
-    match client.raw("POST", "/identities/device/reprovision", Some(br#"{"type":"aziot"}"#)) {
+    match client.raw(
+        "POST",
+        "/identities/device/reprovision",
+        Some(br#"{"type":"aziot"}"#),
+    ) {
         Ok((204, _)) => {
             println!("Successfully reprovisioned with IoT Hub.");
             Ok(())
@@ -364,7 +416,9 @@ fn reprovision() -> Result<(), SystemError> {
                 .ok()
                 .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            Err(SystemError::Reprovision(format!("identityd answered {status}: {message}")))
+            Err(SystemError::Reprovision(format!(
+                "identityd answered {status}: {message}"
+            )))
         }
         Err(e) => {
             let mut detail = e.to_string();
@@ -392,7 +446,8 @@ mod tests {
     impl Fake {
         /// `inactive_units`: units the fake reports `inactive` (others `active`).
         fn new(name: &str, inactive_units: &[&str]) -> Fake {
-            let dir = std::env::temp_dir().join(format!("aziotctl-system-{name}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("aziotctl-system-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             let inactive = inactive_units.join(" ");
@@ -420,7 +475,11 @@ mod tests {
         }
 
         fn argv(&self) -> Vec<String> {
-            std::fs::read_to_string(self.dir.join("argv")).unwrap_or_default().lines().map(str::to_owned).collect()
+            std::fs::read_to_string(self.dir.join("argv"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect()
         }
     }
 
@@ -455,32 +514,53 @@ mod tests {
     fn stop_stops_the_four_services() {
         let fake = Fake::new("stop", &[]);
         run_with(SystemCommand::Stop, &fake.tools()).unwrap();
-        assert_eq!(fake.argv()[1..], [
-            "systemctl stop aziot-identityd.service",
-            "systemctl stop aziot-keyd.service",
-            "systemctl stop aziot-certd.service",
-            "systemctl stop aziot-tpmd.service",
-        ]);
+        assert_eq!(
+            fake.argv()[1..],
+            [
+                "systemctl stop aziot-identityd.service",
+                "systemctl stop aziot-keyd.service",
+                "systemctl stop aziot-certd.service",
+                "systemctl stop aziot-tpmd.service",
+            ]
+        );
     }
 
     #[test]
     fn status_asks_every_unit_and_reads_the_journal_of_a_down_socket() {
         let fake = Fake::new("status", &["aziot-tpmd.socket"]);
         let e = run_with(SystemCommand::Status, &fake.tools()).unwrap_err();
-        assert_eq!(e.to_string(), "not every service can run: aziot-tpmd is down");
+        assert_eq!(
+            e.to_string(),
+            "not every service can run: aziot-tpmd is down"
+        );
         let argv = fake.argv();
         for unit in SERVICES.iter().chain(SOCKETS.iter()) {
-            assert!(argv.contains(&format!("systemctl is-active {unit}")), "{argv:?}");
+            assert!(
+                argv.contains(&format!("systemctl is-active {unit}")),
+                "{argv:?}"
+            );
         }
-        assert!(argv.contains(&"journalctl -u aziot-tpmd.socket --no-pager -e -n 10".to_owned()), "{argv:?}");
-        assert!(!argv.iter().any(|a| a.contains("journalctl -u aziot-keyd")), "{argv:?}");
+        assert!(
+            argv.contains(&"journalctl -u aziot-tpmd.socket --no-pager -e -n 10".to_owned()),
+            "{argv:?}"
+        );
+        assert!(
+            !argv.iter().any(|a| a.contains("journalctl -u aziot-keyd")),
+            "{argv:?}"
+        );
     }
 
     #[test]
     fn logs_default_and_extra_arguments() {
         let fake = Fake::new("logs", &[]);
         run_with(SystemCommand::Logs { args: vec![] }, &fake.tools()).unwrap();
-        run_with(SystemCommand::Logs { args: vec!["-f".into(), "--since".into(), "1 hour ago".into()] }, &fake.tools()).unwrap();
+        run_with(
+            SystemCommand::Logs {
+                args: vec!["-f".into(), "--since".into(), "1 hour ago".into()],
+            },
+            &fake.tools(),
+        )
+        .unwrap();
         let units = "-u aziot-identityd.service -u aziot-keyd.service -u aziot-certd.service -u aziot-tpmd.service";
         let argv = fake.argv();
         assert_eq!(argv[1], format!("journalctl {units} -e --no-pager"));
@@ -491,21 +571,48 @@ mod tests {
     fn set_log_level_writes_dropins_and_reloads() {
         let fake = Fake::new("loglevel", &[]);
         let tools = fake.tools();
-        run_with(SystemCommand::SetLogLevel { level: LogLevel::Debug }, &tools).unwrap();
+        run_with(
+            SystemCommand::SetLogLevel {
+                level: LogLevel::Debug,
+            },
+            &tools,
+        )
+        .unwrap();
         for service in SERVICES {
-            let path = tools.dropin_base.join(format!("{service}.d/log-level.conf"));
-            assert_eq!(std::fs::read_to_string(&path).unwrap(), "[Service]\nEnvironment=AZIOT_LOG=DEBUG\n");
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+            let path = tools
+                .dropin_base
+                .join(format!("{service}.d/log-level.conf"));
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap(),
+                "[Service]\nEnvironment=AZIOT_LOG=DEBUG\n"
+            );
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o644
+            );
         }
-        assert_eq!(fake.argv(), ["systemctl is-system-running", "systemctl daemon-reload"]);
+        assert_eq!(
+            fake.argv(),
+            ["systemctl is-system-running", "systemctl daemon-reload"]
+        );
     }
 
     #[test]
     fn without_systemd_nothing_else_runs() {
         let fake = Fake::new("offline", &[]);
-        std::fs::write(fake.dir.join("systemctl"), format!("#!/bin/sh\nprintf '%s\\n' \"systemctl $*\" >> {}\necho offline\nexit 1\n", fake.dir.join("argv").display())).unwrap();
+        std::fs::write(
+            fake.dir.join("systemctl"),
+            format!(
+                "#!/bin/sh\nprintf '%s\\n' \"systemctl $*\" >> {}\necho offline\nexit 1\n",
+                fake.dir.join("argv").display()
+            ),
+        )
+        .unwrap();
         let e = run_with(SystemCommand::Restart, &fake.tools()).unwrap_err();
-        assert!(matches!(e, SystemError::NoSystemd(ref s) if s == "offline"), "{e}");
+        assert!(
+            matches!(e, SystemError::NoSystemd(ref s) if s == "offline"),
+            "{e}"
+        );
         assert_eq!(fake.argv(), ["systemctl is-system-running"]);
     }
 }

@@ -13,7 +13,8 @@ struct Fake {
 impl Fake {
     /// `fail`: `systemctl <verb> <unit>` lines for which the fake exits 1.
     fn new(name: &str, fail: &[&str]) -> Fake {
-        let dir = std::env::temp_dir().join(format!("aziotctl-system-it-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("aziotctl-system-it-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut script = format!(
@@ -22,7 +23,9 @@ impl Fake {
             dir.join("argv").display()
         );
         for f in fail {
-            script.push_str(&format!("[ \"$(basename \"$0\") $*\" = '{f}' ] && {{ echo 'Job failed.' >&2; exit 1; }}\n"));
+            script.push_str(&format!(
+                "[ \"$(basename \"$0\") $*\" = '{f}' ] && {{ echo 'Job failed.' >&2; exit 1; }}\n"
+            ));
         }
         script.push_str("exit 0\n");
         for prog in ["systemctl", "journalctl"] {
@@ -34,12 +37,24 @@ impl Fake {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        let path = format!("{}:{}", self.dir.display(), std::env::var("PATH").unwrap_or_default());
-        Command::new(env!("CARGO_BIN_EXE_aziotctl")).args(args).env("PATH", path).output().unwrap()
+        let path = format!(
+            "{}:{}",
+            self.dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Command::new(env!("CARGO_BIN_EXE_aziotctl"))
+            .args(args)
+            .env("PATH", path)
+            .output()
+            .unwrap()
     }
 
     fn argv(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.join("argv")).unwrap_or_default().lines().map(str::to_owned).collect()
+        std::fs::read_to_string(self.dir.join("argv"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -89,11 +104,23 @@ fn a_failed_unit_operation_fails_the_command() {
     let out = fake.run(&["system", "restart"]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("systemctl exited with non-zero status code."), "{err}");
-    assert!(err.contains("Job failed."), "the child's stderr goes to stderr: {err}");
-    assert!(err.contains("systemctl failed for start aziot-tpmd.socket"), "{err}");
+    assert!(
+        err.contains("systemctl exited with non-zero status code."),
+        "{err}"
+    );
+    assert!(
+        err.contains("Job failed."),
+        "the child's stderr goes to stderr: {err}"
+    );
+    assert!(
+        err.contains("systemctl failed for start aziot-tpmd.socket"),
+        "{err}"
+    );
     // every step was still attempted
-    assert_eq!(fake.argv().last().unwrap(), "systemctl start aziot-identityd.service");
+    assert_eq!(
+        fake.argv().last().unwrap(),
+        "systemctl start aziot-identityd.service"
+    );
 }
 
 #[test]
@@ -127,22 +154,42 @@ fn without_systemd_as_init_the_commands_refuse() {
     let systemctl_exists = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/bin")])
         .any(|d| Path::new(&d).join("systemctl").is_file());
-    assert!(systemctl_exists, "systemctl is not installed (apt-get install systemd)");
+    assert!(
+        systemctl_exists,
+        "systemctl is not installed (apt-get install systemd)"
+    );
     let on_systemd = pid1.trim() == "systemd";
     // On a systemd machine only `status` runs (never stop real services from a test).
-    let commands: &[[&str; 2]] = if on_systemd { &[["system", "status"]] } else { &[["system", "status"], ["system", "stop"]] };
+    let commands: &[[&str; 2]] = if on_systemd {
+        &[["system", "status"]]
+    } else {
+        &[["system", "status"], ["system", "stop"]]
+    };
     for args in commands {
-        let out = Command::new(env!("CARGO_BIN_EXE_aziotctl")).args(args).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_aziotctl"))
+            .args(args)
+            .output()
+            .unwrap();
         if on_systemd {
-            assert!(text(&out.stdout).starts_with("System services:\n"), "{}", text(&out.stdout));
+            assert!(
+                text(&out.stdout).starts_with("System services:\n"),
+                "{}",
+                text(&out.stdout)
+            );
         } else {
             assert_eq!(out.status.code(), Some(1), "{args:?}");
             let err = text(&out.stderr);
             assert!(
-                err.starts_with("systemd is not running as the init system (PID 1) of this machine"),
+                err.starts_with(
+                    "systemd is not running as the init system (PID 1) of this machine"
+                ),
                 "{args:?}: {err}"
             );
-            assert!(out.stdout.is_empty(), "nothing pretended: {}", text(&out.stdout));
+            assert!(
+                out.stdout.is_empty(),
+                "nothing pretended: {}",
+                text(&out.stdout)
+            );
         }
     }
 }

@@ -9,7 +9,9 @@
 //! * [`http`]: a raw HTTP/1.1-over-UDS client written from the spec (no product code);
 //! * [`api`]: one helper per keyd endpoint plus the response-envelope checks;
 //! * [`crypto`]: local reference computations (HMAC, AES-GCM, ECDSA/RSA verification) and
-//!   key-handle parsing.
+//!   key-handle parsing;
+//! * [`openssl_cli`]: the `openssl` CLI plumbing of the engine and provider suites (scratch
+//!   directory with the cdylib, CA and certificates, `s_server`, verification with keyd's keys).
 //!
 //! Scenarios that must hold for every api-version are written once as `fn name(v: &str)` and
 //! instantiated for both versions with [`both_versions!`].
@@ -30,6 +32,7 @@ pub mod mock_dps;
 pub mod mock_est;
 pub mod mock_hub;
 pub mod mock_tls;
+pub mod openssl_cli;
 pub mod softhsm;
 pub mod tempdir;
 pub mod tpmd;

@@ -95,7 +95,11 @@ pub enum Group {
 #[derive(Clone, Debug)]
 pub enum DpsFault {
     /// This status, this JSON body (or none), these headers.
-    Status { status: u16, body: Option<Value>, headers: Vec<(String, String)> },
+    Status {
+        status: u16,
+        body: Option<Value>,
+        headers: Vec<(String, String)>,
+    },
     /// 202 (register) / 200 (poll) `application/json` that is not JSON.
     MalformedJson,
     /// Close the connection without answering.
@@ -105,21 +109,31 @@ pub enum DpsFault {
 impl DpsFault {
     /// 401 with DPS's unauthorised body.
     pub fn unauthorized() -> DpsFault {
-        DpsFault::Status { status: 401, body: Some(unauthorized_body()), headers: Vec::new() }
+        DpsFault::Status {
+            status: 401,
+            body: Some(unauthorized_body()),
+            headers: Vec::new(),
+        }
     }
     /// 429 with `Retry-After: <secs>` when given.
     pub fn throttled(retry_after_secs: Option<u64>) -> DpsFault {
         DpsFault::Status {
             status: 429,
-            body: Some(json!({"errorCode": 429001, "trackingId": "t", "message": "Operations are being throttled for this tenant.", "timestampUtc": "2024-01-01T00:00:00Z"})),
-            headers: retry_after_secs.map(|s| vec![("Retry-After".to_owned(), s.to_string())]).unwrap_or_default(),
+            body: Some(
+                json!({"errorCode": 429001, "trackingId": "t", "message": "Operations are being throttled for this tenant.", "timestampUtc": "2024-01-01T00:00:00Z"}),
+            ),
+            headers: retry_after_secs
+                .map(|s| vec![("Retry-After".to_owned(), s.to_string())])
+                .unwrap_or_default(),
         }
     }
     /// 500 with a DPS error body.
     pub fn server_error() -> DpsFault {
         DpsFault::Status {
             status: 500,
-            body: Some(json!({"errorCode": 500000, "trackingId": "t", "message": "Internal server error (mock)"})),
+            body: Some(
+                json!({"errorCode": 500000, "trackingId": "t", "message": "Internal server error (mock)"}),
+            ),
             headers: Vec::new(),
         }
     }
@@ -130,7 +144,10 @@ fn unauthorized_body() -> Value {
 }
 
 fn dps_error(status: u16, code: u32, message: &str) -> Response {
-    Response::json(status, &json!({"errorCode": code, "trackingId": "t", "message": message}))
+    Response::json(
+        status,
+        &json!({"errorCode": code, "trackingId": "t", "message": message}),
+    )
 }
 
 /// One DPS request as the mock saw it.
@@ -151,7 +168,10 @@ pub struct DpsRecorded {
 impl DpsRecorded {
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
     }
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
@@ -167,7 +187,11 @@ enum Verified {
     Key(Vec<u8>),
     Cert(DeviceCredential),
     /// TPM: the EK and SRK, the challenge key K1.
-    Tpm { ek: Vec<u8>, srk: Vec<u8>, k1: Vec<u8> },
+    Tpm {
+        ek: Vec<u8>,
+        srk: Vec<u8>,
+        k1: Vec<u8>,
+    },
 }
 
 struct Operation {
@@ -180,12 +204,19 @@ struct Operation {
     failed: Option<(u32, String)>,
 }
 
+/// TPM round 1: (EK, SRK, K1).
+type Challenge = (Vec<u8>, Vec<u8>, Vec<u8>);
+/// A verified registration: what it verified as, its hub, its device ID, the SAS check.
+type Authenticated = (Verified, String, String, Option<SasCheck>);
+/// A refused one: the answer and the SAS check.
+type Refusal = Box<(Response, Option<SasCheck>)>;
+
 struct St {
     scope_id: String,
     individual: BTreeMap<String, Enrollment>,
     groups: Vec<Group>,
     /// TPM round 1 state: registration ID → (EK, SRK, K1).
-    challenges: BTreeMap<String, (Vec<u8>, Vec<u8>, Vec<u8>)>,
+    challenges: BTreeMap<String, Challenge>,
     operations: BTreeMap<String, Operation>,
     hubs: BTreeMap<String, Arc<HubState>>,
     faults: VecDeque<DpsFault>,
@@ -227,23 +258,33 @@ fn dps_route(path: &str, scope: &str) -> Option<DpsRoute> {
 }
 
 fn chains_to(leaf: &X509, extra: &[X509], ca: &X509) -> bool {
-    let Ok(mut store) = X509StoreBuilder::new() else { return false };
+    let Ok(mut store) = X509StoreBuilder::new() else {
+        return false;
+    };
     if store.add_cert(ca.clone()).is_err() {
         return false;
     }
     let store = store.build();
-    let Ok(mut chain) = Stack::new() else { return false };
+    let Ok(mut chain) = Stack::new() else {
+        return false;
+    };
     for c in extra {
         if chain.push(c.clone()).is_err() {
             return false;
         }
     }
-    let Ok(mut ctx) = X509StoreContext::new() else { return false };
-    ctx.init(&store, leaf, &chain, |c| c.verify_cert()).unwrap_or(false)
+    let Ok(mut ctx) = X509StoreContext::new() else {
+        return false;
+    };
+    ctx.init(&store, leaf, &chain, |c| c.verify_cert())
+        .unwrap_or(false)
 }
 
 fn cn_of(cert: &X509) -> Option<String> {
-    cert.subject_name().entries_by_nid(openssl::nid::Nid::COMMONNAME).next().and_then(|e| e.data().to_string().ok())
+    cert.subject_name()
+        .entries_by_nid(openssl::nid::Nid::COMMONNAME)
+        .next()
+        .and_then(|e| e.data().to_string().ok())
 }
 
 impl DpsState {
@@ -281,11 +322,17 @@ impl DpsState {
             let hub = {
                 let st = self.lock();
                 let host = req.header("host").unwrap_or("");
-                st.hubs.iter().find(|(n, _)| n.eq_ignore_ascii_case(host)).map(|(_, h)| Arc::clone(h))
+                st.hubs
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(host))
+                    .map(|(_, h)| Arc::clone(h))
             };
             return match hub {
                 Some(h) => h.handle(req),
-                None => Response::json(404, &json!({"Message": "ErrorCode:IotHubNotFound;no such hub (mock DPS)"})),
+                None => Response::json(
+                    404,
+                    &json!({"Message": "ErrorCode:IotHubNotFound;no such hub (mock DPS)"}),
+                ),
             };
         }
         let mut st = self.lock();
@@ -296,7 +343,10 @@ impl DpsState {
                 "DPS {} {} -> {status}{}",
                 req.method,
                 req.target,
-                sas.as_ref().and_then(|s| s.verdict.as_ref().err()).map(|e| format!(" (SAS: {e})")).unwrap_or_default()
+                sas.as_ref()
+                    .and_then(|s| s.verdict.as_ref().err())
+                    .map(|e| format!(" (SAS: {e})"))
+                    .unwrap_or_default()
             );
         }
         st.requests.push(DpsRecorded {
@@ -305,7 +355,10 @@ impl DpsState {
             headers: req.headers.clone(),
             body: req.body.clone(),
             sas,
-            client_cert_sha256: req.client_chain.first().map(|c| thumbprint(c, MessageDigest::sha256())),
+            client_cert_sha256: req
+                .client_chain
+                .first()
+                .map(|c| thumbprint(c, MessageDigest::sha256())),
             status,
             at: Instant::now(),
         });
@@ -315,7 +368,11 @@ impl DpsState {
     fn answer(st: &mut St, req: &Request) -> (Response, Option<SasCheck>) {
         if let Some(fault) = st.faults.pop_front() {
             return match fault {
-                DpsFault::Status { status, body, headers } => {
+                DpsFault::Status {
+                    status,
+                    body,
+                    headers,
+                } => {
                     let mut r = match body {
                         Some(b) => Response::json(status, &b),
                         None => Response::new(status),
@@ -325,7 +382,11 @@ impl DpsState {
                 }
                 DpsFault::MalformedJson => {
                     let status = if req.method == "PUT" { 202 } else { 200 };
-                    (Response::new(status).with_body("application/json", b"{\"operationId\": ".to_vec()), None)
+                    (
+                        Response::new(status)
+                            .with_body("application/json", b"{\"operationId\": ".to_vec()),
+                        None,
+                    )
                 }
                 DpsFault::HangUp => {
                     let mut r = Response::new(0);
@@ -351,9 +412,19 @@ impl DpsState {
     /// Checks a SAS for `reg` with `key`.
     fn check_sas(st: &St, req: &Request, reg: &str, key: &[u8]) -> Result<SasCheck, SasCheck> {
         let Some(h) = req.header("authorization") else {
-            return Err(SasCheck { sr: String::new(), expiry: 0, expired: false, verdict: Err("no Authorization".into()) });
+            return Err(SasCheck {
+                sr: String::new(),
+                expiry: 0,
+                expired: false,
+                verdict: Err("no Authorization".into()),
+            });
         };
-        let check = verify_sas(h, &format!("{}/registrations/{reg}", st.scope_id), key, Some("registration"));
+        let check = verify_sas(
+            h,
+            &format!("{}/registrations/{reg}", st.scope_id),
+            key,
+            Some("registration"),
+        );
         if check.verdict.is_ok() {
             Ok(check)
         } else {
@@ -362,10 +433,17 @@ impl DpsState {
     }
 
     /// The credential of `reg` on this request: what it verified as, and where it goes.
-    fn authenticate(st: &mut St, req: &Request, reg: &str, body: &Value) -> Result<(Verified, String, String, Option<SasCheck>), (Response, Option<SasCheck>)> {
-        let unauthorized = |sas| (Response::json(401, &unauthorized_body()), sas);
+    fn authenticate(
+        st: &mut St,
+        req: &Request,
+        reg: &str,
+        body: &Value,
+    ) -> Result<Authenticated, Refusal> {
+        let unauthorized = |sas| Box::new((Response::json(401, &unauthorized_body()), sas));
         let leaf_ok = |check: &dyn Fn(&X509) -> bool| {
-            req.client_chain.first().is_some_and(|leaf| cn_of(leaf).as_deref() == Some(reg) && check(leaf))
+            req.client_chain
+                .first()
+                .is_some_and(|leaf| cn_of(leaf).as_deref() == Some(reg) && check(leaf))
         };
         if let Some(e) = st.individual.get(reg).cloned() {
             let device = e.device_id.clone().unwrap_or_else(|| reg.to_owned());
@@ -380,14 +458,24 @@ impl DpsState {
                             || thumbprint(leaf, MessageDigest::sha256()).eq_ignore_ascii_case(&t)
                     });
                     if ok {
-                        Ok((Verified::Cert(DeviceCredential::Thumbprint(t)), e.hub, device, None))
+                        Ok((
+                            Verified::Cert(DeviceCredential::Thumbprint(t)),
+                            e.hub,
+                            device,
+                            None,
+                        ))
                     } else {
                         Err(unauthorized(None))
                     }
                 }
                 Attestation::X509Ca(ca) => {
                     if leaf_ok(&|leaf| chains_to(leaf, &req.client_chain[1..], &ca)) {
-                        Ok((Verified::Cert(DeviceCredential::Ca(ca)), e.hub, device, None))
+                        Ok((
+                            Verified::Cert(DeviceCredential::Ca(ca)),
+                            e.hub,
+                            device,
+                            None,
+                        ))
                     } else {
                         Err(unauthorized(None))
                     }
@@ -405,14 +493,21 @@ impl DpsState {
                 }
                 Group::X509Ca { ca, hub } => {
                     if leaf_ok(&|leaf| chains_to(leaf, &req.client_chain[1..], &ca)) {
-                        return Ok((Verified::Cert(DeviceCredential::Ca(ca)), hub, reg.to_owned(), None));
+                        return Ok((
+                            Verified::Cert(DeviceCredential::Ca(ca)),
+                            hub,
+                            reg.to_owned(),
+                            None,
+                        ));
                     }
                 }
             }
         }
         // Record why a SAS failed against the first symmetric group (if any), for the test.
         let sas = st.groups.iter().find_map(|g| match g {
-            Group::SymmetricKey { group_key, .. } => Self::check_sas(st, req, reg, &derive_device_key(group_key, reg)).err(),
+            Group::SymmetricKey { group_key, .. } => {
+                Self::check_sas(st, req, reg, &derive_device_key(group_key, reg)).err()
+            }
             Group::X509Ca { .. } => None,
         });
         Err(unauthorized(sas))
@@ -428,7 +523,7 @@ impl DpsState {
         pinned: Option<Vec<u8>>,
         hub: String,
         device: String,
-    ) -> Result<(Verified, String, String, Option<SasCheck>), (Response, Option<SasCheck>)> {
+    ) -> Result<Authenticated, Refusal> {
         if req.header("authorization").is_none() {
             let tpm = body.get("tpm");
             let key = |name: &str| {
@@ -437,10 +532,15 @@ impl DpsState {
                     .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
             };
             let (Some(ek), Some(srk)) = (key("endorsementKey"), key("storageRootKey")) else {
-                return Err((Response::json(401, &unauthorized_body()), None));
+                return Err(Box::new((Response::json(401, &unauthorized_body()), None)));
             };
             match &pinned {
-                Some(p) if *p != ek => return Err((dps_error(401, 401002, "EK does not match the enrollment"), None)),
+                Some(p) if *p != ek => {
+                    return Err(Box::new((
+                        dps_error(401, 401002, "EK does not match the enrollment"),
+                        None,
+                    )))
+                }
                 Some(_) => {}
                 None => {
                     // Register on first use.
@@ -452,18 +552,35 @@ impl DpsState {
             let k1 = random(32);
             let blob = match aziot_tpmd::dps_blob::build(&ek, &srk, &k1) {
                 Ok(b) => b,
-                Err(e) => return Err((dps_error(400, 400004, &format!("unsupported TPM keys: {e}")), None)),
+                Err(e) => {
+                    return Err(Box::new((
+                        dps_error(400, 400004, &format!("unsupported TPM keys: {e}")),
+                        None,
+                    )))
+                }
             };
             st.tpm_keys.push(k1.clone());
             st.challenges.insert(reg.to_owned(), (ek, srk, k1));
-            return Err((Response::json(401, &json!({"authenticationKey": b64(&blob), "keyName": "registration"})), None));
+            return Err(Box::new((
+                Response::json(
+                    401,
+                    &json!({"authenticationKey": b64(&blob), "keyName": "registration"}),
+                ),
+                None,
+            )));
         }
         let Some((ek, srk, k1)) = st.challenges.get(reg).cloned() else {
-            return Err((dps_error(401, 401002, "no TPM challenge for this registration"), None));
+            return Err(Box::new((
+                dps_error(401, 401002, "no TPM challenge for this registration"),
+                None,
+            )));
         };
         match Self::check_sas(st, req, reg, &k1) {
             Ok(c) => Ok((Verified::Tpm { ek, srk, k1 }, hub, device, Some(c))),
-            Err(c) => Err((Response::json(401, &unauthorized_body()), Some(c))),
+            Err(c) => Err(Box::new((
+                Response::json(401, &unauthorized_body()),
+                Some(c),
+            ))),
         }
     }
 
@@ -472,13 +589,23 @@ impl DpsState {
             return (dps_error(400, 400002, "body is not JSON"), None);
         };
         if body.get("registrationId").and_then(Value::as_str) != Some(reg) {
-            return (dps_error(400, 400003, "registrationId does not match the path"), None);
+            return (
+                dps_error(400, 400003, "registrationId does not match the path"),
+                None,
+            );
         }
         let (verified, hub, device_id, sas) = match Self::authenticate(st, req, reg, &body) {
             Ok(v) => v,
-            Err((r, sas)) => return (r, sas),
+            Err(refusal) => return *refusal,
         };
-        let op_id = format!("4.{:016x}.{}", st.next_op, random(4).iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let op_id = format!(
+            "4.{:016x}.{}",
+            st.next_op,
+            random(4)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
         st.next_op += 1;
         let failed = st.fail_next.take();
         st.operations.insert(
@@ -493,7 +620,10 @@ impl DpsState {
                 failed,
             },
         );
-        (Response::json(202, &json!({"operationId": op_id, "status": "assigning"})), sas)
+        (
+            Response::json(202, &json!({"operationId": op_id, "status": "assigning"})),
+            sas,
+        )
     }
 
     fn poll(st: &mut St, req: &Request, reg: &str, op_id: &str) -> (Response, Option<SasCheck>) {
@@ -506,17 +636,20 @@ impl DpsState {
         let verified = op.verified.clone();
         // The same credential as the register.
         let sas = match &verified {
-            Verified::Key(key) | Verified::Tpm { k1: key, .. } => match Self::check_sas(st, req, reg, key) {
-                Ok(c) => Some(c),
-                Err(c) => return (Response::json(401, &unauthorized_body()), Some(c)),
-            },
+            Verified::Key(key) | Verified::Tpm { k1: key, .. } => {
+                match Self::check_sas(st, req, reg, key) {
+                    Ok(c) => Some(c),
+                    Err(c) => return (Response::json(401, &unauthorized_body()), Some(c)),
+                }
+            }
             Verified::Cert(cred) => {
                 let ok = req.client_chain.first().is_some_and(|leaf| {
                     cn_of(leaf).as_deref() == Some(reg)
                         && match cred {
                             DeviceCredential::Thumbprint(t) => {
                                 thumbprint(leaf, MessageDigest::sha1()).eq_ignore_ascii_case(t)
-                                    || thumbprint(leaf, MessageDigest::sha256()).eq_ignore_ascii_case(t)
+                                    || thumbprint(leaf, MessageDigest::sha256())
+                                        .eq_ignore_ascii_case(t)
                             }
                             DeviceCredential::Ca(ca) => chains_to(leaf, &req.client_chain[1..], ca),
                             DeviceCredential::Sas(_) => false,
@@ -550,9 +683,17 @@ impl DpsState {
                 sas,
             );
         }
-        let (hub_name, device_id, payload) = (op.hub.clone(), op.device_id.clone(), op.payload.clone());
+        let (hub_name, device_id, payload) =
+            (op.hub.clone(), op.device_id.clone(), op.payload.clone());
         let Some(hub) = st.hubs.get(&hub_name).cloned() else {
-            return (dps_error(500, 500001, &format!("enrollment names unknown hub {hub_name}")), sas);
+            return (
+                dps_error(
+                    500,
+                    500001,
+                    &format!("enrollment names unknown hub {hub_name}"),
+                ),
+                sas,
+            );
         };
         let mut state = json!({
             "registrationId": reg,
@@ -570,7 +711,8 @@ impl DpsState {
                 if st.send_result_tpm_key {
                     // §5.4: a different key in the result proves the device signs with the last one.
                     let k2 = random(32);
-                    let blob = aziot_tpmd::dps_blob::build(&ek, &srk, &k2).expect("the EK and SRK were accepted before");
+                    let blob = aziot_tpmd::dps_blob::build(&ek, &srk, &k2)
+                        .expect("the EK and SRK were accepted before");
                     st.tpm_keys.push(k2.clone());
                     state["tpm"] = json!({"authenticationKey": b64(&blob)});
                     DeviceCredential::Sas(k2)
@@ -585,7 +727,13 @@ impl DpsState {
         } else if let Some(p) = payload {
             state["payload"] = json!({"received": p});
         }
-        (Response::json(200, &json!({"operationId": op_id, "status": "assigned", "registrationState": state})), sas)
+        (
+            Response::json(
+                200,
+                &json!({"operationId": op_id, "status": "assigned", "registrationState": state}),
+            ),
+            sas,
+        )
     }
 
     // ---- test-side API ----
@@ -608,13 +756,19 @@ impl DpsState {
         hub
     }
     pub fn hub(&self, name: &str) -> Arc<HubState> {
-        self.lock().hubs.get(name).cloned().unwrap_or_else(|| panic!("no hub {name}"))
+        self.lock()
+            .hubs
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no hub {name}"))
     }
     pub fn hub_names(&self) -> Vec<String> {
         self.lock().hubs.keys().cloned().collect()
     }
     pub fn enroll(&self, registration_id: &str, enrollment: Enrollment) {
-        self.lock().individual.insert(registration_id.to_owned(), enrollment);
+        self.lock()
+            .individual
+            .insert(registration_id.to_owned(), enrollment);
     }
     pub fn enroll_group(&self, group: Group) {
         self.lock().groups.push(group);
@@ -687,12 +841,22 @@ impl MockDps {
     }
 
     /// Starts with a given server certificate (e.g. one from a CA the client does not trust).
-    pub fn start_with_cert(ca: TestCa, server_cert: CertKey, port: u16, scope_id: &str) -> std::io::Result<MockDps> {
+    pub fn start_with_cert(
+        ca: TestCa,
+        server_cert: CertKey,
+        port: u16,
+        scope_id: &str,
+    ) -> std::io::Result<MockDps> {
         let state = Arc::new(DpsState::new(scope_id));
         let server = TlsServer::start(port, &server_cert, &[], state.clone())?;
         state.add_hub(&format!("localhost:{}", server.port()));
         state.add_hub(&format!("127.0.0.1:{}", server.port()));
-        Ok(MockDps { ca, server_cert, state, server })
+        Ok(MockDps {
+            ca,
+            server_cert,
+            state,
+            server,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -741,13 +905,20 @@ mod tests {
     #[test]
     fn group_key_derivation_vector() {
         let group: Vec<u8> = (0u8..32).collect();
-        assert_eq!(b64(&derive_device_key(&group, "my-device")), "5/aSVLVT+UJYYPEpfGdrbDxkAinp0J5XbJU0TJiD0CY=");
+        assert_eq!(
+            b64(&derive_device_key(&group, "my-device")),
+            "5/aSVLVT+UJYYPEpfGdrbDxkAinp0J5XbJU0TJiD0CY="
+        );
     }
 
     #[test]
     fn routes() {
-        assert!(matches!(dps_route("/0ne/registrations/r1/register", "0ne"), Some(DpsRoute::Register(r)) if r == "r1"));
-        assert!(matches!(dps_route("/0ne/registrations/r1/operations/op", "0ne"), Some(DpsRoute::Poll(r, o)) if r == "r1" && o == "op"));
+        assert!(
+            matches!(dps_route("/0ne/registrations/r1/register", "0ne"), Some(DpsRoute::Register(r)) if r == "r1")
+        );
+        assert!(
+            matches!(dps_route("/0ne/registrations/r1/operations/op", "0ne"), Some(DpsRoute::Poll(r, o)) if r == "r1" && o == "op")
+        );
         assert!(dps_route("/other/registrations/r1/register", "0ne").is_none());
         assert!(dps_route("/0ne/registrations/r1/operations/", "0ne").is_none());
     }

@@ -7,227 +7,100 @@
 //! at the test's keyd. Public keys for verification are built from `/parameters` by the suite
 //! itself, not by the engine.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aziot_key_openssl_engine::{load_private_key, KeydClient};
 use aziot_tests::api::*;
 use aziot_tests::crypto::*;
-use aziot_tests::keyd::{profile_dir, Backend, TempDir, TEST_GID};
+use aziot_tests::keyd::{Backend, TEST_GID};
+use aziot_tests::openssl_cli::{
+    self, assert_signature_verifies, deps_for, encrypt_secret, issue, ok, text, write_public,
+    Plugin, SServer, OAEP_SHA256, PSS_SHA256,
+};
 use aziot_tests::{Dep, Keyd};
-use openssl::pkey::{PKey, Public};
+use openssl::pkey::{PKey, Private, Public};
 
 /// The principal the openssl CLI runs as.
 const APP: u32 = 4242;
 /// A uid outside the socket's group (and no principal).
 const OUTSIDER: u32 = 5555;
+/// `-engine aziot_keys -keyform engine`: the key is an engine key (a keyd handle).
+const ENGINE: [&str; 4] = ["-engine", "aziot_keys", "-keyform", "engine"];
 
-fn deps_for(backend: Backend) -> bool {
-    let mut deps = vec![
-        Dep::Root,
-        Dep::ServiceUser(aziot_tests::keyd::SERVICE_USER),
-        Dep::OpensslCli,
-    ];
-    if backend == Backend::SoftHsm {
-        deps.push(Dep::SoftHsm);
-    }
-    aziot_tests::require_deps(&deps)
-}
+type Scratch = openssl_cli::Scratch;
 
 fn start_keyd(backend: Backend) -> Keyd {
-    Keyd::builder()
-        .backend(backend)
-        .extra(&format!(
-            "[[principal]]\nuid = {APP}\nkeys = [\"engine-*\"]\n"
-        ))
-        .start()
-}
-
-/// The built engine: `$AZIOT_ENGINE_SO`, else the cdylib cargo built with this test
-/// (`target/<profile>/deps/`, then `target/<profile>/`).
-fn engine_so() -> PathBuf {
-    if let Some(p) = std::env::var_os("AZIOT_ENGINE_SO") {
-        return PathBuf::from(p);
-    }
-    let name = "libaziot_key_openssl_engine.so";
-    let dir = profile_dir();
-    [dir.join("deps").join(name), dir.join(name)]
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} not found under {}: `cargo build -p aziot-key-engine`",
-                dir.display()
-            )
-        })
+    openssl_cli::start_keyd(backend, APP, "engine-*")
 }
 
 /// A scratch directory with `engines/aziot_keys.so`, readable by [`APP`].
-struct Scratch {
-    dir: TempDir,
+fn scratch(tag: &str) -> Scratch {
+    Scratch::new(tag, Plugin::Engine)
 }
 
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let dir = TempDir::new(tag);
-        let engines = dir.path().join("engines");
-        std::fs::create_dir(&engines).expect("mkdir engines");
-        std::fs::set_permissions(&engines, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let so = engines.join("aziot_keys.so");
-        std::fs::copy(engine_so(), &so).expect("copy the engine");
-        std::fs::set_permissions(&so, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        Scratch { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Writes a file world-readable (the CLI runs as another uid).
-    fn write(&self, name: &str, data: &[u8]) -> PathBuf {
-        let p = self.path(name);
-        std::fs::write(&p, data).expect("write");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        p
-    }
-
-    /// `openssl <args>` as `uid` (gid `gid`, no supplementary groups), with the engine directory
-    /// and keyd's endpoint in the environment.
-    fn openssl_as(&self, uid: u32, gid: u32, keyd: &Keyd, args: &[&str]) -> Output {
-        self.openssl_cmd(uid, gid, keyd, args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run openssl")
-    }
-
-    fn openssl_cmd(&self, uid: u32, gid: u32, keyd: &Keyd, args: &[&str]) -> Command {
-        let mut cmd = Command::new("openssl");
-        cmd.args(args)
-            .current_dir(self.dir.path())
-            .env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-            )
-            .env("OPENSSL_ENGINES", self.path("engines"))
-            .env(
-                "AZIOT_KEYD_ENDPOINT",
-                format!("unix://{}", keyd.socket().display()),
-            );
-        if uid != 0 {
-            cmd.uid(uid).gid(gid);
-        }
-        cmd
-    }
-
-    /// `openssl <args>` as root, no engine (the verifier, the CA).
-    fn openssl(&self, args: &[&str]) -> Output {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?} failed:\n{}",
-            text(&out)
-        );
-        out
-    }
+/// `openssl <head> -engine aziot_keys -keyform engine <tail>` as `uid`/`gid` with the engine
+/// directory and keyd's endpoint in the environment.
+fn with_engine(
+    s: &Scratch,
+    keyd: &Keyd,
+    uid: u32,
+    gid: u32,
+    head: &[&str],
+    tail: &[&str],
+) -> Output {
+    s.openssl_as(uid, gid, keyd, &[head, &ENGINE[..], tail].concat())
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn ok(out: Output, what: &str) -> Output {
-    assert!(out.status.success(), "{what} failed:\n{}", text(&out));
-    out
-}
-
-/// The public key of a key pair as keyd's `/parameters` describe it (built here, not by the engine).
+/// The public key of a key pair as keyd's `/parameters` describe it (built here, not by the
+/// engine); an EC key's curve, by its OID, is P-256.
 fn public_key(api: &aziot_tests::Api, handle: &str) -> PKey<Public> {
-    match api.param(handle, "algorithm").as_str() {
-        "ECDSA" => {
-            assert_eq!(
-                unb64(&api.param(handle, "ec-curve-oid")),
-                [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07]
-            );
-            PKey::from_ec_key(ec_public_from_point(&unb64(&api.param(handle, "ec-point"))))
-                .expect("pkey")
-        }
-        "RSA" => PKey::from_rsa(rsa_public(
-            &unb64(&api.param(handle, "rsa-modulus")),
-            &unb64(&api.param(handle, "rsa-exponent")),
-        ))
-        .expect("pkey"),
-        other => panic!("algorithm {other}"),
+    if api.param(handle, "algorithm") == "ECDSA" {
+        assert_eq!(
+            unb64(&api.param(handle, "ec-curve-oid")),
+            [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07]
+        );
     }
-}
-
-fn write_public(s: &Scratch, name: &str, key: &PKey<Public>) -> PathBuf {
-    s.write(name, &key.public_key_to_pem().expect("pem"))
+    openssl_cli::public_key(api, handle)
 }
 
 /// sign with the engine as APP (`pkeyutl -sign`), verify as root with the public key from keyd.
 fn sign_and_verify(s: &Scratch, keyd: &Keyd, handle: &str, pubkey: &Path, opts: &[&str]) {
-    let mut args = vec![
-        "pkeyutl",
-        "-sign",
-        "-engine",
-        "aziot_keys",
-        "-keyform",
-        "engine",
-        "-inkey",
-        handle,
-        "-in",
-        "digest",
-    ];
-    args.extend_from_slice(opts);
     let out = ok(
-        s.openssl_as(APP, TEST_GID, keyd, &args),
+        with_engine(
+            s,
+            keyd,
+            APP,
+            TEST_GID,
+            &["pkeyutl", "-sign"],
+            &[&["-inkey", handle, "-in", "digest"][..], opts].concat(),
+        ),
         &format!("pkeyutl -sign {opts:?}"),
     );
     assert!(!out.stdout.is_empty(), "no signature");
     s.write("sig", &out.stdout);
-    let pubkey = pubkey.to_str().expect("utf-8");
-    let mut verify = vec![
-        "pkeyutl", "-verify", "-pubin", "-inkey", pubkey, "-in", "digest", "-sigfile", "sig",
-    ];
-    verify.extend_from_slice(opts);
-    let out = s.openssl(&verify);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("Signature Verified Successfully"),
-        "{opts:?}: {}",
-        text(&out)
-    );
-    // and a tampered digest does not verify (the check can fail)
-    let mut bad = sha256(b"the message signed by keyd");
-    bad[0] ^= 1;
-    s.write("digest.bad", &bad);
-    let mut verify_bad = verify.clone();
-    verify_bad[6] = "digest.bad";
-    let out = Command::new("openssl")
-        .args(&verify_bad)
-        .current_dir(s.dir.path())
-        .output()
-        .expect("openssl");
-    assert!(
-        !out.status.success(),
-        "a wrong digest verified: {}",
-        text(&out)
-    );
+    assert_signature_verifies(s, pubkey, opts);
+}
+
+/// A CSR for `CN=<cn>` holding `key`'s public key, signed (SHA-256) with it.
+fn csr_signed_with(key: &PKey<Private>, cn: &str) -> openssl::x509::X509Req {
+    let mut req = openssl::x509::X509ReqBuilder::new().expect("req");
+    let mut name = openssl::x509::X509NameBuilder::new().expect("name");
+    name.append_entry_by_text("CN", cn).expect("cn");
+    req.set_subject_name(&name.build()).expect("subject");
+    req.set_pubkey(key).expect("pubkey");
+    req.sign(key, openssl::hash::MessageDigest::sha256())
+        .expect("sign the CSR through keyd");
+    req.build()
+}
+
+fn make_ca(s: &Scratch) {
+    openssl_cli::make_ca(s, "engine test CA");
 }
 
 /// spec §9.3/§9.4: `pkeyutl -sign` with EC P-256 (sign_sig), RSA-2048 PKCS#1 v1.5 and PSS
@@ -239,7 +112,7 @@ fn pkeyutl_sign_ec_rsa_pss_verify_with_keyd_public_key() {
     }
     let keyd = start_keyd(Backend::from_env());
     let api = keyd.api(V2021);
-    let s = Scratch::new("engine-pkeyutl");
+    let s = scratch("engine-pkeyutl");
     s.write("digest", &sha256(b"the message signed by keyd"));
 
     let ec = api.create_keypair("engine-ec", Some("ec-p256"));
@@ -251,20 +124,7 @@ fn pkeyutl_sign_ec_rsa_pss_verify_with_keyd_public_key() {
         let h = api.create_keypair(id, Some(alg));
         let p = write_public(&s, &format!("{id}.pub.pem"), &public_key(&api, &h));
         sign_and_verify(&s, &keyd, &h, &p, &["-pkeyopt", "digest:sha256"]);
-        sign_and_verify(
-            &s,
-            &keyd,
-            &h,
-            &p,
-            &[
-                "-pkeyopt",
-                "digest:sha256",
-                "-pkeyopt",
-                "rsa_padding_mode:pss",
-                "-pkeyopt",
-                "rsa_pss_saltlen:32",
-            ],
-        );
+        sign_and_verify(&s, &keyd, &h, &p, &PSS_SHA256);
     }
 }
 
@@ -277,26 +137,17 @@ fn req_new_with_engine_key_verifies() {
     }
     let keyd = start_keyd(Backend::from_env());
     let api = keyd.api(V2021);
-    let s = Scratch::new("engine-req");
+    let s = scratch("engine-req");
     for (id, alg) in [("engine-req-ec", "ec-p256"), ("engine-req-rsa", "rsa-2048")] {
         let h = api.create_keypair(id, Some(alg));
         let out = ok(
-            s.openssl_as(
+            with_engine(
+                &s,
+                &keyd,
                 APP,
                 TEST_GID,
-                &keyd,
-                &[
-                    "req",
-                    "-new",
-                    "-engine",
-                    "aziot_keys",
-                    "-keyform",
-                    "engine",
-                    "-key",
-                    &h,
-                    "-subj",
-                    "/CN=x",
-                ],
+                &["req", "-new"],
+                &["-key", &h, "-subj", "/CN=x"],
             ),
             "req -new",
         );
@@ -325,200 +176,6 @@ fn req_new_with_engine_key_verifies() {
     }
 }
 
-/// A test CA (openssl CLI) and a server certificate for 127.0.0.1.
-fn make_ca(s: &Scratch) {
-    s.openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-subj",
-        "/CN=engine test CA",
-        "-days",
-        "2",
-    ]);
-    s.openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-addext",
-        "subjectAltName=IP:127.0.0.1",
-    ]);
-    s.openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-copy_extensions",
-        "copyall",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-    ]);
-    std::fs::set_permissions(s.path("ca.pem"), std::fs::Permissions::from_mode(0o644))
-        .expect("chmod");
-}
-
-/// Issues `<name>.pem` from the CSR bytes (signed by the test CA).
-fn issue(s: &Scratch, name: &str, csr_pem: &[u8]) -> PathBuf {
-    let csr = s.write(&format!("{name}.csr"), csr_pem);
-    let cert = s.path(&format!("{name}.pem"));
-    s.openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        csr.to_str().expect("utf-8"),
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        cert.to_str().expect("utf-8"),
-        "-days",
-        "2",
-    ]);
-    std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    cert
-}
-
-/// `openssl s_server -Verify 1` on a free loopback port, its output collected.
-struct SServer {
-    child: Child,
-    /// s_server quits at EOF on its stdin: kept open while it serves.
-    stdin: Option<std::process::ChildStdin>,
-    port: u16,
-    output: Arc<Mutex<String>>,
-}
-
-impl SServer {
-    fn start(s: &Scratch) -> SServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let mut child = Command::new("openssl")
-            .args([
-                "s_server",
-                "-accept",
-                &format!("127.0.0.1:{port}"),
-                "-naccept",
-                "1",
-                "-Verify",
-                "1",
-                "-verify_return_error",
-            ])
-            .args([
-                "-CAfile",
-                "ca.pem",
-                "-cert",
-                "server.pem",
-                "-key",
-                "server.key",
-            ])
-            .current_dir(s.dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .expect("spawn s_server");
-        let output = Arc::new(Mutex::new(String::new()));
-        for pipe in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let output = Arc::clone(&output);
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let mut o = output.lock().expect("lock");
-                    o.push_str(&line);
-                    o.push('\n');
-                }
-            });
-        }
-        let stdin = child.stdin.take();
-        let server = SServer {
-            child,
-            stdin,
-            port,
-            output,
-        };
-        server.wait_for("ACCEPT", Duration::from_secs(10));
-        server
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().expect("lock").clone()
-    }
-
-    fn wait_for(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.output().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "s_server did not print {needle:?} within {timeout:?}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits for s_server to end (it serves one connection); its output.
-    fn finish(mut self) -> String {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.child.try_wait().expect("try_wait").is_some() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        // the reader threads drain the pipes until EOF
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Arc::strong_count(&self.output) > 1 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        self.output()
-    }
-}
-
-impl Drop for SServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// mTLS: a client certificate for the keyd key (CSR made through the engine), `s_client` with
 /// the engine key completes the handshake, and `s_server -Verify 1` saw and verified the cert.
 fn s_client_mtls(backend: Backend) {
@@ -527,46 +184,36 @@ fn s_client_mtls(backend: Backend) {
     }
     let keyd = start_keyd(backend);
     let api = keyd.api(V2021);
-    let s = Scratch::new("engine-mtls");
+    let s = scratch("engine-mtls");
     make_ca(&s);
     for (id, alg) in [("engine-tls-ec", "ec-p256"), ("engine-tls-rsa", "rsa-2048")] {
         let h = api.create_keypair(id, Some(alg));
         let csr = ok(
-            s.openssl_as(
+            with_engine(
+                &s,
+                &keyd,
                 APP,
                 TEST_GID,
-                &keyd,
-                &[
-                    "req",
-                    "-new",
-                    "-engine",
-                    "aziot_keys",
-                    "-keyform",
-                    "engine",
-                    "-key",
-                    &h,
-                    "-subj",
-                    &format!("/CN={id}"),
-                ],
+                &["req", "-new"],
+                &["-key", &h, "-subj", &format!("/CN={id}")],
             ),
             "req -new",
         );
         let cert = issue(&s, id, &csr.stdout);
         for tls in ["-tls1_3", "-tls1_2"] {
-            let server = SServer::start(&s);
-            let out = s.openssl_as(
+            let server = SServer::start(&s, false);
+            let out = with_engine(
+                &s,
+                &keyd,
                 APP,
                 TEST_GID,
-                &keyd,
                 &[
                     "s_client",
                     "-connect",
-                    &format!("127.0.0.1:{}", server.port),
+                    &format!("127.0.0.1:{}", server.port()),
                     tls,
-                    "-engine",
-                    "aziot_keys",
-                    "-keyform",
-                    "engine",
+                ],
+                &[
                     "-key",
                     &h,
                     "-cert",
@@ -613,7 +260,7 @@ fn twin_mtls_in_process() {
     }
     let keyd = start_keyd(Backend::from_env());
     let api = keyd.api(V2021);
-    let s = Scratch::new("engine-twin");
+    let s = scratch("engine-twin");
     make_ca(&s);
     aziot_key_openssl_engine::preload().expect("preload");
     let client = Arc::new(KeydClient::new(keyd.socket()));
@@ -625,14 +272,7 @@ fn twin_mtls_in_process() {
         let key = load_private_key(&client, &h).unwrap_or_else(|e| panic!("load {id}: {e}"));
         assert!(key.public_eq(&public_key(&api, &h)));
         // CSR signed through keyd
-        let mut req = openssl::x509::X509ReqBuilder::new().expect("req");
-        let mut name = openssl::x509::X509NameBuilder::new().expect("name");
-        name.append_entry_by_text("CN", id).expect("cn");
-        req.set_subject_name(&name.build()).expect("subject");
-        req.set_pubkey(&key).expect("pubkey");
-        req.sign(&key, openssl::hash::MessageDigest::sha256())
-            .expect("sign the CSR through keyd");
-        let req = req.build();
+        let req = csr_signed_with(&key, id);
         assert!(
             req.verify(&public_key(&api, &h)).expect("verify"),
             "CSR signature"
@@ -643,7 +283,7 @@ fn twin_mtls_in_process() {
             openssl::ssl::SslVersion::TLS1_3,
             openssl::ssl::SslVersion::TLS1_2,
         ] {
-            let server = SServer::start(&s);
+            let server = SServer::start(&s, false);
             let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client())
                 .expect("connector");
             b.set_ca_file(s.path("ca.pem")).expect("ca");
@@ -655,7 +295,7 @@ fn twin_mtls_in_process() {
             b.set_min_proto_version(Some(version)).expect("min");
             b.set_max_proto_version(Some(version)).expect("max");
             let connector = b.build();
-            let tcp = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+            let tcp = std::net::TcpStream::connect(("127.0.0.1", server.port())).expect("connect");
             let mut tls = connector.connect("127.0.0.1", tcp).unwrap_or_else(|e| {
                 panic!(
                     "{id} {version:?}: handshake: {e}\n--- s_server ---\n{}",
@@ -685,75 +325,37 @@ fn rsa_decrypt_through_the_engine() {
     }
     let keyd = start_keyd(Backend::from_env());
     let api = keyd.api(V2021);
-    let s = Scratch::new("engine-decrypt");
+    let s = scratch("engine-decrypt");
     let h = api.create_keypair("engine-dec", Some("rsa-2048"));
     let pubkey = write_public(&s, "dec.pub.pem", &public_key(&api, &h));
     let secret = random(24);
     s.write("secret", &secret);
-    for opts in [
-        &[][..],
-        &[
-            "-pkeyopt",
-            "rsa_padding_mode:oaep",
-            "-pkeyopt",
-            "rsa_oaep_md:sha256",
-        ][..],
-    ] {
-        let mut enc = vec![
-            "pkeyutl",
-            "-encrypt",
-            "-pubin",
-            "-inkey",
-            pubkey.to_str().expect("utf-8"),
-            "-in",
-            "secret",
-            "-out",
-            "ct",
-        ];
-        enc.extend_from_slice(opts);
-        s.openssl(&enc);
-        std::fs::set_permissions(s.path("ct"), std::fs::Permissions::from_mode(0o644))
-            .expect("chmod");
-        let mut dec = vec![
-            "pkeyutl",
-            "-decrypt",
-            "-engine",
-            "aziot_keys",
-            "-keyform",
-            "engine",
-            "-inkey",
-            &h,
-            "-in",
-            "ct",
-        ];
-        dec.extend_from_slice(opts);
-        let out = ok(s.openssl_as(APP, TEST_GID, &keyd, &dec), "pkeyutl -decrypt");
+    for opts in [&[][..], &OAEP_SHA256[..]] {
+        encrypt_secret(&s, &pubkey, opts);
+        let out = ok(
+            with_engine(
+                &s,
+                &keyd,
+                APP,
+                TEST_GID,
+                &["pkeyutl", "-decrypt"],
+                &[&["-inkey", &h, "-in", "ct"][..], opts].concat(),
+            ),
+            "pkeyutl -decrypt",
+        );
         assert_eq!(out.stdout, secret, "{opts:?}");
     }
     // a corrupted ciphertext fails with the engine's error, not garbage
     let mut ct = std::fs::read(s.path("ct")).expect("ct");
     ct[5] ^= 0x40;
     s.write("ct", &ct);
-    let out = s.openssl_as(
+    let out = with_engine(
+        &s,
+        &keyd,
         APP,
         TEST_GID,
-        &keyd,
-        &[
-            "pkeyutl",
-            "-decrypt",
-            "-engine",
-            "aziot_keys",
-            "-keyform",
-            "engine",
-            "-inkey",
-            &h,
-            "-in",
-            "ct",
-            "-pkeyopt",
-            "rsa_padding_mode:oaep",
-            "-pkeyopt",
-            "rsa_oaep_md:sha256",
-        ],
+        &["pkeyutl", "-decrypt"],
+        &[&["-inkey", &h, "-in", "ct"][..], &OAEP_SHA256[..]].concat(),
     );
     assert!(
         !out.status.success() && out.stdout.is_empty(),
@@ -772,27 +374,18 @@ fn bad_input_fails_with_a_clear_error() {
     }
     let mut keyd = start_keyd(backend);
     let api = keyd.api(V2021);
-    let s = Scratch::new("engine-bad");
+    let s = scratch("engine-bad");
     s.write("digest", &sha256(b"m"));
     let good = api.create_keypair("engine-bad-ec", Some("ec-p256"));
     let sym = api.create_key("engine-sym", "sign");
     let sign = |keyd: &Keyd, uid: u32, gid: u32, handle: &str| -> String {
-        let out = s.openssl_as(
+        let out = with_engine(
+            &s,
+            keyd,
             uid,
             gid,
-            keyd,
-            &[
-                "pkeyutl",
-                "-sign",
-                "-engine",
-                "aziot_keys",
-                "-keyform",
-                "engine",
-                "-inkey",
-                handle,
-                "-in",
-                "digest",
-            ],
+            &["pkeyutl", "-sign"],
+            &["-inkey", handle, "-in", "digest"],
         );
         assert!(
             out.status.code().is_some(),
@@ -848,22 +441,13 @@ fn bad_input_fails_with_a_clear_error() {
         "{e}"
     );
     // the good handle works (so the failures above are the inputs' fault)
-    let out = s.openssl_as(
+    let out = with_engine(
+        &s,
+        &keyd,
         APP,
         TEST_GID,
-        &keyd,
-        &[
-            "pkeyutl",
-            "-sign",
-            "-engine",
-            "aziot_keys",
-            "-keyform",
-            "engine",
-            "-inkey",
-            &good,
-            "-in",
-            "digest",
-        ],
+        &["pkeyutl", "-sign"],
+        &["-inkey", &good, "-in", "digest"],
     );
     assert!(out.status.success(), "{}", text(&out));
     // keyd down
@@ -939,7 +523,7 @@ fn p384_preloaded_key_signs_through_the_engine() {
     // why upstream fails: keyd cannot name the curve (spec keyd.md §5.8)
     expect_err(&api.param_resp(&h, "ec-curve-oid"), 400, LIB_INVALID);
     assert_eq!(unb64(&api.param(&h, "ec-point")).len(), 49);
-    let s = Scratch::new("engine-p384");
+    let s = scratch("engine-p384");
     let public = PKey::from_ec_key(
         openssl::ec::EcKey::from_public_key(&group, local.public_key()).expect("pub"),
     )
@@ -962,13 +546,13 @@ fn endpoint_override_is_ignored_when_setgid() {
     let h = keyd
         .api(V2021)
         .create_keypair("engine-secure", Some("ec-p256"));
-    let s = Scratch::new("engine-setgid");
+    let s = scratch("engine-setgid");
     s.write("digest", &sha256(b"m"));
     let openssl_bin = ["/usr/bin/openssl", "/bin/openssl"]
         .into_iter()
         .find(|p| Path::new(p).is_file())
         .expect("openssl binary");
-    let so = s.path("engines").join("aziot_keys.so");
+    let so = s.plugin_so();
     let args = [
         "pkeyutl",
         "-sign",
@@ -984,7 +568,7 @@ fn endpoint_override_is_ignored_when_setgid() {
     let run = |bin: &Path, gid: u32| {
         Command::new(bin)
             .args(args)
-            .current_dir(s.dir.path())
+            .current_dir(s.dir())
             .env_clear()
             .env(
                 "AZIOT_KEYD_ENDPOINT",
@@ -1054,7 +638,7 @@ fn twin_mtls_in_a_confined_identityd_worker() {
         .keep_socket_owner()
         .start();
     let api = keyd.api(V2021);
-    let s = Scratch::new("engine-confined");
+    let s = scratch("engine-confined");
     make_ca(&s);
     aziot_key_openssl_engine::preload().expect("preload");
     let client = Arc::new(KeydClient::new(keyd.socket()));
@@ -1068,14 +652,7 @@ fn twin_mtls_in_a_confined_identityd_worker() {
         let h = api.create_keypair(id, Some(alg));
         // the client certificate, from a CSR signed through the twin in this process
         let key = load_private_key(&client, &h).expect("load");
-        let mut req = openssl::x509::X509ReqBuilder::new().expect("req");
-        let mut name = openssl::x509::X509NameBuilder::new().expect("name");
-        name.append_entry_by_text("CN", id).expect("cn");
-        req.set_subject_name(&name.build()).expect("subject");
-        req.set_pubkey(&key).expect("pubkey");
-        req.sign(&key, openssl::hash::MessageDigest::sha256())
-            .expect("sign");
-        let cert = issue(&s, id, &req.build().to_pem().expect("pem"));
+        let cert = issue(&s, id, &csr_signed_with(&key, id).to_pem().expect("pem"));
 
         // identityd's state directory (aziotid, 0700) with the inputs of the attempt
         let state = s.path(&format!("state-{id}"));
@@ -1103,10 +680,10 @@ fn twin_mtls_in_a_confined_identityd_worker() {
             nix::unistd::chown(&p, Some(svc_user.uid), Some(svc_user.gid)).expect("chown");
         }
 
-        let server = SServer::start(&s);
+        let server = SServer::start(&s, false);
         let mut grants = aziot_policy::Grants::default();
         grants.tcp_ports.push(aziot_policy::PortGrant {
-            port: server.port,
+            port: server.port(),
             origin: aziot_policy::Origin::Config(
                 "engine suite: the s_server port, as a hub port".into(),
             ),
@@ -1145,7 +722,7 @@ fn twin_mtls_in_a_confined_identityd_worker() {
             allow_degraded: false,
             escape: Some(aziot_policy::escape::EscapeAttempt {
                 name: "tls-client".into(),
-                arg: Some(format!("{}|{}", keyd.socket().display(), server.port)),
+                arg: Some(format!("{}|{}", keyd.socket().display(), server.port())),
             }),
         };
         let (ours, theirs) = nix::sys::socket::socketpair(

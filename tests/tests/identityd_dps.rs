@@ -34,7 +34,8 @@ fn shared_ca() -> TestCa {
         let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("aziot-identityd-dps-ca-{}.pem", std::process::id()));
         ca.write_cert(&path).expect("write the CA");
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod the CA");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .expect("chmod the CA");
         std::env::set_var("SSL_CERT_FILE", &path);
         ca
     })
@@ -103,7 +104,11 @@ fn sas(key: &[u8]) -> DpsAuth {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// §3.1–§3.3: the register PUT and the status poll, each with exactly the spec's path,
@@ -114,28 +119,65 @@ fn rt() -> tokio::runtime::Runtime {
 fn client_symmetric_key_registers_with_the_wire_shape() {
     let dps = start_dps();
     let key = aziot_tests::crypto::random(32);
-    dps.enroll("dev-sym", Enrollment { attestation: Attestation::SymmetricKey(key.clone()), hub: dps.hub_b(), device_id: Some("device-7".into()) });
+    dps.enroll(
+        "dev-sym",
+        Enrollment {
+            attestation: Attestation::SymmetricKey(key.clone()),
+            hub: dps.hub_b(),
+            device_id: Some("device-7".into()),
+        },
+    );
     let c = client(Duration::from_secs(30));
     let payload = json!({"modelId": "dtmi:x;1", "n": [1, 2]});
     let t = Instant::now();
-    let a = rt().block_on(c.register(&registration(&dps, "dev-sym", Some(payload.clone())), &sas(&key))).expect("register");
-    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}: a fixed wait before the first poll?", t.elapsed());
-    assert_eq!((a.assigned_hub.as_str(), a.device_id.as_str()), (dps.hub_b().as_str(), "device-7"));
+    let a = rt()
+        .block_on(c.register(
+            &registration(&dps, "dev-sym", Some(payload.clone())),
+            &sas(&key),
+        ))
+        .expect("register");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}: a fixed wait before the first poll?",
+        t.elapsed()
+    );
+    assert_eq!(
+        (a.assigned_hub.as_str(), a.device_id.as_str()),
+        (dps.hub_b().as_str(), "device-7")
+    );
     assert_eq!(a.payload, Some(json!({"received": payload})));
     let reqs = dps.requests();
     assert_eq!(reqs.len(), 2, "{reqs:?}");
-    assert_eq!((reqs[0].method.as_str(), reqs[0].target.as_str()), ("PUT", "/0ne00DPS001/registrations/dev-sym/register?api-version=2021-06-01"));
-    assert_eq!(String::from_utf8_lossy(&reqs[0].body), format!(r#"{{"registrationId":"dev-sym","payload":{payload}}}"#));
+    assert_eq!(
+        (reqs[0].method.as_str(), reqs[0].target.as_str()),
+        (
+            "PUT",
+            "/0ne00DPS001/registrations/dev-sym/register?api-version=2021-06-01"
+        )
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&reqs[0].body),
+        format!(r#"{{"registrationId":"dev-sym","payload":{payload}}}"#)
+    );
     let names: Vec<&str> = reqs[0].headers.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["host", "authorization", "content-type", "content-length"]);
+    assert_eq!(
+        names,
+        ["host", "authorization", "content-type", "content-length"]
+    );
     assert!(reqs[1].is_poll() && reqs[1].target.ends_with("?api-version=2021-06-01"));
     let names: Vec<&str> = reqs[1].headers.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["host", "authorization"], "a poll has no body");
     for r in &reqs {
         let s = r.sas.as_ref().expect("SAS checked");
         assert_eq!(s.verdict, Ok(()), "{} {}", r.method, r.target);
-        assert_eq!(s.sr, "0ne00dps001/registrations/dev-sym", "lower-cased audience");
-        assert!(r.header("authorization").expect("auth").ends_with("&skn=registration"));
+        assert_eq!(
+            s.sr, "0ne00dps001/registrations/dev-sym",
+            "lower-cased audience"
+        );
+        assert!(r
+            .header("authorization")
+            .expect("auth")
+            .ends_with("&skn=registration"));
     }
     // The hub now knows the device by the same key.
     assert!(dps.hub(&dps.hub_b()).requests().is_empty());
@@ -147,16 +189,35 @@ fn client_symmetric_key_registers_with_the_wire_shape() {
 fn client_group_enrollment_uses_the_derived_key() {
     let dps = start_dps();
     let group = aziot_tests::crypto::random(32);
-    dps.enroll_group(Group::SymmetricKey { group_key: group.clone(), hub: dps.hub_a() });
+    dps.enroll_group(Group::SymmetricKey {
+        group_key: group.clone(),
+        hub: dps.hub_a(),
+    });
     let c = client(Duration::from_secs(30));
     let rt = rt();
-    let a = rt.block_on(c.register(&registration(&dps, "grp-1", None), &sas(&derive_device_key(&group, "grp-1")))).expect("register");
-    assert_eq!((a.assigned_hub.as_str(), a.device_id.as_str()), (dps.hub_a().as_str(), "grp-1"));
-    assert_eq!(String::from_utf8_lossy(&dps.requests()[0].body), r#"{"registrationId":"grp-1"}"#);
+    let a = rt
+        .block_on(c.register(
+            &registration(&dps, "grp-1", None),
+            &sas(&derive_device_key(&group, "grp-1")),
+        ))
+        .expect("register");
+    assert_eq!(
+        (a.assigned_hub.as_str(), a.device_id.as_str()),
+        (dps.hub_a().as_str(), "grp-1")
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&dps.requests()[0].body),
+        r#"{"registrationId":"grp-1"}"#
+    );
     for wrong in [group.clone(), derive_device_key(&group, "grp-2")] {
-        let e = rt.block_on(c.register(&registration(&dps, "grp-1", None), &sas(&wrong))).expect_err("wrong key");
+        let e = rt
+            .block_on(c.register(&registration(&dps, "grp-1", None), &sas(&wrong)))
+            .expect_err("wrong key");
         assert_eq!((e.kind, e.status), (HubErrorKind::Other, Some(401)));
-        assert_eq!(e.message, "DPS answered HTTP error 401 Unauthorized: Unauthorized (code 401002)");
+        assert_eq!(
+            e.message,
+            "DPS answered HTTP error 401 Unauthorized: Unauthorized (code 401002)"
+        );
     }
 }
 
@@ -166,19 +227,36 @@ fn client_group_enrollment_uses_the_derived_key() {
 fn client_polls_at_once_then_honours_retry_after() {
     let dps = start_dps();
     let key = aziot_tests::crypto::random(32);
-    dps.enroll("dev-poll", Enrollment { attestation: Attestation::SymmetricKey(key.clone()), hub: dps.hub_a(), device_id: None });
+    dps.enroll(
+        "dev-poll",
+        Enrollment {
+            attestation: Attestation::SymmetricKey(key.clone()),
+            hub: dps.hub_a(),
+            device_id: None,
+        },
+    );
     dps.set_assigning_polls(2, Some(1));
     let c = client(Duration::from_secs(30));
-    rt().block_on(c.register(&registration(&dps, "dev-poll", None), &sas(&key))).expect("register");
+    rt().block_on(c.register(&registration(&dps, "dev-poll", None), &sas(&key)))
+        .expect("register");
     let reqs = dps.requests();
     let statuses: Vec<u16> = reqs.iter().map(|r| r.status).collect();
     assert_eq!(statuses, [202, 202, 202, 200]);
-    assert!(reqs[1].at - reqs[0].at < Duration::from_millis(900), "first poll at once: {:?}", reqs[1].at - reqs[0].at);
+    assert!(
+        reqs[1].at - reqs[0].at < Duration::from_millis(900),
+        "first poll at once: {:?}",
+        reqs[1].at - reqs[0].at
+    );
     for i in 2..4 {
         let gap = reqs[i].at - reqs[i - 1].at;
-        assert!(gap >= Duration::from_secs(1) && gap < Duration::from_secs(4), "poll {i} after {gap:?}");
+        assert!(
+            gap >= Duration::from_secs(1) && gap < Duration::from_secs(4),
+            "poll {i} after {gap:?}"
+        );
     }
-    assert!(reqs.iter().all(|r| r.sas.as_ref().is_some_and(|s| s.verdict.is_ok())));
+    assert!(reqs
+        .iter()
+        .all(|r| r.sas.as_ref().is_some_and(|s| s.verdict.is_ok())));
 }
 
 /// The whole registration is bounded: a DPS that answers `assigning` forever ends in a clear
@@ -187,11 +265,20 @@ fn client_polls_at_once_then_honours_retry_after() {
 fn client_total_time_is_bounded() {
     let dps = start_dps();
     let key = aziot_tests::crypto::random(32);
-    dps.enroll("dev-slow", Enrollment { attestation: Attestation::SymmetricKey(key.clone()), hub: dps.hub_a(), device_id: None });
+    dps.enroll(
+        "dev-slow",
+        Enrollment {
+            attestation: Attestation::SymmetricKey(key.clone()),
+            hub: dps.hub_a(),
+            device_id: None,
+        },
+    );
     dps.set_assigning_polls(1000, Some(1));
     let c = client(Duration::from_millis(2500));
     let t = Instant::now();
-    let e = rt().block_on(c.register(&registration(&dps, "dev-slow", None), &sas(&key))).expect_err("never assigned");
+    let e = rt()
+        .block_on(c.register(&registration(&dps, "dev-slow", None), &sas(&key)))
+        .expect_err("never assigned");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(e.message, "DPS registration did not complete within 2.5 s");
     assert_eq!(e.kind, HubErrorKind::TimedOut);
@@ -205,37 +292,69 @@ fn client_total_time_is_bounded() {
 fn client_bad_cloud_input_errors() {
     let dps = start_dps();
     let key = aziot_tests::crypto::random(32);
-    dps.enroll("dev-bad", Enrollment { attestation: Attestation::SymmetricKey(key.clone()), hub: dps.hub_a(), device_id: None });
+    dps.enroll(
+        "dev-bad",
+        Enrollment {
+            attestation: Attestation::SymmetricKey(key.clone()),
+            hub: dps.hub_a(),
+            device_id: None,
+        },
+    );
     let c = client(Duration::from_secs(30));
     let rt = rt();
     let reg = registration(&dps, "dev-bad", None);
 
-    let e = rt.block_on(c.register(&reg, &sas(&[9u8; 32]))).expect_err("wrong key");
-    assert_eq!(e.message, "DPS answered HTTP error 401 Unauthorized: Unauthorized (code 401002)");
+    let e = rt
+        .block_on(c.register(&reg, &sas(&[9u8; 32])))
+        .expect_err("wrong key");
+    assert_eq!(
+        e.message,
+        "DPS answered HTTP error 401 Unauthorized: Unauthorized (code 401002)"
+    );
     assert!(!e.is_network());
 
     dps.clear_requests();
     for _ in 0..5 {
         dps.push_fault(DpsFault::throttled(Some(1)));
     }
-    let e = rt.block_on(c.register(&reg, &sas(&key))).expect_err("throttled");
+    let e = rt
+        .block_on(c.register(&reg, &sas(&key)))
+        .expect_err("throttled");
     assert_eq!((e.kind, e.status), (HubErrorKind::Throttled, Some(429)));
-    assert_eq!(e.message, "DPS throttled the request 5 times (429 Too Many Requests)");
+    assert_eq!(
+        e.message,
+        "DPS throttled the request 5 times (429 Too Many Requests)"
+    );
     let reqs = dps.requests();
     assert_eq!(reqs.len(), 5);
     for w in reqs.windows(2) {
         let gap = w[1].at - w[0].at;
-        assert!(gap >= Duration::from_secs(1) && gap < Duration::from_secs(10), "Retry-After: 1 honoured: {gap:?}");
+        assert!(
+            gap >= Duration::from_secs(1) && gap < Duration::from_secs(10),
+            "Retry-After: 1 honoured: {gap:?}"
+        );
     }
 
     dps.fail_next(400209, "Custom allocation failed");
-    let e = rt.block_on(c.register(&reg, &sas(&key))).expect_err("failed");
-    assert_eq!(e.message, "DPS registration failed: Custom allocation failed (code 400209)");
+    let e = rt
+        .block_on(c.register(&reg, &sas(&key)))
+        .expect_err("failed");
+    assert_eq!(
+        e.message,
+        "DPS registration failed: Custom allocation failed (code 400209)"
+    );
 
     dps.push_fault(DpsFault::MalformedJson);
-    let e = rt.block_on(c.register(&reg, &sas(&key))).expect_err("malformed");
+    let e = rt
+        .block_on(c.register(&reg, &sas(&key)))
+        .expect_err("malformed");
     assert_eq!(e.kind, HubErrorKind::InvalidData);
-    assert!(e.message.starts_with("DPS answered 202 Accepted with a body that is not valid JSON"), "{}", e.message);
+    assert!(
+        e.message
+            .starts_with("DPS answered 202 Accepted with a body that is not valid JSON"),
+        "{}",
+        e.message
+    );
 
     dps.push_fault(DpsFault::server_error());
     let e = rt.block_on(c.register(&reg, &sas(&key))).expect_err("500");
@@ -254,11 +373,31 @@ fn client_rejects_an_untrusted_server() {
     let rogue = TestCa::new("not trusted");
     let dps = MockDps::start_with_ca(rogue, 0, SCOPE).expect("start");
     let key = aziot_tests::crypto::random(32);
-    dps.enroll("dev-tls", Enrollment { attestation: Attestation::SymmetricKey(key.clone()), hub: dps.hub_a(), device_id: None });
-    let e = rt().block_on(client(Duration::from_secs(30)).register(&registration(&dps, "dev-tls", None), &sas(&key))).expect_err("untrusted");
+    dps.enroll(
+        "dev-tls",
+        Enrollment {
+            attestation: Attestation::SymmetricKey(key.clone()),
+            hub: dps.hub_a(),
+            device_id: None,
+        },
+    );
+    let e = rt()
+        .block_on(
+            client(Duration::from_secs(30))
+                .register(&registration(&dps, "dev-tls", None), &sas(&key)),
+        )
+        .expect_err("untrusted");
     assert_eq!(e.kind, HubErrorKind::NotConnected);
-    assert!(e.message.contains("TLS handshake with 127.0.0.1 failed") && e.message.contains("certificate verify failed"), "{}", e.message);
-    assert!(dps.requests().is_empty(), "no request reached the untrusted server");
+    assert!(
+        e.message.contains("TLS handshake with 127.0.0.1 failed")
+            && e.message.contains("certificate verify failed"),
+        "{}",
+        e.message
+    );
+    assert!(
+        dps.requests().is_empty(),
+        "no request reached the untrusted server"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -271,7 +410,9 @@ mod broker {
 
     use aziot_tests::crypto::{b64, hmac_sha256};
     use aziot_tests::identityd::{Identityd, DEVICE_KEY, HOSTNAME, MASTER_KEY, MODULE_UID, V2021};
-    use aziot_tests::mock_dps::{derive_device_key, Attestation, DpsFault, Enrollment, Group, MockDps};
+    use aziot_tests::mock_dps::{
+        derive_device_key, Attestation, DpsFault, Enrollment, Group, MockDps,
+    };
     use aziot_tests::mock_hub::HubState;
     use aziot_tests::mock_tls::TestCa;
     use aziot_tests::tpmd::{Swtpm, Tpmd};
@@ -296,7 +437,8 @@ mod broker {
     }
 
     fn module_ready(hub: &HubState, device: &str) -> bool {
-        hub.module(device, "mod-a").is_some_and(|m| m.primary_key.is_some())
+        hub.module(device, "mod-a")
+            .is_some_and(|m| m.primary_key.is_some())
     }
 
     /// identityd.md §8.2 computed here.
@@ -314,7 +456,13 @@ mod broker {
     /// The device landed on `hub` as `device`: E1 says so, mod-a exists there with keys derived
     /// as §8.2, and the module principal's identity yields a module SAS that hub accepts.
     #[track_caller]
-    fn assert_landed(stack: &Identityd, dps: &MockDps, hub_name: &str, device: &str, auth_type: &str) {
+    fn assert_landed(
+        stack: &Identityd,
+        dps: &MockDps,
+        hub_name: &str,
+        device: &str,
+        auth_type: &str,
+    ) {
         let hub = dps.hub(hub_name);
         assert!(
             wait(Duration::from_secs(40), || module_ready(&hub, device)),
@@ -322,7 +470,10 @@ mod broker {
             stack.log()
         );
         for other in dps.hub_names().into_iter().filter(|n| n != hub_name) {
-            assert!(dps.hub(&other).requests().is_empty(), "nothing went to the other hub {other}");
+            assert!(
+                dps.hub(&other).requests().is_empty(),
+                "nothing went to the other hub {other}"
+            );
         }
         let id = device_identity(stack);
         assert_eq!(id["spec"]["hubName"], hub_name);
@@ -330,7 +481,10 @@ mod broker {
         assert_eq!(id["spec"]["deviceId"], device);
         assert_eq!(id["spec"]["auth"]["type"], auth_type);
         let m = hub.module(device, "mod-a").expect("mod-a");
-        assert_eq!(m.primary_key.as_deref().map(aziot_tests::crypto::unb64), Some(derived("mod-a", &m.generation_id, "primary")));
+        assert_eq!(
+            m.primary_key.as_deref().map(aziot_tests::crypto::unb64),
+            Some(derived("mod-a", &m.generation_id, "primary"))
+        );
         for r in hub.requests() {
             assert!(r.status < 300, "{} {} -> {}", r.method, r.target, r.status);
             if let Some(s) = &r.sas {
@@ -339,22 +493,46 @@ mod broker {
         }
         // A module principal's identity, and an agent's token made with its handle, valid in
         // the assigned hub.
-        let r = stack.client(Some(MODULE_UID), V2021).get("/identities/identity");
+        let r = stack
+            .client(Some(MODULE_UID), V2021)
+            .get("/identities/identity");
         assert_eq!(r.status, 200, "{r}\n{}", stack.log());
         let spec = &r.json()["spec"];
-        assert_eq!((spec["hubName"].as_str(), spec["moduleId"].as_str()), (Some(hub_name), Some("mod-a")));
-        let handle = spec["auth"]["keyHandle"].as_str().expect("keyHandle").to_owned();
+        assert_eq!(
+            (spec["hubName"].as_str(), spec["moduleId"].as_str()),
+            (Some(hub_name), Some("mod-a"))
+        );
+        let handle = spec["auth"]["keyHandle"]
+            .as_str()
+            .expect("keyHandle")
+            .to_owned();
         let keyd = stack.keyd().api(aziot_tests::api::V2021);
-        let se = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs() + 60;
+        let se = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_secs()
+            + 60;
         let sr = format!("{hub_name}/devices/{device}/modules/mod-a").to_lowercase();
         let sig = b64(&keyd.sign_hmac(&handle, format!("{sr}\n{se}").as_bytes()));
-        let token = format!("SharedAccessSignature sr={sr}&sig={}&se={se}", sig.replace('+', "%2B").replace('/', "%2F").replace('=', "%3D"));
-        assert_eq!(hub.verify_module_sas(device, "mod-a", &token).verdict, Ok(()));
+        let token = format!(
+            "SharedAccessSignature sr={sr}&sig={}&se={se}",
+            sig.replace('+', "%2B")
+                .replace('/', "%2F")
+                .replace('=', "%3D")
+        );
+        assert_eq!(
+            hub.verify_module_sas(device, "mod-a", &token).verdict,
+            Ok(())
+        );
     }
 
     fn wait_device_info(stack: &Identityd) -> String {
         let path = stack.home().join("device_info");
-        assert!(wait(Duration::from_secs(30), || path.exists()), "device_info written\n{}", stack.log());
+        assert!(
+            wait(Duration::from_secs(30), || path.exists()),
+            "device_info written\n{}",
+            stack.log()
+        );
         std::fs::read_to_string(path).expect("device_info")
     }
 
@@ -371,17 +549,43 @@ mod broker {
     fn broker_symmetric_key_individual_lands_on_the_assigned_hub() {
         require_identityd!();
         let dps = start_dps();
-        dps.enroll("dev-sym", Enrollment { attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()), hub: dps.hub_b(), device_id: Some("sym-device".into()) });
+        dps.enroll(
+            "dev-sym",
+            Enrollment {
+                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
+                hub: dps.hub_b(),
+                device_id: Some("sym-device".into()),
+            },
+        );
         let mut stack = Identityd::prepare("");
         let payload_path = stack.run_dir().join("dps-payload.json");
         write_root_file(&payload_path, r#"{"modelId": "dtmi:aziot:test;1"}"#);
-        let payload_line = format!("payload = {{ uri = \"file://{}\" }}\n", payload_path.display());
-        stack.set_config(&config(&dps.endpoint(), &sym("dev-sym", "device-id"), &payload_line));
-        stack.start_identityd().unwrap_or_else(|e| panic!("identityd: {e}"));
+        let payload_line = format!(
+            "payload = {{ uri = \"file://{}\" }}\n",
+            payload_path.display()
+        );
+        stack.set_config(&config(
+            &dps.endpoint(),
+            &sym("dev-sym", "device-id"),
+            &payload_line,
+        ));
+        stack
+            .start_identityd()
+            .unwrap_or_else(|e| panic!("identityd: {e}"));
         assert_landed(&stack, &dps, &dps.hub_b(), "sym-device", "sas");
         let reqs = dps.requests();
-        assert_eq!(reqs[0].json()["payload"], json!({"modelId": "dtmi:aziot:test;1"}), "the payload went up");
-        assert!(stack.log().contains("DPS returned a custom allocation payload"), "{}", stack.log());
+        assert_eq!(
+            reqs[0].json()["payload"],
+            json!({"modelId": "dtmi:aziot:test;1"}),
+            "the payload went up"
+        );
+        assert!(
+            stack
+                .log()
+                .contains("DPS returned a custom allocation payload"),
+            "{}",
+            stack.log()
+        );
         let r = stack.client(None, V2021).get("/identities/provisioning");
         assert_eq!(r.status, 200, "{r}");
         assert_eq!(
@@ -389,26 +593,60 @@ mod broker {
             json!({"source": "dps", "auth": "symmetric_key", "endpoint": dps.endpoint(), "scope_id": SCOPE, "registration_id": "dev-sym", "payload": {"modelId": "dtmi:aziot:test;1"}})
         );
         let info = wait_device_info(&stack);
-        assert!(info.contains(&format!("hub_name = \"{}\"", dps.hub_b())) && info.contains("device_id = \"sym-device\""), "{info}");
+        assert!(
+            info.contains(&format!("hub_name = \"{}\"", dps.hub_b()))
+                && info.contains("device_id = \"sym-device\""),
+            "{info}"
+        );
 
         // Restart: the backup, no DPS call.
         stack.stop_identityd();
         dps.clear_requests();
-        stack.start_identityd().unwrap_or_else(|e| panic!("identityd: {e}"));
+        stack
+            .start_identityd()
+            .unwrap_or_else(|e| panic!("identityd: {e}"));
         assert_eq!(device_identity(&stack)["spec"]["deviceId"], "sym-device");
         assert!(dps.requests().is_empty(), "started from the backup");
-        assert!(stack.log().contains("Provisioned with backup for sym-device."), "{}", stack.log());
+        assert!(
+            stack
+                .log()
+                .contains("Provisioned with backup for sym-device."),
+            "{}",
+            stack.log()
+        );
 
         // Another provisioning config (another registration, another hub): the backup is not
         // used; the next start registers and lands on the new hub.
         stack.stop_identityd();
-        dps.enroll("dev-sym-2", Enrollment { attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()), hub: dps.hub_a(), device_id: None });
+        dps.enroll(
+            "dev-sym-2",
+            Enrollment {
+                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
+                hub: dps.hub_a(),
+                device_id: None,
+            },
+        );
         stack.set_config(&config(&dps.endpoint(), &sym("dev-sym-2", "device-id"), ""));
-        stack.start_identityd().unwrap_or_else(|e| panic!("identityd: {e}"));
+        stack
+            .start_identityd()
+            .unwrap_or_else(|e| panic!("identityd: {e}"));
         let hub_a = dps.hub(&dps.hub_a());
-        assert!(wait(Duration::from_secs(40), || module_ready(&hub_a, "dev-sym-2")), "{}", stack.log());
-        assert_eq!(device_identity(&stack)["spec"]["hubName"], dps.hub_a().as_str());
-        assert!(dps.requests().iter().any(|r| r.target.contains("/registrations/dev-sym-2/register")));
+        assert!(
+            wait(Duration::from_secs(40), || module_ready(
+                &hub_a,
+                "dev-sym-2"
+            )),
+            "{}",
+            stack.log()
+        );
+        assert_eq!(
+            device_identity(&stack)["spec"]["hubName"],
+            dps.hub_a().as_str()
+        );
+        assert!(dps
+            .requests()
+            .iter()
+            .any(|r| r.target.contains("/registrations/dev-sym-2/register")));
     }
 
     /// Symmetric key, group enrollment: keyd holds the per-device key derived from the group key
@@ -418,11 +656,19 @@ mod broker {
         require_identityd!();
         let dps = start_dps();
         let group = aziot_tests::crypto::random(32);
-        dps.enroll_group(Group::SymmetricKey { group_key: group.clone(), hub: dps.hub_a() });
+        dps.enroll_group(Group::SymmetricKey {
+            group_key: group.clone(),
+            hub: dps.hub_a(),
+        });
         let stack_config = config(&dps.endpoint(), &sym("grp-dev-1", "dps-derived"), "");
         let mut stack = Identityd::prepare(&stack_config);
-        stack.keyd().api(aziot_tests::api::V2021).import_key("dps-derived", &derive_device_key(&group, "grp-dev-1"));
-        stack.start_identityd().unwrap_or_else(|e| panic!("identityd: {e}"));
+        stack
+            .keyd()
+            .api(aziot_tests::api::V2021)
+            .import_key("dps-derived", &derive_device_key(&group, "grp-dev-1"));
+        stack
+            .start_identityd()
+            .unwrap_or_else(|e| panic!("identityd: {e}"));
         assert_landed(&stack, &dps, &dps.hub_a(), "grp-dev-1", "sas");
     }
 
@@ -436,17 +682,36 @@ mod broker {
         let dps = start_dps();
         let attestation = "method = \"x509\"\nidentity_cert = \"adhoc\"\nidentity_pk = \"device-x509\"\nregistration_id = { CN = \"x509-dev\", O = \"aziot tests\" }";
         let mut stack = Identityd::prepare(&config(&dps.endpoint(), attestation, ""));
-        dps.enroll("x509-dev", Enrollment { attestation: Attestation::X509Ca(stack.ca_cert()), hub: dps.hub_b(), device_id: None });
-        stack.start_identityd().unwrap_or_else(|e| panic!("identityd: {e}"));
+        dps.enroll(
+            "x509-dev",
+            Enrollment {
+                attestation: Attestation::X509Ca(stack.ca_cert()),
+                hub: dps.hub_b(),
+                device_id: None,
+            },
+        );
+        stack
+            .start_identityd()
+            .unwrap_or_else(|e| panic!("identityd: {e}"));
         assert_landed(&stack, &dps, &dps.hub_b(), "x509-dev", "x509");
-        let r = aziot_tests::api::Api::new(stack.certd_socket(), "2020-09-01").get("/certificates/adhoc");
+        let r = aziot_tests::api::Api::new(stack.certd_socket(), "2020-09-01")
+            .get("/certificates/adhoc");
         assert_eq!(r.status, 200, "{r}");
         let leaf = aziot_tests::certd::pki::certs(r.json()["pem"].as_str().expect("pem")).remove(0);
         let subject = format!("{:?}", leaf.subject_name());
-        assert!(subject.contains("x509-dev") && subject.contains("aziot tests"), "{subject}");
-        let thumb = aziot_tests::mock_tls::thumbprint(&leaf, openssl::hash::MessageDigest::sha256());
+        assert!(
+            subject.contains("x509-dev") && subject.contains("aziot tests"),
+            "{subject}"
+        );
+        let thumb =
+            aziot_tests::mock_tls::thumbprint(&leaf, openssl::hash::MessageDigest::sha256());
         for r in dps.requests() {
-            assert!(r.header("authorization").is_none(), "{} {}: no SAS with X.509", r.method, r.target);
+            assert!(
+                r.header("authorization").is_none(),
+                "{} {}: no SAS with X.509",
+                r.method,
+                r.target
+            );
             assert_eq!(r.client_cert_sha256.as_deref(), Some(thumb.as_str()));
         }
         let id = device_identity(&stack);
@@ -460,24 +725,49 @@ mod broker {
     fn broker_x509_existing_identity_cert() {
         require_identityd!();
         let dps = start_dps();
-        let attestation = "method = \"x509\"\nidentity_cert = \"mod-b\"\nidentity_pk = \"pre-x509\"";
+        let attestation =
+            "method = \"x509\"\nidentity_cert = \"mod-b\"\nidentity_pk = \"pre-x509\"";
         let mut stack = Identityd::prepare(&config(&dps.endpoint(), attestation, ""));
         let kapi = stack.keyd().api(aziot_tests::api::V2021);
         let handle = aziot_tests::api::handle_of(
-            &kapi.post("/keypair", &json!({"keyId": "pre-x509", "preferredAlgorithms": "ec-p256"})),
+            &kapi.post(
+                "/keypair",
+                &json!({"keyId": "pre-x509", "preferredAlgorithms": "ec-p256"}),
+            ),
             "create the identity key pair",
         );
         let key = aziot_tests::certd::pki::keyd_key(stack.keyd().socket(), &handle);
-        let csr = String::from_utf8(aziot_tests::certd::pki::csr_with(&key, &key, "pre-dev", false).to_pem().expect("pem")).expect("utf8");
-        let r = aziot_tests::api::Api::new(stack.certd_socket(), "2020-09-01").post("/certificates", &json!({"certId": "mod-b", "csr": csr}));
+        let csr = String::from_utf8(
+            aziot_tests::certd::pki::csr_with(&key, &key, "pre-dev", false)
+                .to_pem()
+                .expect("pem"),
+        )
+        .expect("utf8");
+        let r = aziot_tests::api::Api::new(stack.certd_socket(), "2020-09-01")
+            .post("/certificates", &json!({"certId": "mod-b", "csr": csr}));
         assert_eq!(r.status, 201, "{r}");
         let leaf = aziot_tests::certd::pki::certs(r.json()["pem"].as_str().expect("pem")).remove(0);
-        dps.enroll("pre-dev", Enrollment { attestation: Attestation::X509Thumbprint(leaf_thumb(&leaf)), hub: dps.hub_a(), device_id: None });
-        stack.start_identityd().unwrap_or_else(|e| panic!("identityd: {e}"));
+        dps.enroll(
+            "pre-dev",
+            Enrollment {
+                attestation: Attestation::X509Thumbprint(leaf_thumb(&leaf)),
+                hub: dps.hub_a(),
+                device_id: None,
+            },
+        );
+        stack
+            .start_identityd()
+            .unwrap_or_else(|e| panic!("identityd: {e}"));
         assert_landed(&stack, &dps, &dps.hub_a(), "pre-dev", "x509");
-        assert!(dps.requests()[0].target.contains("/registrations/pre-dev/register"));
+        assert!(dps.requests()[0]
+            .target
+            .contains("/registrations/pre-dev/register"));
         let r = stack.client(None, V2021).get("/identities/provisioning");
-        assert_eq!(r.json()["registration_id"], "pre-dev", "the CN of the identity cert");
+        assert_eq!(
+            r.json()["registration_id"],
+            "pre-dev",
+            "the CN of the identity cert"
+        );
     }
 
     fn leaf_thumb(leaf: &openssl::x509::X509) -> String {
@@ -495,15 +785,32 @@ mod broker {
         require_identityd!();
         aziot_tests::require!(Dep::ServiceUser("aziottpm"), Dep::Swtpm);
         let dps = start_dps();
-        dps.enroll("tpm-dev", Enrollment { attestation: Attestation::Tpm(None), hub: dps.hub_b(), device_id: Some("tpm-device".into()) });
-        let mut stack = Identityd::prepare(&config(&dps.endpoint(), "method = \"tpm\"\nregistration_id = \"tpm-dev\"", ""));
+        dps.enroll(
+            "tpm-dev",
+            Enrollment {
+                attestation: Attestation::Tpm(None),
+                hub: dps.hub_b(),
+                device_id: Some("tpm-device".into()),
+            },
+        );
+        let mut stack = Identityd::prepare(&config(
+            &dps.endpoint(),
+            "method = \"tpm\"\nregistration_id = \"tpm-dev\"",
+            "",
+        ));
         let tpmd_dir = stack.tpmd_dir();
         std::fs::create_dir_all(&tpmd_dir).expect("mkdir tpmd");
-        std::fs::set_permissions(&tpmd_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(
+            &tpmd_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
         let swtpm = Swtpm::start(&tpmd_dir);
         let tpmd = Tpmd::start(&tpmd_dir, &swtpm.tcti(), "info");
         assert_eq!(tpmd.socket(), stack.tpmd_socket());
-        stack.start_identityd().unwrap_or_else(|e| panic!("identityd: {e}"));
+        stack
+            .start_identityd()
+            .unwrap_or_else(|e| panic!("identityd: {e}"));
         assert_landed(&stack, &dps, &dps.hub_b(), "tpm-device", "tpm");
         let id = device_identity(&stack);
         assert!(id["spec"]["auth"].get("keyHandle").is_none(), "{id}");
@@ -511,15 +818,46 @@ mod broker {
         assert_eq!(reqs[0].status, 401, "round 1 is the challenge");
         assert!(reqs[0].header("authorization").is_none());
         let body = reqs[0].json();
-        assert!(body["tpm"]["endorsementKey"].as_str().is_some_and(|k| !k.is_empty()), "{body}");
-        assert!(body["tpm"]["storageRootKey"].as_str().is_some_and(|k| !k.is_empty()), "{body}");
+        assert!(
+            body["tpm"]["endorsementKey"]
+                .as_str()
+                .is_some_and(|k| !k.is_empty()),
+            "{body}"
+        );
+        assert!(
+            body["tpm"]["storageRootKey"]
+                .as_str()
+                .is_some_and(|k| !k.is_empty()),
+            "{body}"
+        );
         assert_eq!(reqs[1].status, 202);
-        assert!(reqs[1].json().get("tpm").is_none(), "round 2 does not send the keys again");
+        assert!(
+            reqs[1].json().get("tpm").is_none(),
+            "round 2 does not send the keys again"
+        );
         for r in &reqs[1..] {
-            assert_eq!(r.sas.as_ref().map(|s| s.verdict.clone()), Some(Ok(())), "{} {}: signed by K1 in the TPM", r.method, r.target);
+            assert_eq!(
+                r.sas.as_ref().map(|s| s.verdict.clone()),
+                Some(Ok(())),
+                "{} {}: signed by K1 in the TPM",
+                r.method,
+                r.target
+            );
         }
-        assert_eq!(dps.tpm_keys().len(), 2, "K1 (challenge) and K2 (assignment)");
-        assert!(stack.log().matches("Imported DPS authentication key into TPM.").count() >= 2, "{}", stack.log());
+        assert_eq!(
+            dps.tpm_keys().len(),
+            2,
+            "K1 (challenge) and K2 (assignment)"
+        );
+        assert!(
+            stack
+                .log()
+                .matches("Imported DPS authentication key into TPM.")
+                .count()
+                >= 2,
+            "{}",
+            stack.log()
+        );
         drop(stack);
         drop(tpmd);
         drop(swtpm);
@@ -535,32 +873,73 @@ mod broker {
         require_identityd!();
         let dps = start_dps();
         let port = dps.port();
-        dps.enroll("dev-bad", Enrollment { attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()), hub: dps.hub_a(), device_id: None });
-        let mut stack = Identityd::prepare(&config(&dps.endpoint(), &sym("dev-bad", "device-id"), ""));
-        stack.start_identityd().unwrap_or_else(|e| panic!("identityd: {e}"));
+        dps.enroll(
+            "dev-bad",
+            Enrollment {
+                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
+                hub: dps.hub_a(),
+                device_id: None,
+            },
+        );
+        let mut stack =
+            Identityd::prepare(&config(&dps.endpoint(), &sym("dev-bad", "device-id"), ""));
+        stack
+            .start_identityd()
+            .unwrap_or_else(|e| panic!("identityd: {e}"));
         assert_landed(&stack, &dps, &dps.hub_a(), "dev-bad", "sas");
         let backup = wait_device_info(&stack);
         let root = stack.client(None, V2021);
 
         let still_serving = |stack: &Identityd| {
-            assert_eq!(std::fs::read_to_string(stack.home().join("device_info")).expect("device_info"), backup, "backup intact");
+            assert_eq!(
+                std::fs::read_to_string(stack.home().join("device_info")).expect("device_info"),
+                backup,
+                "backup intact"
+            );
             let id = device_identity(stack);
-            assert_eq!((id["spec"]["hubName"].as_str(), id["spec"]["deviceId"].as_str()), (Some(dps.hub_a().as_str()), Some("dev-bad")));
-            let r = stack.client(Some(MODULE_UID), V2021).get("/identities/identity");
+            assert_eq!(
+                (
+                    id["spec"]["hubName"].as_str(),
+                    id["spec"]["deviceId"].as_str()
+                ),
+                (Some(dps.hub_a().as_str()), Some("dev-bad"))
+            );
+            let r = stack
+                .client(Some(MODULE_UID), V2021)
+                .get("/identities/identity");
             assert_eq!(r.status, 200, "the module identity is still served\n{r}");
         };
         let reprovision_fails_with = |cause: &str| {
             let r = root.post("/identities/device/reprovision", &json!({"type": "aziot"}));
             assert_eq!(r.status, 404, "{r}");
             let m = r.message();
-            assert!(m.starts_with("DPS client error\ncaused by: ") && m.contains(cause), "expected {cause:?} in\n{m}");
+            assert!(
+                m.starts_with("DPS client error\ncaused by: ") && m.contains(cause),
+                "expected {cause:?} in\n{m}"
+            );
         };
 
         // 401: DPS now holds another key for this registration.
-        dps.enroll("dev-bad", Enrollment { attestation: Attestation::SymmetricKey(vec![1; 32]), hub: dps.hub_a(), device_id: None });
-        reprovision_fails_with("DPS answered HTTP error 401 Unauthorized: Unauthorized (code 401002)");
+        dps.enroll(
+            "dev-bad",
+            Enrollment {
+                attestation: Attestation::SymmetricKey(vec![1; 32]),
+                hub: dps.hub_a(),
+                device_id: None,
+            },
+        );
+        reprovision_fails_with(
+            "DPS answered HTTP error 401 Unauthorized: Unauthorized (code 401002)",
+        );
         still_serving(&stack);
-        dps.enroll("dev-bad", Enrollment { attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()), hub: dps.hub_a(), device_id: None });
+        dps.enroll(
+            "dev-bad",
+            Enrollment {
+                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
+                hub: dps.hub_a(),
+                device_id: None,
+            },
+        );
 
         for _ in 0..5 {
             dps.push_fault(DpsFault::throttled(Some(1)));
@@ -578,13 +957,28 @@ mod broker {
 
         // An untrusted server on the same (granted) port.
         drop(dps);
-        let rogue = MockDps::start_with_ca(TestCa::new("not trusted"), port, SCOPE).expect("rogue DPS on the same port");
-        rogue.enroll("dev-bad", Enrollment { attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()), hub: rogue.hub_a(), device_id: None });
+        let rogue = MockDps::start_with_ca(TestCa::new("not trusted"), port, SCOPE)
+            .expect("rogue DPS on the same port");
+        rogue.enroll(
+            "dev-bad",
+            Enrollment {
+                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
+                hub: rogue.hub_a(),
+                device_id: None,
+            },
+        );
         let r = root.post("/identities/device/reprovision", &json!({}));
         assert_eq!(r.status, 404, "{r}");
-        assert!(r.message().contains("certificate verify failed"), "{}", r.message());
+        assert!(
+            r.message().contains("certificate verify failed"),
+            "{}",
+            r.message()
+        );
         assert!(rogue.requests().is_empty());
-        assert_eq!(std::fs::read_to_string(stack.home().join("device_info")).expect("device_info"), backup);
+        assert_eq!(
+            std::fs::read_to_string(stack.home().join("device_info")).expect("device_info"),
+            backup
+        );
         let id = device_identity(&stack);
         assert_eq!(id["spec"]["deviceId"], "dev-bad");
     }
@@ -597,33 +991,81 @@ mod broker {
     fn broker_reprovision_with_the_hub_unreachable_keeps_the_old_identity() {
         require_identityd!();
         let dps = start_dps();
-        dps.enroll("dev-re", Enrollment { attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()), hub: dps.hub_a(), device_id: None });
-        let mut stack = Identityd::prepare(&config(&dps.endpoint(), &sym("dev-re", "device-id"), ""));
-        stack.start_identityd().unwrap_or_else(|e| panic!("identityd: {e}"));
+        dps.enroll(
+            "dev-re",
+            Enrollment {
+                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
+                hub: dps.hub_a(),
+                device_id: None,
+            },
+        );
+        let mut stack =
+            Identityd::prepare(&config(&dps.endpoint(), &sym("dev-re", "device-id"), ""));
+        stack
+            .start_identityd()
+            .unwrap_or_else(|e| panic!("identityd: {e}"));
         assert_landed(&stack, &dps, &dps.hub_a(), "dev-re", "sas");
         let backup = wait_device_info(&stack);
-        let gen = dps.hub(&dps.hub_a()).module("dev-re", "mod-a").expect("mod-a").generation_id;
+        let gen = dps
+            .hub(&dps.hub_a())
+            .module("dev-re", "mod-a")
+            .expect("mod-a")
+            .generation_id;
 
         // A hub nothing serves (the discard port).
         dps.add_hub("127.0.0.1:9");
-        dps.enroll("dev-re", Enrollment { attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()), hub: "127.0.0.1:9".into(), device_id: None });
+        dps.enroll(
+            "dev-re",
+            Enrollment {
+                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
+                hub: "127.0.0.1:9".into(),
+                device_id: None,
+            },
+        );
         let root = stack.client(None, V2021);
         let r = root.post("/identities/device/reprovision", &json!({}));
         assert_eq!(r.status, 404, "{r}");
-        assert!(r.message().starts_with("Hub client error"), "{}", r.message());
-        assert!(stack.log().contains("Assigned to IoT hub: 127.0.0.1:9"), "DPS did assign\n{}", stack.log());
-        assert_eq!(std::fs::read_to_string(stack.home().join("device_info")).expect("device_info"), backup);
+        assert!(
+            r.message().starts_with("Hub client error"),
+            "{}",
+            r.message()
+        );
+        assert!(
+            stack.log().contains("Assigned to IoT hub: 127.0.0.1:9"),
+            "DPS did assign\n{}",
+            stack.log()
+        );
+        assert_eq!(
+            std::fs::read_to_string(stack.home().join("device_info")).expect("device_info"),
+            backup
+        );
         let id = device_identity(&stack);
-        assert_eq!(id["spec"]["hubName"], dps.hub_a().as_str(), "the old identity stays");
-        let r = stack.client(Some(MODULE_UID), V2021).get("/identities/identity");
+        assert_eq!(
+            id["spec"]["hubName"],
+            dps.hub_a().as_str(),
+            "the old identity stays"
+        );
+        let r = stack
+            .client(Some(MODULE_UID), V2021)
+            .get("/identities/identity");
         assert_eq!(r.status, 200, "{r}");
         assert_eq!(r.json()["spec"]["genId"], gen.as_str());
 
         // Reachable again: E9 succeeds (upstream's E9 recreates the configured modules).
-        dps.enroll("dev-re", Enrollment { attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()), hub: dps.hub_a(), device_id: None });
+        dps.enroll(
+            "dev-re",
+            Enrollment {
+                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
+                hub: dps.hub_a(),
+                device_id: None,
+            },
+        );
         let r = root.post("/identities/device/reprovision", &json!({}));
         assert_eq!(r.status, 204, "{r}\n{}", stack.log());
-        let m = dps.hub(&dps.hub_a()).module("dev-re", "mod-a").expect("mod-a");
+        let m = dps
+            .hub(&dps.hub_a())
+            .module("dev-re", "mod-a")
+            .expect("mod-a");
         assert_ne!(m.generation_id, gen, "recreated");
         assert!(m.primary_key.is_some());
     }
@@ -634,16 +1076,32 @@ mod broker {
     fn broker_startup_without_backup_names_the_cause() {
         require_identityd!();
         let dps = start_dps();
-        dps.enroll("dev-401", Enrollment { attestation: Attestation::SymmetricKey(vec![3; 32]), hub: dps.hub_a(), device_id: None });
-        let mut stack = Identityd::prepare(&config(&dps.endpoint(), &sym("dev-401", "device-id"), ""));
+        dps.enroll(
+            "dev-401",
+            Enrollment {
+                attestation: Attestation::SymmetricKey(vec![3; 32]),
+                hub: dps.hub_a(),
+                device_id: None,
+            },
+        );
+        let mut stack =
+            Identityd::prepare(&config(&dps.endpoint(), &sym("dev-401", "device-id"), ""));
         let _ = shared_ca();
-        stack.start_identityd().unwrap_or_else(|e| panic!("identityd: {e}"));
+        stack
+            .start_identityd()
+            .unwrap_or_else(|e| panic!("identityd: {e}"));
         assert!(
             stack.wait_log("Failed to provision with IoT Hub, and no valid device backup was found: DPS client error", Duration::from_secs(30)),
             "{}",
             stack.log()
         );
-        assert!(stack.log().contains("DPS answered HTTP error 401 Unauthorized: Unauthorized (code 401002)"), "{}", stack.log());
+        assert!(
+            stack
+                .log()
+                .contains("DPS answered HTTP error 401 Unauthorized: Unauthorized (code 401002)"),
+            "{}",
+            stack.log()
+        );
         assert!(!stack.home().join("device_info").exists());
     }
 }

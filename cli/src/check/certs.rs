@@ -10,7 +10,7 @@ use aziot_certd::config::{Config as CertdConfig, Preloaded};
 use openssl::x509::X509;
 use serde_json::{json, Value};
 
-use super::info::{rfc3339, utc_display, unix_now};
+use super::info::{rfc3339, unix_now, utc_display};
 use super::{Ctx, Outcome};
 use crate::users::ServiceUser;
 
@@ -35,7 +35,10 @@ pub fn cert_file(certd: &CertdConfig, id: &str) -> PathBuf {
     let alnum: String = id.chars().filter(char::is_ascii_alphanumeric).collect();
     let digest = openssl::sha::sha256(id.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    certd.homedir_path.join("certs").join(format!("{alnum}-{hex}.cer"))
+    certd
+        .homedir_path
+        .join("certs")
+        .join(format!("{alnum}-{hex}.cer"))
 }
 
 /// Whether certd issues `id` itself (it is then fine that it is not issued yet).
@@ -78,7 +81,12 @@ fn validate_cert(ctx: &mut Ctx<'_>, certd: &CertdConfig, id: &str, name: &str) -
             );
         }
         Some(Preloaded::List(_)) => {
-            return (Outcome::error(format!("preloaded cert \"{id}\" is a list of IDs, not a single URI")), Value::Null)
+            return (
+                Outcome::error(format!(
+                    "preloaded cert \"{id}\" is a list of IDs, not a single URI"
+                )),
+                Value::Null,
+            )
         }
         None => cert_file(certd, id),
     };
@@ -126,17 +134,40 @@ fn validate_cert(ctx: &mut Ctx<'_>, certd: &CertdConfig, id: &str, name: &str) -
         Ok(b) => b,
         Err(e) => {
             return (
-                Outcome::Error(vec!["Could not read cert file.".into(), format!("operation on file {}", path.display()), e.to_string()]),
+                Outcome::Error(vec![
+                    "Could not read cert file.".into(),
+                    format!("operation on file {}", path.display()),
+                    e.to_string(),
+                ]),
                 Value::Null,
             )
         }
     };
-    let cert = match X509::stack_from_pem(&bytes).ok().and_then(|v| v.into_iter().next()) {
+    let cert = match X509::stack_from_pem(&bytes)
+        .ok()
+        .and_then(|v| v.into_iter().next())
+    {
         Some(c) => c,
-        None => return (Outcome::error(format!("could not parse {} as a valid .pem", path.display())), Value::Null),
+        None => {
+            return (
+                Outcome::error(format!(
+                    "could not parse {} as a valid .pem",
+                    path.display()
+                )),
+                Value::Null,
+            )
+        }
     };
-    let (Some(not_before), Some(not_after)) = (asn1_unix(cert.not_before()), asn1_unix(cert.not_after())) else {
-        return (Outcome::error(format!("could not parse {} as a valid .pem", path.display())), Value::Null);
+    let (Some(not_before), Some(not_after)) =
+        (asn1_unix(cert.not_before()), asn1_unix(cert.not_after()))
+    else {
+        return (
+            Outcome::error(format!(
+                "could not parse {} as a valid .pem",
+                path.display()
+            )),
+            Value::Null,
+        );
     };
     let info = json!({
         "cert_name": name,
@@ -146,9 +177,15 @@ fn validate_cert(ctx: &mut Ctx<'_>, certd: &CertdConfig, id: &str, name: &str) -
     });
     let now = unix_now();
     let outcome = if not_before > now {
-        Outcome::error(format!("{name} '{id}' has not-before time {} which is in the future", utc_display(not_before)))
+        Outcome::error(format!(
+            "{name} '{id}' has not-before time {} which is in the future",
+            utc_display(not_before)
+        ))
     } else if not_after < now {
-        Outcome::error(format!("{name} '{id}' expired at {}", utc_display(not_after)))
+        Outcome::error(format!(
+            "{name} '{id}' expired at {}",
+            utc_display(not_after)
+        ))
     } else if not_after < now + 7 * 86400 {
         Outcome::warning(format!(
             "{name} '{id}' will expire soon ({}, in {} days)",
@@ -186,12 +223,21 @@ pub fn identity_expiry(ctx: &mut Ctx<'_>) -> Outcome {
         return Outcome::Skipped;
     };
     let (mode, cert) = match &identityd.provisioning.source {
-        Source::Manual { authentication: ManualAuth::X509 { identity_cert, .. }, .. } => {
-            ("manual-x509", Some((identity_cert.clone(), "Manual identity")))
-        }
+        Source::Manual {
+            authentication: ManualAuth::X509 { identity_cert, .. },
+            ..
+        } => (
+            "manual-x509",
+            Some((identity_cert.clone(), "Manual identity")),
+        ),
         Source::Manual { .. } => ("manual-other", None),
-        Source::Dps { attestation, .. } if attestation.get("method").and_then(|m| m.as_str()) == Some("x509") => {
-            let id = attestation.get("identity_cert").and_then(|c| c.as_str()).map(str::to_owned);
+        Source::Dps { attestation, .. }
+            if attestation.get("method").and_then(|m| m.as_str()) == Some("x509") =>
+        {
+            let id = attestation
+                .get("identity_cert")
+                .and_then(|c| c.as_str())
+                .map(str::to_owned);
             ("dps-x509", id.map(|id| (id, "DPS identity")))
         }
         Source::Dps { .. } => ("dps-other", None),
@@ -199,8 +245,12 @@ pub fn identity_expiry(ctx: &mut Ctx<'_>) -> Outcome {
     };
     ctx.set("provisioning_mode", mode);
     ctx.set("certificate_info", Value::Null);
-    let Some((id, name)) = cert else { return Outcome::Ignored };
-    let Some(certd) = ctx.certd.clone() else { return Outcome::Skipped };
+    let Some((id, name)) = cert else {
+        return Outcome::Ignored;
+    };
+    let Some(certd) = ctx.certd.clone() else {
+        return Outcome::Skipped;
+    };
     let (outcome, info) = validate_cert(ctx, &certd, &id, name);
     ctx.set("certificate_info", info);
     outcome
@@ -209,7 +259,9 @@ pub fn identity_expiry(ctx: &mut Ctx<'_>) -> Outcome {
 pub fn est_expiry(ctx: &mut Ctx<'_>) -> Outcome {
     ctx.set("identity_certificate_info", Value::Null);
     ctx.set("bootstrap_certificate_info", Value::Null);
-    let Some(certd) = ctx.certd.clone() else { return Outcome::Skipped };
+    let Some(certd) = ctx.certd.clone() else {
+        return Outcome::Skipped;
+    };
     // The global EST identity, then every per-cert one (recommendation of §4.4 check 10).
     let identities: Vec<_> = certd
         .issuance
@@ -224,7 +276,11 @@ pub fn est_expiry(ctx: &mut Ctx<'_>) -> Outcome {
     }
     for x in identities {
         let (outcome, info) = validate_cert(ctx, &certd, &x.identity_cert, "x509 identity");
-        if ctx.additional.get("identity_certificate_info").is_none_or(Value::is_null) {
+        if ctx
+            .additional
+            .get("identity_certificate_info")
+            .is_none_or(Value::is_null)
+        {
             ctx.set("identity_certificate_info", info);
         }
         if outcome != Outcome::Ok {
@@ -232,7 +288,11 @@ pub fn est_expiry(ctx: &mut Ctx<'_>) -> Outcome {
         }
         if let Some((bootstrap, _)) = &x.bootstrap {
             let (outcome, info) = validate_cert(ctx, &certd, bootstrap, "x509 bootstrap");
-            if ctx.additional.get("bootstrap_certificate_info").is_none_or(Value::is_null) {
+            if ctx
+                .additional
+                .get("bootstrap_certificate_info")
+                .is_none_or(Value::is_null)
+            {
                 ctx.set("bootstrap_certificate_info", info);
             }
             if outcome != Outcome::Ok {
@@ -245,15 +305,21 @@ pub fn est_expiry(ctx: &mut Ctx<'_>) -> Outcome {
 
 pub fn local_ca_expiry(ctx: &mut Ctx<'_>) -> Outcome {
     ctx.set("certificate_info", Value::Null);
-    let Some(certd) = ctx.certd.clone() else { return Outcome::Skipped };
-    let Some(ca) = &certd.issuance.local_ca else { return Outcome::Ignored };
+    let Some(certd) = ctx.certd.clone() else {
+        return Outcome::Skipped;
+    };
+    let Some(ca) = &certd.issuance.local_ca else {
+        return Outcome::Ignored;
+    };
     let (outcome, info) = validate_cert(ctx, &certd, &ca.cert, "Local CA");
     ctx.set("certificate_info", info);
     outcome
 }
 
 pub fn preloaded(ctx: &mut Ctx<'_>) -> Outcome {
-    let Some(certd) = ctx.certd.clone() else { return Outcome::Skipped };
+    let Some(certd) = ctx.certd.clone() else {
+        return Outcome::Skipped;
+    };
     let mut checked = BTreeSet::new();
     for id in certd.preloaded.keys() {
         let mut path = Vec::new();
@@ -275,9 +341,9 @@ fn preloaded_one(
 ) -> Outcome {
     match certd.preloaded.get(id) {
         None => Outcome::Ok,
-        Some(Preloaded::Unsupported(_)) => {
-            Outcome::error(format!("preloaded cert \"{id}\" has a scheme other than `file://`"))
-        }
+        Some(Preloaded::Unsupported(_)) => Outcome::error(format!(
+            "preloaded cert \"{id}\" has a scheme other than `file://`"
+        )),
         Some(Preloaded::File(_)) => {
             if !checked.insert(id.to_owned()) {
                 return Outcome::Ok;
@@ -287,7 +353,10 @@ fn preloaded_one(
         Some(Preloaded::List(ids)) => {
             if stack.iter().any(|s| s == id) {
                 stack.push(id.to_owned());
-                return Outcome::error(format!("preloaded certs form a cycle: {}", stack.join(" -> ")));
+                return Outcome::error(format!(
+                    "preloaded certs form a cycle: {}",
+                    stack.join(" -> ")
+                ));
             }
             stack.push(id.to_owned());
             for member in ids {
@@ -316,26 +385,37 @@ fn encode(id: &str) -> String {
 }
 
 pub fn certs_read(ctx: &mut Ctx<'_>) -> Outcome {
-    let Some(certd) = ctx.certd.clone() else { return Outcome::Skipped };
+    let Some(certd) = ctx.certd.clone() else {
+        return Outcome::Skipped;
+    };
     if !ctx.running.contains("certd") {
         return Outcome::Skipped;
     }
-    let client = aziot_ipc::client::BlockingClient::new(super::daemons::socket(ctx, "certd"), "2020-09-01");
+    let client =
+        aziot_ipc::client::BlockingClient::new(super::daemons::socket(ctx, "certd"), "2020-09-01");
     let mut errors = Vec::new();
     for id in certd.preloaded.keys() {
-        let result: Result<Value, _> = client.call::<(), Value>("GET", &format!("/certificates/{}", encode(id)), None);
+        let result: Result<Value, _> =
+            client.call::<(), Value>("GET", &format!("/certificates/{}", encode(id)), None);
         match result {
             Ok(v) => {
                 let pem = v.get("pem").and_then(Value::as_str).unwrap_or_default();
                 match X509::stack_from_pem(pem.as_bytes()) {
-                    Ok(certs) if certs.is_empty() => errors.push(format!("could not load cert with ID \"{id}\": cert is empty")),
+                    Ok(certs) if certs.is_empty() => errors.push(format!(
+                        "could not load cert with ID \"{id}\": cert is empty"
+                    )),
                     Ok(certs) => {
                         ctx.certs.insert(id.clone(), certs);
                     }
-                    Err(e) => errors.push(format!("could not load cert with ID \"{id}\"\n\nCaused by:\n    {e}")),
+                    Err(e) => errors.push(format!(
+                        "could not load cert with ID \"{id}\"\n\nCaused by:\n    {e}"
+                    )),
                 }
             }
-            Err(e) => errors.push(format!("could not load cert with ID \"{id}\"\n\nCaused by:\n    {}", chain_text(&e))),
+            Err(e) => errors.push(format!(
+                "could not load cert with ID \"{id}\"\n\nCaused by:\n    {}",
+                chain_text(&e)
+            )),
         }
     }
     if errors.is_empty() {
@@ -346,11 +426,17 @@ pub fn certs_read(ctx: &mut Ctx<'_>) -> Outcome {
 }
 
 fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
-    super::with_causes(String::new(), e).into_iter().skip(1).collect::<Vec<_>>().join(": ")
+    super::with_causes(String::new(), e)
+        .into_iter()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 pub fn key_pairs_read(ctx: &mut Ctx<'_>) -> Outcome {
-    let Some(keyd) = ctx.keyd.clone() else { return Outcome::Skipped };
+    let Some(keyd) = ctx.keyd.clone() else {
+        return Outcome::Skipped;
+    };
     if !ctx.running.contains("keyd") {
         return Outcome::Skipped;
     }
@@ -360,7 +446,10 @@ pub fn key_pairs_read(ctx: &mut Ctx<'_>) -> Outcome {
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     for (id, location) in &keyd.preloaded_keys {
-        if let Some(path) = location.strip_prefix("file://").or_else(|| location.strip_prefix("file:")) {
+        if let Some(path) = location
+            .strip_prefix("file://")
+            .or_else(|| location.strip_prefix("file:"))
+        {
             let path = aziot_ipc::endpoint::percent_decode(path).unwrap_or_else(|| path.to_owned());
             let users = match ctx.users() {
                 Ok(u) => u,
@@ -370,7 +459,10 @@ pub fn key_pairs_read(ctx: &mut Ctx<'_>) -> Outcome {
             match readable_by(ks, Path::new(&path)) {
                 Ok(true) => {}
                 Ok(false) => {
-                    errors.push(format!("{path} is not readable by user {} (uid {}, gid {})", ks.name, ks.uid, ks.gid));
+                    errors.push(format!(
+                        "{path} is not readable by user {} (uid {}, gid {})",
+                        ks.name, ks.uid, ks.gid
+                    ));
                     continue;
                 }
                 Err(e) => {
@@ -380,26 +472,38 @@ pub fn key_pairs_read(ctx: &mut Ctx<'_>) -> Outcome {
             }
         }
         // A symmetric key has no key pair: any error here is not the check's business.
-        let Ok(v) = api.call::<(), Value>("GET", &format!("/keypair/{}", encode(id)), None) else { continue };
-        let Some(handle) = v.get("keyHandle").and_then(Value::as_str) else { continue };
+        let Ok(v) = api.call::<(), Value>("GET", &format!("/keypair/{}", encode(id)), None) else {
+            continue;
+        };
+        let Some(handle) = v.get("keyHandle").and_then(Value::as_str) else {
+            continue;
+        };
         let key = match aziot_key_openssl_engine::load_private_key(&engine, handle) {
             Ok(k) => k,
             Err(_) => {
-                errors.push(format!("could not load preloaded private key with ID \"{id}\""));
+                errors.push(format!(
+                    "could not load preloaded private key with ID \"{id}\""
+                ));
                 continue;
             }
         };
         if let Ok(rsa) = key.rsa() {
             let bits = rsa.size() * 8;
             if bits < 2048 {
-                warnings.push(format!("RSA key {id} has length {bits} (min recommended: 2048)"));
+                warnings.push(format!(
+                    "RSA key {id} has length {bits} (min recommended: 2048)"
+                ));
             }
         } else if let Ok(ec) = key.ec_key() {
             if ec.group().curve_name() != Some(openssl::nid::Nid::X9_62_PRIME256V1) {
-                warnings.push(format!("EC key {id} not using recommended curve (recommended: P-256)"));
+                warnings.push(format!(
+                    "EC key {id} not using recommended curve (recommended: P-256)"
+                ));
             }
         } else {
-            warnings.push(format!("Key {id} not using recommended algorithm (recommended: RSA, EC)"));
+            warnings.push(format!(
+                "Key {id} not using recommended algorithm (recommended: RSA, EC)"
+            ));
         }
         ctx.keys.insert(id.clone(), key);
     }
@@ -414,7 +518,9 @@ pub fn key_pairs_read(ctx: &mut Ctx<'_>) -> Outcome {
 
 /// A pure config check: no running certd is needed (recommendation of §4.4 check 19).
 pub fn est_https(ctx: &mut Ctx<'_>) -> Outcome {
-    let Some(certd) = &ctx.certd else { return Outcome::Skipped };
+    let Some(certd) = &ctx.certd else {
+        return Outcome::Skipped;
+    };
     let urls = certd
         .issuance
         .est
@@ -423,12 +529,18 @@ pub fn est_https(ctx: &mut Ctx<'_>) -> Outcome {
         .chain(certd.issuance.certs.values().filter_map(|c| c.url.as_ref()));
     let mut lines = Vec::new();
     for url in urls {
-        let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+        let scheme = url
+            .split_once(':')
+            .map(|(s, _)| s.to_ascii_lowercase())
+            .unwrap_or_default();
         if scheme != "https" {
             lines.push(format!(
                 "EST server URL \"{url}\" is configured with unencrypted HTTP, which may expose device to man-in-the-middle attacks."
             ));
-            lines.push("To clear this warning, configure HTTPS for your EST server and update the URL.".to_owned());
+            lines.push(
+                "To clear this warning, configure HTTPS for your EST server and update the URL."
+                    .to_owned(),
+            );
         }
     }
     if lines.is_empty() {
@@ -444,7 +556,9 @@ pub fn certs_match_keys(ctx: &mut Ctx<'_>) -> Outcome {
     }
     let mut lines = Vec::new();
     for (id, certs) in &ctx.certs {
-        let (Some(key), Some(cert)) = (ctx.keys.get(id), certs.first()) else { continue };
+        let (Some(key), Some(cert)) = (ctx.keys.get(id), certs.first()) else {
+            continue;
+        };
         let matches = cert.public_key().is_ok_and(|public| public.public_eq(key));
         if !matches {
             lines.push(format!(

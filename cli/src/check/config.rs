@@ -28,7 +28,9 @@ fn implementation(short: &str) -> &'static dyn ServiceImpl {
 fn validate(ctx: &Ctx<'_>, short: &str) -> Result<String, Outcome> {
     let info = aziot_policy::services::by_short(short).expect("a service of the table");
     let paths = aziot_ipc::service::config_paths(info);
-    implementation(short).reload(&paths).map_err(|e| failure(ctx, short, &e))
+    implementation(short)
+        .reload(&paths)
+        .map_err(|e| failure(ctx, short, &e))
 }
 
 fn failure(ctx: &Ctx<'_>, short: &str, e: &ServiceError) -> Outcome {
@@ -40,9 +42,9 @@ fn failure(ctx: &Ctx<'_>, short: &str, e: &ServiceError) -> Outcome {
         ])
     };
     match e {
-        ServiceError::Config(ConfigError::Read { path, source } | ConfigError::ListDir { path, source })
-            if source.kind() == std::io::ErrorKind::PermissionDenied =>
-        {
+        ServiceError::Config(
+            ConfigError::Read { path, source } | ConfigError::ListDir { path, source },
+        ) if source.kind() == std::io::ErrorKind::PermissionDenied => {
             return denied(path, source);
         }
         _ => {}
@@ -79,8 +81,9 @@ pub fn certd_well_formed(ctx: &mut Ctx<'_>) -> Outcome {
     let parsed = toml::from_str::<aziot_certd::config::RawConfig>(&text)
         .map_err(|e| Outcome::error_from("certd's configuration file is not well-formed.", &e))
         .and_then(|raw| {
-            aziot_certd::config::Config::from_raw(raw, &mut |_| {})
-                .map_err(|e| Outcome::error_from("certd's configuration file is not well-formed.", &e))
+            aziot_certd::config::Config::from_raw(raw, &mut |_| {}).map_err(|e| {
+                Outcome::error_from("certd's configuration file is not well-formed.", &e)
+            })
         });
     match parsed {
         Ok(c) => {
@@ -134,7 +137,9 @@ pub fn up_to_date(_ctx: &mut Ctx<'_>) -> Outcome {
     let super_meta = match std::fs::metadata(SUPER_CONFIG) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Outcome::Ignored,
-        Err(e) => return Outcome::error_from(format!("could not read metadata of {SUPER_CONFIG}"), &e),
+        Err(e) => {
+            return Outcome::error_from(format!("could not read metadata of {SUPER_CONFIG}"), &e)
+        }
     };
     let prog = program_name();
     for short in ["keyd", "certd", "identityd", "tpmd"] {
@@ -161,7 +166,9 @@ pub fn up_to_date(_ctx: &mut Ctx<'_>) -> Outcome {
 }
 
 pub fn hostname(ctx: &mut Ctx<'_>) -> Outcome {
-    let Some(config) = &ctx.identityd else { return Outcome::Skipped };
+    let Some(config) = &ctx.identityd else {
+        return Outcome::Skipped;
+    };
     let configured = config.hostname.clone();
     ctx.set("config_hostname", configured.clone());
     if configured.parse::<std::net::IpAddr>().is_ok() {
@@ -176,7 +183,10 @@ pub fn hostname(ctx: &mut Ctx<'_>) -> Outcome {
         }
     };
     ctx.set("machine_hostname", machine.clone());
-    let (cfg, mach) = (configured.to_ascii_lowercase(), machine.to_ascii_lowercase());
+    let (cfg, mach) = (
+        configured.to_ascii_lowercase(),
+        machine.to_ascii_lowercase(),
+    );
     if cfg != mach && !cfg.starts_with(&format!("{mach}.")) {
         return Outcome::error(format!(
             "identityd config has hostname {cfg} but device reports hostname {mach}.\nHostname in identityd config must either be identical to the device hostname or be a fully-qualified domain name that has the device hostname as the first component."

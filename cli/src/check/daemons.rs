@@ -14,10 +14,22 @@ use super::{Ctx, Outcome};
 /// did not load).
 pub fn socket(ctx: &Ctx<'_>, short: &str) -> PathBuf {
     let named: Option<String> = match short {
-        "keyd" => ctx.keyd.as_ref().and_then(|c| c.endpoints.aziot_keyd.clone()),
-        "certd" => ctx.certd.as_ref().and_then(|c| c.endpoints.aziot_certd.clone()),
-        "tpmd" => ctx.tpmd.as_ref().and_then(|c| c.endpoints.aziot_tpmd.clone()),
-        _ => ctx.identityd.as_ref().and_then(|c| c.endpoints.as_ref().map(|e| e.aziot_identityd.clone())),
+        "keyd" => ctx
+            .keyd
+            .as_ref()
+            .and_then(|c| c.endpoints.aziot_keyd.clone()),
+        "certd" => ctx
+            .certd
+            .as_ref()
+            .and_then(|c| c.endpoints.aziot_certd.clone()),
+        "tpmd" => ctx
+            .tpmd
+            .as_ref()
+            .and_then(|c| c.endpoints.aziot_tpmd.clone()),
+        _ => ctx
+            .identityd
+            .as_ref()
+            .and_then(|c| c.endpoints.as_ref().map(|e| e.aziot_identityd.clone())),
     };
     if let Some(Ok(Endpoint::Unix(path))) = named.as_deref().map(Endpoint::parse) {
         return path;
@@ -33,7 +45,10 @@ fn running(ctx: &mut Ctx<'_>, short: &'static str) -> Outcome {
             ctx.running.insert(short);
             Outcome::Ok
         }
-        Err(e) => Outcome::error_from(format!("Could not connect to {short} on unix://{}", path.display()), &e),
+        Err(e) => Outcome::error_from(
+            format!("Could not connect to {short} on unix://{}", path.display()),
+            &e,
+        ),
     }
 }
 
@@ -73,7 +88,12 @@ pub fn tpmd_running(ctx: &mut Ctx<'_>) -> Outcome {
 /// The state directory the config names (the audit accepts open files beneath it).
 fn state_dir(ctx: &Ctx<'_>, short: &str) -> Option<PathBuf> {
     match short {
-        "keyd" => ctx.keyd.as_ref()?.aziot_keys.get("homedir_path").map(PathBuf::from),
+        "keyd" => ctx
+            .keyd
+            .as_ref()?
+            .aziot_keys
+            .get("homedir_path")
+            .map(PathBuf::from),
         "certd" => Some(ctx.certd.as_ref()?.homedir_path.clone()),
         "identityd" => Some(ctx.identityd.as_ref()?.homedir.clone()),
         _ => None,
@@ -94,7 +114,10 @@ pub fn sandbox_audit(ctx: &mut Ctx<'_>) -> Outcome {
     let mut audited = Vec::new();
     for short in running {
         let sock = socket(ctx, short);
-        let status = sock.parent().unwrap_or(std::path::Path::new("/")).join(format!("{short}.status"));
+        let status = sock
+            .parent()
+            .unwrap_or(std::path::Path::new("/"))
+            .join(format!("{short}.status"));
         if !status.exists() {
             lines.push(format!(
                 "{short}: its socket accepts connections but its broker wrote no status file {} (is it an aziot broker?)",

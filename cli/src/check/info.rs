@@ -7,7 +7,10 @@ use serde_json::{json, Map, Value};
 use super::Ctx;
 
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// (year, month, day, hour, minute, second) of a Unix time, UTC (proleptic Gregorian).
@@ -24,7 +27,14 @@ fn civil(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d, (rem / 3600) as u32, (rem % 3600 / 60) as u32, (rem % 60) as u32)
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        (rem % 3600 / 60) as u32,
+        (rem % 60) as u32,
+    )
 }
 
 /// `2026-07-14T10:00:00Z`
@@ -57,7 +67,9 @@ fn os_release() -> Map<String, Value> {
         .unwrap_or_default();
     let mut os = Map::new();
     for line in text.lines() {
-        let Some((k, v)) = line.split_once('=') else { continue };
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
         let key = match k.trim() {
             "ID" => "id",
             "VERSION_ID" => "version_id",
@@ -74,7 +86,11 @@ fn os_release() -> Map<String, Value> {
 }
 
 fn dmi() -> Value {
-    let read = |name: &str| std::fs::read_to_string(format!("/sys/devices/virtual/dmi/id/{name}")).ok().map(|s| s.trim().to_owned());
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/devices/virtual/dmi/id/{name}"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    };
     json!({"product": read("product_name"), "vendor": read("sys_vendor")})
 }
 
@@ -90,7 +106,12 @@ fn memory() -> (u64, u64, u64, u64) {
     };
     let (total, avail) = (field("MemTotal"), field("MemAvailable"));
     let (swap_total, swap_free) = (field("SwapTotal"), field("SwapFree"));
-    (total.saturating_sub(avail), total, swap_total.saturating_sub(swap_free), swap_total)
+    (
+        total.saturating_sub(avail),
+        total,
+        swap_total.saturating_sub(swap_free),
+        swap_total,
+    )
 }
 
 /// Block-device file systems from /proc/mounts, once per device.
@@ -100,11 +121,15 @@ fn disks() -> Vec<Value> {
     let mut out = Vec::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let [device, mount, fstype, ..] = f[..] else { continue };
+        let [device, mount, fstype, ..] = f[..] else {
+            continue;
+        };
         if !device.starts_with("/dev/") || !seen.insert(device.to_owned()) {
             continue;
         }
-        let Ok(st) = nix::sys::statvfs::statvfs(mount) else { continue };
+        let Ok(st) = nix::sys::statvfs::statvfs(mount) else {
+            continue;
+        };
         let total = st.blocks() as u64 * st.fragment_size() as u64;
         let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
         let name = device.trim_start_matches("/dev/");
@@ -114,17 +139,33 @@ fn disks() -> Vec<Value> {
             name.to_owned()
         } else {
             match name.rsplit_once('p') {
-                Some((d, p)) if (d.starts_with("nvme") || d.starts_with("mmcblk")) && !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()) => d.to_owned(),
-                _ => name.trim_end_matches(|c: char| c.is_ascii_digit()).to_owned(),
+                Some((d, p))
+                    if (d.starts_with("nvme") || d.starts_with("mmcblk"))
+                        && !p.is_empty()
+                        && p.bytes().all(|c| c.is_ascii_digit()) =>
+                {
+                    d.to_owned()
+                }
+                _ => name
+                    .trim_end_matches(|c: char| c.is_ascii_digit())
+                    .to_owned(),
             }
         };
-        let file_type = match std::fs::read_to_string(format!("/sys/block/{disk}/queue/rotational")).ok().as_deref().map(str::trim) {
+        let file_type = match std::fs::read_to_string(format!("/sys/block/{disk}/queue/rotational"))
+            .ok()
+            .as_deref()
+            .map(str::trim)
+        {
             Some("0") => "SSD".to_owned(),
             Some("1") => "HDD".to_owned(),
             Some(other) => format!("Unknown({other})"),
             None => "Unknown(-1)".to_owned(),
         };
-        let percent = if total == 0 { 0.0 } else { avail as f64 * 100.0 / total as f64 };
+        let percent = if total == 0 {
+            0.0
+        } else {
+            avail as f64 * 100.0 / total as f64
+        };
         out.push(json!({
             "name": name,
             "percent_free": format!("{percent:.1}%"),
@@ -154,7 +195,10 @@ pub fn top_level(ctx: &Ctx<'_>) -> Map<String, Value> {
         }),
     );
     if let Some(c) = &ctx.identityd {
-        if let aziot_identityd::config::Source::Manual { iothub_hostname, .. } = &c.provisioning.source {
+        if let aziot_identityd::config::Source::Manual {
+            iothub_hostname, ..
+        } = &c.provisioning.source
+        {
             info.insert("iothub_hostname".into(), iothub_hostname.clone().into());
         }
         if let Some(gw) = &c.provisioning.local_gateway_hostname {

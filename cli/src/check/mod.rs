@@ -18,8 +18,8 @@ mod info;
 mod net;
 mod output;
 
-use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use config::program_name;
 pub use output::OutputFormat;
@@ -76,7 +76,10 @@ pub enum Outcome {
 
 impl Outcome {
     /// An error with `message` and the cause chain of `cause`.
-    pub fn error_from(message: impl Into<String>, cause: &(dyn std::error::Error + 'static)) -> Outcome {
+    pub fn error_from(
+        message: impl Into<String>,
+        cause: &(dyn std::error::Error + 'static),
+    ) -> Outcome {
         Outcome::Error(with_causes(message, cause))
     }
 
@@ -90,7 +93,10 @@ impl Outcome {
 }
 
 /// `message`, then every error of `cause`'s chain.
-pub fn with_causes(message: impl Into<String>, cause: &(dyn std::error::Error + 'static)) -> Vec<String> {
+pub fn with_causes(
+    message: impl Into<String>,
+    cause: &(dyn std::error::Error + 'static),
+) -> Vec<String> {
     let mut lines = vec![message.into()];
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(cause);
     while let Some(e) = next {
@@ -110,31 +116,158 @@ pub struct Check {
 
 /// Every check, in execution order (§4.4), then `sandbox-audit`.
 pub static CHECKS: &[Check] = &[
-    Check { id: "keyd-config-well-formed", description: "keyd configuration is well-formed", section: CONFIGURATION, run: config::keyd_well_formed },
-    Check { id: "certd-config-well-formed", description: "certd configuration is well-formed", section: CONFIGURATION, run: config::certd_well_formed },
-    Check { id: "tpmd-config-well-formed", description: "tpmd configuration is well-formed", section: CONFIGURATION, run: config::tpmd_well_formed },
-    Check { id: "identityd-config-well-formed", description: "identityd configuration is well-formed", section: CONFIGURATION, run: config::identityd_well_formed },
-    Check { id: "configs-up-to-date", description: "daemon configurations up-to-date with config.toml", section: CONFIGURATION, run: config::up_to_date },
-    Check { id: "hostname", description: "identityd config toml file specifies a valid hostname", section: CONFIGURATION, run: config::hostname },
-    Check { id: "aziot-version", description: "aziot-identity-service package is up-to-date", section: CONFIGURATION, run: net::aziot_version },
-    Check { id: "host-local-time", description: "host time is close to reference time", section: CONFIGURATION, run: net::local_time },
-    Check { id: "identity-certificate-expiry", description: "production readiness: identity certificates expiry", section: CONFIGURATION, run: certs::identity_expiry },
-    Check { id: "est-identity-and-bootstrap-certificate-expiry", description: "production readiness: EST identity and bootstrap certificates expiry", section: CONFIGURATION, run: certs::est_expiry },
-    Check { id: "local-ca-certificate-expiry", description: "production readiness: Local CA certificates expiry", section: CONFIGURATION, run: certs::local_ca_expiry },
-    Check { id: "certs-preloaded", description: "preloaded certificates are valid", section: CONFIGURATION, run: certs::preloaded },
-    Check { id: "keyd-running", description: "keyd is running", section: CONFIGURATION, run: daemons::keyd_running },
-    Check { id: "certd-running", description: "certd is running", section: CONFIGURATION, run: daemons::certd_running },
-    Check { id: "tpmd-running", description: "tpmd is running", section: CONFIGURATION, run: daemons::tpmd_running },
-    Check { id: "identityd-running", description: "identityd is running", section: CONFIGURATION, run: daemons::identityd_running },
-    Check { id: "certs-read", description: "read all preloaded certificates from the Certificates Service", section: CONFIGURATION, run: certs::certs_read },
-    Check { id: "key-pairs-read", description: "read all preloaded key pairs from the Keys Service", section: CONFIGURATION, run: certs::key_pairs_read },
-    Check { id: "est-server-https", description: "check all EST server URLs utilize HTTPS", section: CONFIGURATION, run: certs::est_https },
-    Check { id: "certs-match-private-keys", description: "ensure all preloaded certificates match preloaded private keys with the same ID", section: CONFIGURATION, run: certs::certs_match_keys },
-    Check { id: "sandbox-audit", description: "every running service is confined as its sandbox policy says", section: CONFIGURATION, run: daemons::sandbox_audit },
-    Check { id: "host-connect-iothub-amqp", description: "host can connect to and perform TLS handshake with iothub AMQP port", section: CONNECTIVITY, run: net::iothub_amqp },
-    Check { id: "host-connect-iothub-https", description: "host can connect to and perform TLS handshake with iothub HTTPS / WebSockets port", section: CONNECTIVITY, run: net::iothub_https },
-    Check { id: "host-connect-iothub-mqtt", description: "host can connect to and perform TLS handshake with iothub MQTT port", section: CONNECTIVITY, run: net::iothub_mqtt },
-    Check { id: "host-connect-dps-endpoint", description: "host can connect to and perform TLS handshake with DPS endpoint", section: CONNECTIVITY, run: net::dps_endpoint },
+    Check {
+        id: "keyd-config-well-formed",
+        description: "keyd configuration is well-formed",
+        section: CONFIGURATION,
+        run: config::keyd_well_formed,
+    },
+    Check {
+        id: "certd-config-well-formed",
+        description: "certd configuration is well-formed",
+        section: CONFIGURATION,
+        run: config::certd_well_formed,
+    },
+    Check {
+        id: "tpmd-config-well-formed",
+        description: "tpmd configuration is well-formed",
+        section: CONFIGURATION,
+        run: config::tpmd_well_formed,
+    },
+    Check {
+        id: "identityd-config-well-formed",
+        description: "identityd configuration is well-formed",
+        section: CONFIGURATION,
+        run: config::identityd_well_formed,
+    },
+    Check {
+        id: "configs-up-to-date",
+        description: "daemon configurations up-to-date with config.toml",
+        section: CONFIGURATION,
+        run: config::up_to_date,
+    },
+    Check {
+        id: "hostname",
+        description: "identityd config toml file specifies a valid hostname",
+        section: CONFIGURATION,
+        run: config::hostname,
+    },
+    Check {
+        id: "aziot-version",
+        description: "aziot-identity-service package is up-to-date",
+        section: CONFIGURATION,
+        run: net::aziot_version,
+    },
+    Check {
+        id: "host-local-time",
+        description: "host time is close to reference time",
+        section: CONFIGURATION,
+        run: net::local_time,
+    },
+    Check {
+        id: "identity-certificate-expiry",
+        description: "production readiness: identity certificates expiry",
+        section: CONFIGURATION,
+        run: certs::identity_expiry,
+    },
+    Check {
+        id: "est-identity-and-bootstrap-certificate-expiry",
+        description: "production readiness: EST identity and bootstrap certificates expiry",
+        section: CONFIGURATION,
+        run: certs::est_expiry,
+    },
+    Check {
+        id: "local-ca-certificate-expiry",
+        description: "production readiness: Local CA certificates expiry",
+        section: CONFIGURATION,
+        run: certs::local_ca_expiry,
+    },
+    Check {
+        id: "certs-preloaded",
+        description: "preloaded certificates are valid",
+        section: CONFIGURATION,
+        run: certs::preloaded,
+    },
+    Check {
+        id: "keyd-running",
+        description: "keyd is running",
+        section: CONFIGURATION,
+        run: daemons::keyd_running,
+    },
+    Check {
+        id: "certd-running",
+        description: "certd is running",
+        section: CONFIGURATION,
+        run: daemons::certd_running,
+    },
+    Check {
+        id: "tpmd-running",
+        description: "tpmd is running",
+        section: CONFIGURATION,
+        run: daemons::tpmd_running,
+    },
+    Check {
+        id: "identityd-running",
+        description: "identityd is running",
+        section: CONFIGURATION,
+        run: daemons::identityd_running,
+    },
+    Check {
+        id: "certs-read",
+        description: "read all preloaded certificates from the Certificates Service",
+        section: CONFIGURATION,
+        run: certs::certs_read,
+    },
+    Check {
+        id: "key-pairs-read",
+        description: "read all preloaded key pairs from the Keys Service",
+        section: CONFIGURATION,
+        run: certs::key_pairs_read,
+    },
+    Check {
+        id: "est-server-https",
+        description: "check all EST server URLs utilize HTTPS",
+        section: CONFIGURATION,
+        run: certs::est_https,
+    },
+    Check {
+        id: "certs-match-private-keys",
+        description:
+            "ensure all preloaded certificates match preloaded private keys with the same ID",
+        section: CONFIGURATION,
+        run: certs::certs_match_keys,
+    },
+    Check {
+        id: "sandbox-audit",
+        description: "every running service is confined as its sandbox policy says",
+        section: CONFIGURATION,
+        run: daemons::sandbox_audit,
+    },
+    Check {
+        id: "host-connect-iothub-amqp",
+        description: "host can connect to and perform TLS handshake with iothub AMQP port",
+        section: CONNECTIVITY,
+        run: net::iothub_amqp,
+    },
+    Check {
+        id: "host-connect-iothub-https",
+        description:
+            "host can connect to and perform TLS handshake with iothub HTTPS / WebSockets port",
+        section: CONNECTIVITY,
+        run: net::iothub_https,
+    },
+    Check {
+        id: "host-connect-iothub-mqtt",
+        description: "host can connect to and perform TLS handshake with iothub MQTT port",
+        section: CONNECTIVITY,
+        run: net::iothub_mqtt,
+    },
+    Check {
+        id: "host-connect-dps-endpoint",
+        description: "host can connect to and perform TLS handshake with DPS endpoint",
+        section: CONNECTIVITY,
+        run: net::dps_endpoint,
+    },
 ];
 
 /// What earlier checks found, for the later ones (§4.2).
@@ -164,13 +297,15 @@ impl Ctx<'_> {
             if !nix::unistd::geteuid().is_root() {
                 return Err("this command must be run as root".to_owned());
             }
-            crate::users::resolve(None).map(std::rc::Rc::new).map_err(|e| {
-                let mut s = e.to_string();
-                if let Some(c) = std::error::Error::source(&e) {
-                    s.push_str(&format!(": {c}"));
-                }
-                s
-            })
+            crate::users::resolve(None)
+                .map(std::rc::Rc::new)
+                .map_err(|e| {
+                    let mut s = e.to_string();
+                    if let Some(c) = std::error::Error::source(&e) {
+                        s.push_str(&format!(": {c}"));
+                    }
+                    s
+                })
         });
         users.clone().map_err(|e| vec![e])
     }
@@ -189,8 +324,13 @@ pub struct Done {
 
 /// Runs the checks; `Ok(true)` when none failed (the exit status, §1.3 Recommendation).
 pub fn run(opts: Options) -> std::io::Result<bool> {
-    let dont_run: BTreeSet<String> =
-        opts.dont_run.iter().flat_map(|v| v.split(' ')).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    let dont_run: BTreeSet<String> = opts
+        .dont_run
+        .iter()
+        .flat_map(|v| v.split(' '))
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
     let mut ctx = Ctx {
         opts: &opts,
         keyd: None,
@@ -213,7 +353,11 @@ pub fn run(opts: Options) -> std::io::Result<bool> {
             section = check.section;
         }
         ctx.additional = serde_json::Map::new();
-        let mut outcome = if dont_run.contains(check.id) { Outcome::Ignored } else { (check.run)(&mut ctx) };
+        let mut outcome = if dont_run.contains(check.id) {
+            Outcome::Ignored
+        } else {
+            (check.run)(&mut ctx)
+        };
         if opts.warnings_as_errors {
             if let Outcome::Warning(lines) = outcome {
                 outcome = Outcome::Error(lines);
@@ -221,7 +365,11 @@ pub fn run(opts: Options) -> std::io::Result<bool> {
         }
         let fatal = matches!(outcome, Outcome::Fatal(_));
         failed |= matches!(outcome, Outcome::Error(_) | Outcome::Fatal(_));
-        out.check(Done { check, outcome, additional: std::mem::take(&mut ctx.additional) })?;
+        out.check(Done {
+            check,
+            outcome,
+            additional: std::mem::take(&mut ctx.additional),
+        })?;
         if fatal {
             out.stopped();
             break;
@@ -244,9 +392,16 @@ mod tests {
     fn ids_are_unique_and_sections_contiguous() {
         let ids: BTreeSet<_> = CHECKS.iter().map(|c| c.id).collect();
         assert_eq!(ids.len(), CHECKS.len());
-        let first_connectivity = CHECKS.iter().position(|c| c.section == CONNECTIVITY).unwrap();
-        assert!(CHECKS[..first_connectivity].iter().all(|c| c.section == CONFIGURATION));
-        assert!(CHECKS[first_connectivity..].iter().all(|c| c.section == CONNECTIVITY));
+        let first_connectivity = CHECKS
+            .iter()
+            .position(|c| c.section == CONNECTIVITY)
+            .unwrap();
+        assert!(CHECKS[..first_connectivity]
+            .iter()
+            .all(|c| c.section == CONFIGURATION));
+        assert!(CHECKS[first_connectivity..]
+            .iter()
+            .all(|c| c.section == CONNECTIVITY));
         assert_eq!(CHECKS.len(), 25);
     }
 

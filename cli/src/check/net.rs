@@ -61,7 +61,10 @@ fn ntp_time(bytes: &[u8]) -> f64 {
 }
 
 fn unix_f64() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// One SNTP (RFC 4330) exchange: the clock offset in seconds.
@@ -72,8 +75,12 @@ fn sntp_offset(server: &str) -> Result<f64, NtpError> {
         .find(std::net::SocketAddr::is_ipv4)
         .ok_or_else(|| NtpError::NoIpv4(server.to_owned()))?;
     let socket = UdpSocket::bind("0.0.0.0:0").map_err(NtpError::Send)?;
-    socket.set_read_timeout(Some(Duration::from_secs(10))).map_err(NtpError::Send)?;
-    socket.set_write_timeout(Some(Duration::from_secs(10))).map_err(NtpError::Send)?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(NtpError::Send)?;
+    socket
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .map_err(NtpError::Send)?;
     let mut request = [0u8; 48];
     request[0] = 0x1b; // LI 0, version 3, mode 3 (client)
     let t1 = unix_f64();
@@ -96,7 +103,9 @@ fn sntp_offset(server: &str) -> Result<f64, NtpError> {
 
 pub fn local_time(ctx: &mut Ctx<'_>) -> Outcome {
     ctx.set("offset", Value::Null);
-    let Some(server) = ctx.opts.ntp_server.clone() else { return Outcome::Ignored };
+    let Some(server) = ctx.opts.ntp_server.clone() else {
+        return Outcome::Ignored;
+    };
     match sntp_offset(&server) {
         Ok(offset) => {
             let abs = offset.abs().round() as i64;
@@ -113,8 +122,10 @@ pub fn local_time(ctx: &mut Ctx<'_>) -> Outcome {
             let unreachable = match &e {
                 NtpError::Resolve(..) | NtpError::NoIpv4(_) => true,
                 NtpError::Send(io) | NtpError::Receive(io) => {
-                    matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
-                        || io.raw_os_error() == Some(libc::ECONNREFUSED)
+                    matches!(
+                        io.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) || io.raw_os_error() == Some(libc::ECONNREFUSED)
                 }
                 NtpError::Malformed(_) => false,
             };
@@ -148,7 +159,10 @@ pub enum ConnectError {
 
 fn connect_tcp(host: &str, port: u16, deadline: Instant) -> Result<TcpStream, ConnectError> {
     let target = format!("{host}:{port}");
-    let addrs: Vec<_> = (host, port).to_socket_addrs().map_err(|e| ConnectError::Resolve(host.to_owned(), e))?.collect();
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| ConnectError::Resolve(host.to_owned(), e))?
+        .collect();
     let mut last = None;
     for addr in addrs {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -157,7 +171,9 @@ fn connect_tcp(host: &str, port: u16, deadline: Instant) -> Result<TcpStream, Co
         }
         match TcpStream::connect_timeout(&addr, left) {
             Ok(s) => return Ok(s),
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(ConnectError::TimedOut),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(ConnectError::TimedOut)
+            }
             Err(e) => last = Some(e),
         }
     }
@@ -168,14 +184,30 @@ fn connect_tcp(host: &str, port: u16, deadline: Instant) -> Result<TcpStream, Co
 }
 
 /// A tunnel to `host:port` through an HTTP proxy (`http://[user:pass@]proxy[:port]`).
-fn connect_via_proxy(proxy: &str, host: &str, port: u16, deadline: Instant) -> Result<TcpStream, ConnectError> {
+fn connect_via_proxy(
+    proxy: &str,
+    host: &str,
+    port: u16,
+    deadline: Instant,
+) -> Result<TcpStream, ConnectError> {
     let bad = || ConnectError::ProxyUri(proxy.to_owned());
     let url = url::Url::parse(proxy).map_err(|_| bad())?;
-    let proxy_host = url.host_str().ok_or_else(bad)?.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let proxy_host = url
+        .host_str()
+        .ok_or_else(bad)?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let proxy_port = url.port_or_known_default().unwrap_or(80);
     let mut stream = connect_tcp(&proxy_host, proxy_port, deadline)?;
     let io = |e| ConnectError::Connect(format!("{proxy_host}:{proxy_port}"), e);
-    stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))).map_err(io)?;
+    stream
+        .set_read_timeout(Some(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ))
+        .map_err(io)?;
     let mut request = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n");
     if !url.username().is_empty() {
         use base64::Engine as _;
@@ -210,18 +242,26 @@ fn connect_via_proxy(proxy: &str, host: &str, port: u16, deadline: Instant) -> R
 
 /// TCP (directly, or through `proxy`) + a verified TLS handshake with `host:port`, within
 /// `timeout`.
-pub fn tls_handshake(host: &str, port: u16, proxy: Option<&str>, timeout: Duration) -> Result<(), ConnectError> {
+pub fn tls_handshake(
+    host: &str,
+    port: u16,
+    proxy: Option<&str>,
+    timeout: Duration,
+) -> Result<(), ConnectError> {
     let deadline = Instant::now() + timeout;
     let stream = match proxy {
         Some(p) => connect_via_proxy(p, host, port, deadline)?,
         None => connect_tcp(host, port, deadline)?,
     };
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
     let _ = stream.set_read_timeout(Some(left));
     let _ = stream.set_write_timeout(Some(left));
     // The system trust store (SslConnector sets the default verify paths; OpenSSL honours
     // SSL_CERT_FILE / SSL_CERT_DIR) and host name verification.
-    let connector = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client())?.build();
+    let connector =
+        openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client())?.build();
     match connector.connect(host, stream) {
         Ok(_) => Ok(()),
         Err(e) => {
@@ -241,14 +281,23 @@ fn host_only(name: &str) -> &str {
     }
 }
 
-fn handshake_outcome(host: &str, port: u16, proxy: Option<&str>, timeout_secs: u64, nested: bool) -> Outcome {
+fn handshake_outcome(
+    host: &str,
+    port: u16,
+    proxy: Option<&str>,
+    timeout_secs: u64,
+    nested: bool,
+) -> Outcome {
     match tls_handshake(host, port, proxy, Duration::from_secs(timeout_secs)) {
         Ok(()) => Outcome::Ok,
         Err(ConnectError::TimedOut) => Outcome::error(format!(
             "Failed to do TLS Handshake, Connection Attempt Timed out in {timeout_secs} Seconds"
         )),
         Err(e) => {
-            let mut lines = super::with_causes(format!("Could not connect to {host} : could not complete TLS handshake"), &e);
+            let mut lines = super::with_causes(
+                format!("Could not connect to {host} : could not complete TLS handshake"),
+                &e,
+            );
             if nested {
                 lines.insert(
                     0,
@@ -268,9 +317,13 @@ fn hub(ctx: &Ctx<'_>) -> Result<(String, bool), Outcome> {
     if let Some(h) = &ctx.opts.iothub_hostname {
         return Ok((h.clone(), false));
     }
-    let Some(config) = &ctx.identityd else { return Err(Outcome::Skipped) };
+    let Some(config) = &ctx.identityd else {
+        return Err(Outcome::Skipped);
+    };
     match &config.provisioning.source {
-        Source::Manual { iothub_hostname, .. } => Ok(match &config.provisioning.local_gateway_hostname {
+        Source::Manual {
+            iothub_hostname, ..
+        } => Ok(match &config.provisioning.local_gateway_hostname {
             Some(gw) => (gw.clone(), true),
             None => (iothub_hostname.clone(), false),
         }),
@@ -278,8 +331,9 @@ fn hub(ctx: &Ctx<'_>) -> Result<(String, bool), Outcome> {
             if config.provisioning.local_gateway_hostname.is_some() {
                 return Err(Outcome::Ignored);
             }
-            if let Some(Source::Manual { iothub_hostname, .. }) =
-                ctx.prev_identityd.as_ref().map(|p| &p.provisioning.source)
+            if let Some(Source::Manual {
+                iothub_hostname, ..
+            }) = ctx.prev_identityd.as_ref().map(|p| &p.provisioning.source)
             {
                 return Ok((iothub_hostname.clone(), false));
             }
@@ -287,7 +341,11 @@ fn hub(ctx: &Ctx<'_>) -> Result<(String, bool), Outcome> {
             let saved = std::fs::read_to_string(config.homedir.join("device_info"))
                 .ok()
                 .and_then(|t| t.parse::<toml::Table>().ok())
-                .and_then(|t| t.get("hub_name").and_then(|h| h.as_str()).map(str::to_owned));
+                .and_then(|t| {
+                    t.get("hub_name")
+                        .and_then(|h| h.as_str())
+                        .map(str::to_owned)
+                });
             match saved {
                 Some(h) => Ok((h, false)),
                 None => Err(Outcome::Warning(vec![
@@ -301,21 +359,35 @@ fn hub(ctx: &Ctx<'_>) -> Result<(String, bool), Outcome> {
 }
 
 fn timeout_secs(ctx: &Ctx<'_>) -> u64 {
-    ctx.identityd.as_ref().map_or(aziot_identityd::config::MIN_CLOUD_TIMEOUT_SEC, |c| c.cloud_timeout_sec)
+    ctx.identityd
+        .as_ref()
+        .map_or(aziot_identityd::config::MIN_CLOUD_TIMEOUT_SEC, |c| {
+            c.cloud_timeout_sec
+        })
 }
 
 fn iothub(ctx: &mut Ctx<'_>, port: u16) -> Outcome {
     ctx.set("port_number", port);
     ctx.set("iothub_hostname", Value::Null);
     // The proxy is used for port 443 only.
-    let proxy = if port == 443 { ctx.opts.proxy_uri.clone() } else { None };
+    let proxy = if port == 443 {
+        ctx.opts.proxy_uri.clone()
+    } else {
+        None
+    };
     ctx.set("proxy", proxy.clone().map_or(Value::Null, Value::from));
     let (name, nested) = match hub(ctx) {
         Ok(h) => h,
         Err(o) => return o,
     };
     ctx.set("iothub_hostname", name.clone());
-    handshake_outcome(host_only(&name), port, proxy.as_deref(), timeout_secs(ctx), nested)
+    handshake_outcome(
+        host_only(&name),
+        port,
+        proxy.as_deref(),
+        timeout_secs(ctx),
+        nested,
+    )
 }
 
 pub fn iothub_amqp(ctx: &mut Ctx<'_>) -> Outcome {
@@ -336,16 +408,31 @@ pub fn dps_endpoint(ctx: &mut Ctx<'_>) -> Outcome {
     ctx.set("dps_hostname", Value::Null);
     let proxy = ctx.opts.proxy_uri.clone();
     ctx.set("proxy", proxy.clone().map_or(Value::Null, Value::from));
-    let Some(config) = &ctx.identityd else { return Outcome::Skipped };
-    let Source::Dps { global_endpoint, .. } = &config.provisioning.source else { return Outcome::Ignored };
+    let Some(config) = &ctx.identityd else {
+        return Outcome::Skipped;
+    };
+    let Source::Dps {
+        global_endpoint, ..
+    } = &config.provisioning.source
+    else {
+        return Outcome::Ignored;
+    };
     let endpoint = global_endpoint.clone();
     ctx.set("dps_endpoint", endpoint.clone());
     let parsed = url::Url::parse(&endpoint).ok();
-    let Some(host) = parsed.as_ref().and_then(|u| u.host_str()).map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+    let Some(host) = parsed
+        .as_ref()
+        .and_then(|u| u.host_str())
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
     else {
-        return Outcome::error("URL specified in provisioning.global_endpoint does not have a host");
+        return Outcome::error(
+            "URL specified in provisioning.global_endpoint does not have a host",
+        );
     };
-    let port = parsed.as_ref().and_then(url::Url::port_or_known_default).unwrap_or(443);
+    let port = parsed
+        .as_ref()
+        .and_then(url::Url::port_or_known_default)
+        .unwrap_or(443);
     ctx.set("dps_hostname", host.clone());
     // Upstream has no timeout here; identityd's cloud timeout bounds it (a hung check helps nobody).
     handshake_outcome(&host, port, proxy.as_deref(), timeout_secs(ctx), false)

@@ -52,7 +52,10 @@ fn result_json(outcome: &Outcome) -> String {
     };
     match details {
         None => format!(r#"{{"result":"{name}"}}"#),
-        Some(d) => format!(r#"{{"result":"{name}","details":{}}}"#, Value::from(d.clone())),
+        Some(d) => format!(
+            r#"{{"result":"{name}","details":{}}}"#,
+            Value::from(d.clone())
+        ),
     }
 }
 
@@ -120,8 +123,14 @@ impl Printer {
         match self.format {
             OutputFormat::Text => {
                 let desc = done.check.description;
-                let lines = |out: &mut io::StdoutLock<'_>, colour: Colour, d: &[String]| -> io::Result<()> {
-                    let (first, causes) = d.split_first().map(|(f, c)| (f.as_str(), c)).unwrap_or(("", &[]));
+                let lines = |out: &mut io::StdoutLock<'_>,
+                             colour: Colour,
+                             d: &[String]|
+                 -> io::Result<()> {
+                    let (first, causes) = d
+                        .split_first()
+                        .map(|(f, c)| (f.as_str(), c))
+                        .unwrap_or(("", &[]));
                     for l in first.lines() {
                         writeln!(out, "{}", self.paint(colour, &format!("    {l}")))?;
                     }
@@ -129,28 +138,56 @@ impl Printer {
                         for cause in causes {
                             let mut ls = cause.lines();
                             if let Some(l) = ls.next() {
-                                writeln!(out, "{}", self.paint(colour, &format!("        caused by: {l}")))?;
+                                writeln!(
+                                    out,
+                                    "{}",
+                                    self.paint(colour, &format!("        caused by: {l}"))
+                                )?;
                             }
                             for l in ls {
-                                writeln!(out, "{}", self.paint(colour, &format!("{}{l}", " ".repeat(19))))?;
+                                writeln!(
+                                    out,
+                                    "{}",
+                                    self.paint(colour, &format!("{}{l}", " ".repeat(19)))
+                                )?;
                             }
                         }
                     }
                     Ok(())
                 };
                 match &done.outcome {
-                    Outcome::Ok => writeln!(out, "{}", self.paint(Colour::Green, &format!("\u{221a} {desc} - OK")))?,
+                    Outcome::Ok => writeln!(
+                        out,
+                        "{}",
+                        self.paint(Colour::Green, &format!("\u{221a} {desc} - OK"))
+                    )?,
                     Outcome::Warning(d) => {
-                        writeln!(out, "{}", self.paint(Colour::Yellow, &format!("\u{203c} {desc} - Warning")))?;
+                        writeln!(
+                            out,
+                            "{}",
+                            self.paint(Colour::Yellow, &format!("\u{203c} {desc} - Warning"))
+                        )?;
                         lines(&mut out, Colour::Yellow, d)?;
                     }
                     Outcome::Error(d) | Outcome::Fatal(d) => {
-                        writeln!(out, "{}", self.paint(Colour::Red, &format!("\u{d7} {desc} - Error")))?;
+                        writeln!(
+                            out,
+                            "{}",
+                            self.paint(Colour::Red, &format!("\u{d7} {desc} - Error"))
+                        )?;
                         lines(&mut out, Colour::Red, d)?;
                     }
                     Outcome::Skipped if self.verbose => {
-                        writeln!(out, "{}", self.paint(Colour::Yellow, &format!("\u{203c} {desc} - Warning")))?;
-                        writeln!(out, "{}", self.paint(Colour::Yellow, "    skipping because of previous failures"))?;
+                        writeln!(
+                            out,
+                            "{}",
+                            self.paint(Colour::Yellow, &format!("\u{203c} {desc} - Warning"))
+                        )?;
+                        writeln!(
+                            out,
+                            "{}",
+                            self.paint(Colour::Yellow, "    skipping because of previous failures")
+                        )?;
                     }
                     Outcome::Skipped | Outcome::Ignored => {}
                 }
@@ -169,7 +206,11 @@ impl Printer {
             OutputFormat::Json => {
                 self.checks.insert(
                     done.check.id,
-                    format!(r#"{{"result":{},"additional_info":{}}}"#, result_json(&done.outcome), Value::Object(done.additional)),
+                    format!(
+                        r#"{{"result":{},"additional_info":{}}}"#,
+                        result_json(&done.outcome),
+                        Value::Object(done.additional)
+                    ),
                 );
             }
         }
@@ -188,13 +229,35 @@ impl Printer {
                 if !self.stopped {
                     writeln!(out)?;
                 }
-                let more = if self.verbose { "" } else { " Re-run with --verbose for more details." };
-                writeln!(out, "{}", self.paint(Colour::Green, &format!("{} check(s) succeeded.", self.ok)))?;
+                let more = if self.verbose {
+                    ""
+                } else {
+                    " Re-run with --verbose for more details."
+                };
+                writeln!(
+                    out,
+                    "{}",
+                    self.paint(Colour::Green, &format!("{} check(s) succeeded.", self.ok))
+                )?;
                 if self.warnings > 0 {
-                    writeln!(out, "{}", self.paint(Colour::Yellow, &format!("{} check(s) raised warnings.{more}", self.warnings)))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        self.paint(
+                            Colour::Yellow,
+                            &format!("{} check(s) raised warnings.{more}", self.warnings)
+                        )
+                    )?;
                 }
                 if self.errors > 0 {
-                    writeln!(out, "{}", self.paint(Colour::Red, &format!("{} check(s) raised errors.{more}", self.errors)))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        self.paint(
+                            Colour::Red,
+                            &format!("{} check(s) raised errors.{more}", self.errors)
+                        )
+                    )?;
                 }
                 if self.skipped > 0 {
                     writeln!(
@@ -202,15 +265,27 @@ impl Printer {
                         "{}",
                         self.paint(
                             Colour::Yellow,
-                            &format!("{} check(s) were skipped due to errors from other checks.{more}", self.skipped)
+                            &format!(
+                                "{} check(s) were skipped due to errors from other checks.{more}",
+                                self.skipped
+                            )
                         )
                     )?;
                 }
                 writeln!(out)?;
             }
             OutputFormat::Json => {
-                let checks: Vec<String> = self.checks.iter().map(|(id, v)| format!("{}:{v}", Value::from(*id))).collect();
-                writeln!(out, r#"{{"additional_info":{},"checks":{{{}}}}}"#, Value::Object(info), checks.join(","))?;
+                let checks: Vec<String> = self
+                    .checks
+                    .iter()
+                    .map(|(id, v)| format!("{}:{v}", Value::from(*id)))
+                    .collect();
+                writeln!(
+                    out,
+                    r#"{{"additional_info":{},"checks":{{{}}}}}"#,
+                    Value::Object(info),
+                    checks.join(",")
+                )?;
             }
             OutputFormat::JsonStream => {
                 let inner = Value::Object(info).to_string();
@@ -228,8 +303,20 @@ pub fn list(format: ListFormat) -> io::Result<()> {
     let mut out = io::stdout().lock();
     match format {
         ListFormat::Text => {
-            let cat_w = CHECKS.iter().map(|c| c.section.len()).chain(["CATEGORY".len()]).max().unwrap_or(0) + 1;
-            let id_w = CHECKS.iter().map(|c| c.id.len()).chain(["ID".len()]).max().unwrap_or(0) + 1;
+            let cat_w = CHECKS
+                .iter()
+                .map(|c| c.section.len())
+                .chain(["CATEGORY".len()])
+                .max()
+                .unwrap_or(0)
+                + 1;
+            let id_w = CHECKS
+                .iter()
+                .map(|c| c.id.len())
+                .chain(["ID".len()])
+                .max()
+                .unwrap_or(0)
+                + 1;
             writeln!(out, "{:cat_w$}{:id_w$}DESCRIPTION", "CATEGORY", "ID")?;
             writeln!(out)?;
             let mut section = CHECKS[0].section;
@@ -252,7 +339,13 @@ pub fn list(format: ListFormat) -> io::Result<()> {
                     let checks: Vec<String> = CHECKS
                         .iter()
                         .filter(|c| c.section == *section)
-                        .map(|c| format!(r#"{{"id":{},"description":{}}}"#, Value::from(c.id), Value::from(c.description)))
+                        .map(|c| {
+                            format!(
+                                r#"{{"id":{},"description":{}}}"#,
+                                Value::from(c.id),
+                                Value::from(c.description)
+                            )
+                        })
                         .collect();
                     format!("{}:[{}]", Value::from(*section), checks.join(","))
                 })

@@ -27,7 +27,7 @@ pub mod signature;
 pub mod store;
 pub mod uri;
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_uchar, c_void, CStr};
 use std::sync::OnceLock;
 
 use foreign_types::{ForeignType, ForeignTypeRef};
@@ -90,6 +90,22 @@ pub(crate) fn param_end() -> ffi::OSSL_PARAM {
     }
 }
 
+/// The entry of parameter `key` in `params`, if `params` is not null and has one.
+///
+/// # Safety
+/// `params` must be null or a valid OSSL_PARAM array.
+pub(crate) unsafe fn locate(
+    params: *const ffi::OSSL_PARAM,
+    key: &CStr,
+) -> Option<*const ffi::OSSL_PARAM> {
+    if params.is_null() {
+        return None;
+    }
+    // SAFETY: per the contract; the located entry belongs to the array.
+    let p = unsafe { ffi::OSSL_PARAM_locate_const(params, key.as_ptr()) };
+    (!p.is_null()).then_some(p)
+}
+
 /// The UTF-8 string value of parameter `key` in `params`, if present.
 ///
 /// # Safety
@@ -98,15 +114,11 @@ pub(crate) unsafe fn get_utf8(
     params: *const ffi::OSSL_PARAM,
     key: &CStr,
 ) -> Result<Option<String>, Error> {
-    if params.is_null() {
-        return Ok(None);
-    }
     // SAFETY: per the contract; the located entry belongs to the array.
     unsafe {
-        let p = ffi::OSSL_PARAM_locate_const(params, key.as_ptr());
-        if p.is_null() {
+        let Some(p) = locate(params, key) else {
             return Ok(None);
-        }
+        };
         let mut s: *const c_char = std::ptr::null();
         if ffi::OSSL_PARAM_get_utf8_string_ptr(p, &mut s) != 1 || s.is_null() {
             return Err(Error::Internal(format!(
@@ -129,15 +141,11 @@ pub(crate) unsafe fn get_int_or_name(
     params: *const ffi::OSSL_PARAM,
     key: &CStr,
 ) -> Result<Option<IntOrName>, Error> {
-    if params.is_null() {
-        return Ok(None);
-    }
     // SAFETY: per the contract.
     unsafe {
-        let p = ffi::OSSL_PARAM_locate_const(params, key.as_ptr());
-        if p.is_null() {
+        let Some(p) = locate(params, key) else {
             return Ok(None);
-        }
+        };
         if (*p).data_type == ffi::OSSL_PARAM_UTF8_STRING {
             return get_utf8(params, key).map(|s| s.map(IntOrName::Name));
         }
@@ -149,6 +157,78 @@ pub(crate) unsafe fn get_int_or_name(
         }
         Ok(Some(IntOrName::Int(v)))
     }
+}
+
+/// The `pad-mode` parameter in `params`, if present: an integer, or one of the `names`.
+///
+/// # Safety
+/// `params` must be null or a valid OSSL_PARAM array.
+pub(crate) unsafe fn get_pad_mode(
+    params: *const ffi::OSSL_PARAM,
+    names: &[(&str, c_int)],
+) -> Result<Option<c_int>, Error> {
+    // SAFETY: per the contract.
+    let mode = unsafe { get_int_or_name(params, ffi::SIG_PAD_MODE)? };
+    mode.map(|m| match m {
+        IntOrName::Int(i) => Ok(i),
+        IntOrName::Name(n) => names
+            .iter()
+            .find(|(name, _)| *name == n)
+            .map(|&(_, v)| v)
+            .ok_or_else(|| Error::Internal(format!("unknown pad-mode {n:?}"))),
+    })
+    .transpose()
+}
+
+/// One of this provider's operation contexts (`what` names its kind in the error when null).
+///
+/// # Safety
+/// `ctx` must be null or a `T` that the caller's module allocated and has not freed; OpenSSL
+/// does not use one context from two threads at once.
+pub(crate) unsafe fn ctx_mut<'a, T>(ctx: *mut c_void, what: &str) -> Result<&'a mut T, Error> {
+    if ctx.is_null() {
+        return Err(Error::Internal(format!("no {what} context")));
+    }
+    // SAFETY: per the contract.
+    Ok(unsafe { &mut *(ctx as *mut T) })
+}
+
+/// OpenSSL's input buffer as a slice (empty when null).
+///
+/// # Safety
+/// `p` null or `n` readable bytes.
+pub(crate) unsafe fn bytes<'a>(p: *const c_uchar, n: usize) -> &'a [u8] {
+    if p.is_null() || n == 0 {
+        &[]
+    } else {
+        // SAFETY: per the contract.
+        unsafe { std::slice::from_raw_parts(p, n) }
+    }
+}
+
+/// Writes `data` (a `what`) to OpenSSL's output buffer, refusing one that is too small.
+///
+/// # Safety
+/// `out` has `outsize` writable bytes; `outlen` writable.
+pub(crate) unsafe fn put(
+    out: *mut c_uchar,
+    outlen: *mut usize,
+    outsize: usize,
+    data: &[u8],
+    what: &str,
+) -> Result<c_int, Error> {
+    if data.len() > outsize {
+        return Err(Error::Internal(format!(
+            "{what} of {} bytes for a {outsize}-byte buffer",
+            data.len()
+        )));
+    }
+    // SAFETY: per the contract.
+    unsafe {
+        std::ptr::copy_nonoverlapping(data.as_ptr(), out, data.len());
+        *outlen = data.len();
+    }
+    Ok(1)
 }
 
 /// A context for public-key work on `pkey` by the default provider (never this one).

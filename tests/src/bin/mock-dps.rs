@@ -47,12 +47,15 @@ fn pem(path: &str, what: &str) -> Result<openssl::x509::X509, String> {
 }
 
 fn key(v: &str, what: &str) -> Result<Vec<u8>, String> {
-    base64::engine::general_purpose::STANDARD.decode(v.trim()).map_err(|e| format!("{what}: {e}"))
+    base64::engine::general_purpose::STANDARD
+        .decode(v.trim())
+        .map_err(|e| format!("{what}: {e}"))
 }
 
 fn run() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
-    let (mut port, mut scope, mut hub, mut assigning) = (0u16, "0ne00000001".to_owned(), "a".to_owned(), 0u32);
+    let (mut port, mut scope, mut hub, mut assigning) =
+        (0u16, "0ne00000001".to_owned(), "a".to_owned(), 0u32);
     let mut ca_out = std::path::PathBuf::from("mock-dps-ca.pem");
     let mut enrollments: Vec<(String, Option<Attestation>)> = Vec::new();
     let (mut group_key, mut group_ca) = (None, None);
@@ -64,7 +67,9 @@ fn run() -> Result<(), String> {
                 return Ok(());
             }
             "--port" => {
-                port = value("--port")?.parse().map_err(|e| format!("--port: {e}"))?;
+                port = value("--port")?
+                    .parse()
+                    .map_err(|e| format!("--port: {e}"))?;
                 None
             }
             "--ca-out" => {
@@ -83,14 +88,19 @@ fn run() -> Result<(), String> {
                 None
             }
             "--assigning" => {
-                assigning = value("--assigning")?.parse().map_err(|e| format!("--assigning: {e}"))?;
+                assigning = value("--assigning")?
+                    .parse()
+                    .map_err(|e| format!("--assigning: {e}"))?;
                 None
             }
             "--registration-id" => {
                 enrollments.push((value("--registration-id")?, None));
                 None
             }
-            "--symmetric-key" => Some(Attestation::SymmetricKey(key(&value(&a)?, "--symmetric-key")?)),
+            "--symmetric-key" => Some(Attestation::SymmetricKey(key(
+                &value(&a)?,
+                "--symmetric-key",
+            )?)),
             "--tpm" => Some(Attestation::Tpm(None)),
             "--x509-ca" => Some(Attestation::X509Ca(pem(&value(&a)?, "--x509-ca")?)),
             "--group-key" => {
@@ -104,7 +114,9 @@ fn run() -> Result<(), String> {
             other => return Err(format!("unknown argument {other:?}")),
         };
         if let Some(att) = attestation {
-            let last = enrollments.last_mut().ok_or_else(|| format!("{a} must follow --registration-id"))?;
+            let last = enrollments
+                .last_mut()
+                .ok_or_else(|| format!("{a} must follow --registration-id"))?;
             if last.1.replace(att).is_some() {
                 return Err(format!("enrollment {} has two attestations", last.0));
             }
@@ -119,30 +131,59 @@ fn run() -> Result<(), String> {
     let mut methods = Vec::new();
     for (id, att) in enrollments {
         let att = att.ok_or_else(|| format!("enrollment {id} has no attestation"))?;
-        methods.push((id.clone(), match att {
-            Attestation::SymmetricKey(_) => "symmetric_key",
-            Attestation::Tpm(_) => "tpm",
-            _ => "x509",
-        }));
-        dps.enroll(&id, Enrollment { attestation: att, hub: hub.clone(), device_id: None });
+        methods.push((
+            id.clone(),
+            match att {
+                Attestation::SymmetricKey(_) => "symmetric_key",
+                Attestation::Tpm(_) => "tpm",
+                _ => "x509",
+            },
+        ));
+        dps.enroll(
+            &id,
+            Enrollment {
+                attestation: att,
+                hub: hub.clone(),
+                device_id: None,
+            },
+        );
     }
     if let Some(group_key) = group_key {
-        dps.enroll_group(Group::SymmetricKey { group_key, hub: hub.clone() });
+        dps.enroll_group(Group::SymmetricKey {
+            group_key,
+            hub: hub.clone(),
+        });
     }
     if let Some(ca) = group_ca {
-        dps.enroll_group(Group::X509Ca { ca, hub: hub.clone() });
+        dps.enroll_group(Group::X509Ca {
+            ca,
+            hub: hub.clone(),
+        });
     }
     dps.set_assigning_polls(assigning, Some(1));
-    dps.ca.write_cert(&ca_out).map_err(|e| format!("could not write {}: {e}", ca_out.display()))?;
+    dps.ca
+        .write_cert(&ca_out)
+        .map_err(|e| format!("could not write {}: {e}", ca_out.display()))?;
     dps.set_logging(true);
-    println!("mock DPS listening on {} (scope {scope}); assigns to hub {hub}", dps.endpoint());
+    println!(
+        "mock DPS listening on {} (scope {scope}); assigns to hub {hub}",
+        dps.endpoint()
+    );
     println!("hubs on the same port: {} and {}", dps.hub_a(), dps.hub_b());
-    println!("CA certificate: {} (e.g. SSL_CERT_FILE={})", ca_out.display(), ca_out.display());
+    println!(
+        "CA certificate: {} (e.g. SSL_CERT_FILE={})",
+        ca_out.display(),
+        ca_out.display()
+    );
     for (id, method) in methods {
         println!(
             "\nidentityd config for {id}:\n[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"{}\"\nscope_id = \"{scope}\"\n[provisioning.attestation]\nmethod = \"{method}\"\nregistration_id = \"{id}\"{}",
             dps.endpoint(),
-            if method == "symmetric_key" { "\nsymmetric_key = \"device-id\"" } else { "" }
+            match method {
+                "symmetric_key" => "\nsymmetric_key = \"device-id\"",
+                "x509" => "\nidentity_cert = \"device-id\"\nidentity_pk = \"device-id\"",
+                _ => "",
+            }
         );
     }
     loop {

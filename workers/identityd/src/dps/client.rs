@@ -121,7 +121,10 @@ pub struct DpsClient {
 
 impl std::fmt::Debug for DpsClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DpsClient").field("proxy", &self.proxy).field("timeout", &self.timeout).finish()
+        f.debug_struct("DpsClient")
+            .field("proxy", &self.proxy)
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
@@ -169,7 +172,11 @@ fn uniform(max: Duration) -> Duration {
 }
 
 fn retry_after(r: &transport::Response) -> Option<Duration> {
-    r.header("retry-after")?.trim().parse::<u64>().ok().map(Duration::from_secs)
+    r.header("retry-after")?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
 }
 
 /// §1.3 step 1, then the body as JSON (`InvalidData` otherwise).
@@ -180,7 +187,10 @@ fn json_body(r: &transport::Response) -> Result<Value, HubError> {
             return Err(err(
                 HubErrorKind::InvalidData,
                 status,
-                format!("DPS answered {} {} with Content-Type {ct:?}; expected JSON", r.status, r.reason),
+                format!(
+                    "DPS answered {} {} with Content-Type {ct:?}; expected JSON",
+                    r.status, r.reason
+                ),
             ));
         }
     }
@@ -188,7 +198,10 @@ fn json_body(r: &transport::Response) -> Result<Value, HubError> {
         err(
             HubErrorKind::InvalidData,
             status,
-            format!("DPS answered {} {} with a body that is not valid JSON: {e}", r.status, r.reason),
+            format!(
+                "DPS answered {} {} with a body that is not valid JSON: {e}",
+                r.status, r.reason
+            ),
         )
     })
 }
@@ -197,45 +210,84 @@ fn json_body(r: &transport::Response) -> Result<Value, HubError> {
 fn status_error(r: &transport::Response) -> HubError {
     let status = Some(r.status);
     // §11.3: a DPS that cannot serve right now is a network condition.
-    let kind = if r.status >= 500 { HubErrorKind::NotConnected } else { HubErrorKind::Other };
+    let kind = if r.status >= 500 {
+        HubErrorKind::NotConnected
+    } else {
+        HubErrorKind::Other
+    };
     if r.body.is_empty() {
-        return err(kind, status, format!("DPS answered HTTP error {} {}", r.status, r.reason));
+        return err(
+            kind,
+            status,
+            format!("DPS answered HTTP error {} {}", r.status, r.reason),
+        );
     }
     match json_body(r).and_then(|v| {
         ErrorBody::parse(&v).map_err(|e| {
-            err(kind, status, format!("DPS answered HTTP error {} {}; its error body does not parse: {e}", r.status, r.reason))
+            err(
+                kind,
+                status,
+                format!(
+                    "DPS answered HTTP error {} {}; its error body does not parse: {e}",
+                    r.status, r.reason
+                ),
+            )
         })
     }) {
-        Ok((code, message)) => {
-            err(kind, status, format!("DPS answered HTTP error {} {}: {message} (code {code})", r.status, r.reason))
-        }
+        Ok((code, message)) => err(
+            kind,
+            status,
+            format!(
+                "DPS answered HTTP error {} {}: {message} (code {code})",
+                r.status, r.reason
+            ),
+        ),
         Err(mut e) => {
-            e.kind = if kind == HubErrorKind::NotConnected { kind } else { e.kind };
+            e.kind = if kind == HubErrorKind::NotConnected {
+                kind
+            } else {
+                e.kind
+            };
             e
         }
     }
 }
 
 fn unexpected(r: &transport::Response, expected: &str) -> HubError {
-    err(HubErrorKind::Other, Some(r.status), format!("Expected one of [{expected}], got {} {}", r.status, r.reason))
+    err(
+        HubErrorKind::Other,
+        Some(r.status),
+        format!(
+            "Expected one of [{expected}], got {} {}",
+            r.status, r.reason
+        ),
+    )
 }
 
 /// A DPS operation status (§3.3): `Ok(None)` while assigning.
 fn outcome(v: &Value, status: Option<u16>) -> Result<Option<Assignment>, HubError> {
     let invalid = |m: String| err(HubErrorKind::InvalidData, status, m);
-    let s = v.get("status").and_then(Value::as_str).ok_or_else(|| invalid(format!("DPS status without a string `status`: {v}")))?;
+    let s = v
+        .get("status")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(format!("DPS status without a string `status`: {v}")))?;
     let state = v.get("registrationState").filter(|s| s.is_object());
     match s {
         "assigning" => Ok(None),
         "assigned" => {
-            let state = state.ok_or_else(|| invalid("DPS status `assigned` without registrationState".into()))?;
+            let state = state
+                .ok_or_else(|| invalid("DPS status `assigned` without registrationState".into()))?;
             let field = |name: &str| {
                 state
                     .get(name)
                     .and_then(Value::as_str)
                     .filter(|s| !s.is_empty())
                     .map(str::to_owned)
-                    .ok_or_else(|| invalid(format!("DPS status `assigned` without a string registrationState.{name}")))
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "DPS status `assigned` without a string registrationState.{name}"
+                        ))
+                    })
             };
             Ok(Some(Assignment {
                 assigned_hub: field("assignedHub")?,
@@ -244,28 +296,52 @@ fn outcome(v: &Value, status: Option<u16>) -> Result<Option<Assignment>, HubErro
             }))
         }
         "failed" => {
-            let state = state.ok_or_else(|| invalid("DPS status `failed` without registrationState".into()))?;
+            let state = state
+                .ok_or_else(|| invalid("DPS status `failed` without registrationState".into()))?;
             match ErrorBody::parse(state) {
                 Ok((code, message)) => Err(err(
                     HubErrorKind::Other,
                     status,
                     format!("DPS registration failed: {message} (code {code})"),
                 )),
-                Err(e) => Err(invalid(format!("DPS registration failed without a usable error: {e}"))),
+                Err(e) => Err(invalid(format!(
+                    "DPS registration failed without a usable error: {e}"
+                ))),
             }
         }
-        other => Err(err(HubErrorKind::Other, status, format!("DPS registration ended with status {other:?}"))),
+        other => Err(err(
+            HubErrorKind::Other,
+            status,
+            format!("DPS registration ended with status {other:?}"),
+        )),
     }
 }
 
 /// The authenticationKey of a TPM answer (round-1 401 body, or registrationState.tpm).
 fn auth_key(v: Option<&Value>) -> Result<Option<Vec<u8>>, HubError> {
-    let Some(k) = v.and_then(|v| v.get("authenticationKey")).filter(|k| !k.is_null()) else { return Ok(None) };
-    let k = k.as_str().ok_or_else(|| err(HubErrorKind::InvalidData, None, "DPS authenticationKey is not a string"))?;
+    let Some(k) = v
+        .and_then(|v| v.get("authenticationKey"))
+        .filter(|k| !k.is_null())
+    else {
+        return Ok(None);
+    };
+    let k = k.as_str().ok_or_else(|| {
+        err(
+            HubErrorKind::InvalidData,
+            None,
+            "DPS authenticationKey is not a string",
+        )
+    })?;
     base64::engine::general_purpose::STANDARD
         .decode(k)
         .map(Some)
-        .map_err(|e| err(HubErrorKind::InvalidData, None, format!("DPS authenticationKey is not base64: {e}")))
+        .map_err(|e| {
+            err(
+                HubErrorKind::InvalidData,
+                None,
+                format!("DPS authenticationKey is not base64: {e}"),
+            )
+        })
 }
 
 /// §3.2's body, compact, in this field order.
@@ -297,7 +373,11 @@ struct Call {
 
 impl DpsClient {
     /// A client with the product's timing for `timeout` (`cloud_timeout_sec`).
-    pub fn new(timeout: Duration, retries: u32, proxy: Option<&str>) -> Result<DpsClient, HubError> {
+    pub fn new(
+        timeout: Duration,
+        retries: u32,
+        proxy: Option<&str>,
+    ) -> Result<DpsClient, HubError> {
         DpsClient::with_tuning(timeout, retries, proxy, DpsTuning::for_timeout(timeout))
     }
 
@@ -309,13 +389,25 @@ impl DpsClient {
     ) -> Result<DpsClient, HubError> {
         let connector = match CONNECTOR.get() {
             Some(c) => Arc::clone(c),
-            None => Arc::new(
-                transport::connector()
-                    .map_err(|e| err(HubErrorKind::Other, None, format!("could not set up TLS: {e}")))?,
-            ),
+            None => Arc::new(transport::connector().map_err(|e| {
+                err(
+                    HubErrorKind::Other,
+                    None,
+                    format!("could not set up TLS: {e}"),
+                )
+            })?),
         };
-        let proxy = proxy.map(Proxy::parse).transpose().map_err(|e| err(HubErrorKind::Other, None, e))?;
-        Ok(DpsClient { connector, proxy, timeout, retries, tuning })
+        let proxy = proxy
+            .map(Proxy::parse)
+            .transpose()
+            .map_err(|e| err(HubErrorKind::Other, None, e))?;
+        Ok(DpsClient {
+            connector,
+            proxy,
+            timeout,
+            retries,
+            tuning,
+        })
     }
 
     /// §1.5 for one DPS request: a fresh SAS per attempt, 429 back-off (Retry-After honoured),
@@ -336,10 +428,15 @@ impl DpsClient {
             }
             let mut headers = Vec::new();
             if let Some(signer) = signer {
-                let token =
-                    sas::header(signer, &audience, sas::now_unix(), self.tuning.sas_lifetime_secs, Some("registration"))
-                        .await
-                        .map_err(|e| err(HubErrorKind::Other, None, e.to_string()))?;
+                let token = sas::header(
+                    signer,
+                    &audience,
+                    sas::now_unix(),
+                    self.tuning.sas_lifetime_secs,
+                    Some("registration"),
+                )
+                .await
+                .map_err(|e| err(HubErrorKind::Other, None, e.to_string()))?;
                 headers.push(("Authorization", token));
             }
             let request = transport::Request {
@@ -350,16 +447,30 @@ impl DpsClient {
                 read_body: true,
             };
             let deadline = (Instant::now() + call.timeout).min(until);
-            let (connector, proxy, target, cert) =
-                (Arc::clone(&self.connector), self.proxy.clone(), reg.endpoint.clone(), cert.cloned());
+            let (connector, proxy, target, cert) = (
+                Arc::clone(&self.connector),
+                self.proxy.clone(),
+                reg.endpoint.clone(),
+                cert.cloned(),
+            );
             let attempt = tokio::task::spawn_blocking(move || {
-                transport::exchange(&connector, proxy.as_ref(), &target, cert.as_ref(), &request, deadline)
+                transport::exchange(
+                    &connector,
+                    proxy.as_ref(),
+                    &target,
+                    cert.as_ref(),
+                    &request,
+                    deadline,
+                )
             });
-            let result = match tokio::time::timeout(call.timeout + Duration::from_secs(1), attempt).await {
-                Err(_) => Err(TransportError::TimedOut),
-                Ok(Err(join)) => Err(TransportError::Io(format!("the request task failed: {join}"))),
-                Ok(Ok(r)) => r,
-            };
+            let result =
+                match tokio::time::timeout(call.timeout + Duration::from_secs(1), attempt).await {
+                    Err(_) => Err(TransportError::TimedOut),
+                    Ok(Err(join)) => Err(TransportError::Io(format!(
+                        "the request task failed: {join}"
+                    ))),
+                    Ok(Ok(r)) => r,
+                };
             match result {
                 Ok(r) if r.status == 429 => {
                     if n >= MAX_ATTEMPTS_THROTTLED {
@@ -385,7 +496,10 @@ impl DpsClient {
                 }
                 Ok(r) => return Ok(r),
                 Err(e) => {
-                    tracing::warn!("Failed to send HTTP request (attempt {n} of {}): {e}", call.retries + 1);
+                    tracing::warn!(
+                        "Failed to send HTTP request (attempt {n} of {}): {e}",
+                        call.retries + 1
+                    );
                     if n > call.retries || Instant::now() >= until {
                         let kind = match e {
                             TransportError::TimedOut => HubErrorKind::TimedOut,
@@ -393,7 +507,11 @@ impl DpsClient {
                             TransportError::Malformed(_) => HubErrorKind::InvalidData,
                             TransportError::Io(_) => HubErrorKind::Other,
                         };
-                        return Err(err(kind, None, format!("could not reach DPS at {}: {e}", reg.endpoint.text)));
+                        return Err(err(
+                            kind,
+                            None,
+                            format!("could not reach DPS at {}: {e}", reg.endpoint.text),
+                        ));
                     }
                     self.sleep_until(self.tuning.failure_delay, until).await?;
                 }
@@ -406,7 +524,10 @@ impl DpsClient {
         err(
             HubErrorKind::TimedOut,
             None,
-            format!("DPS registration did not complete within {} s", self.tuning.max_total.as_secs_f64()),
+            format!(
+                "DPS registration did not complete within {} s",
+                self.tuning.max_total.as_secs_f64()
+            ),
         )
     }
 
@@ -422,7 +543,10 @@ impl DpsClient {
         let b = |k: &[u8]| base64::engine::general_purpose::STANDARD.encode(k);
         let body = RegisterBody {
             registration_id: &reg.registration_id,
-            tpm: tpm.map(|(ek, srk)| TpmBody { endorsement_key: b(ek), storage_root_key: b(srk) }),
+            tpm: tpm.map(|(ek, srk)| TpmBody {
+                endorsement_key: b(ek),
+                storage_root_key: b(srk),
+            }),
             payload: reg.payload.as_ref(),
         };
         Call {
@@ -439,26 +563,49 @@ impl DpsClient {
 
     /// Registers with DPS (§3.2–§3.4) and returns the assignment. For TPM, DPS's keys are
     /// imported into the TPM on the way (the last one imported signs everything after).
-    pub async fn register(&self, reg: &Registration, auth: &DpsAuth) -> Result<Assignment, HubError> {
+    pub async fn register(
+        &self,
+        reg: &Registration,
+        auth: &DpsAuth,
+    ) -> Result<Assignment, HubError> {
         let until = Instant::now() + self.tuning.max_total;
         let (signer, cert): (Option<Arc<dyn SasSigner>>, Option<&ClientCert>) = match auth {
             DpsAuth::Sas(s) => (Some(Arc::clone(s)), None),
             DpsAuth::X509(c) => (None, Some(c)),
             DpsAuth::Tpm(tpmd) => {
                 // §3.4 round 1: the EK and SRK, no Authorization; DPS answers 401 with the blob.
-                let (ek, srk) = tpmd
-                    .keys()
-                    .await
-                    .map_err(|e| err(HubErrorKind::Other, None, format!("could not read the TPM's keys from tpmd: {}", crate::keys::error_chain(&e))))?;
+                let (ek, srk) = tpmd.keys().await.map_err(|e| {
+                    err(
+                        HubErrorKind::Other,
+                        None,
+                        format!(
+                            "could not read the TPM's keys from tpmd: {}",
+                            crate::keys::error_chain(&e)
+                        ),
+                    )
+                })?;
                 let call = self.register_call(reg, Some((&ek, &srk)));
                 let r = self.send(reg, None, None, &call, until).await?;
                 if r.status != 401 {
-                    return Err(if r.status >= 400 { status_error(&r) } else { unexpected(&r, "401") });
+                    return Err(if r.status >= 400 {
+                        status_error(&r)
+                    } else {
+                        unexpected(&r, "401")
+                    });
                 }
                 let body = json_body(&r)?;
-                let Some(blob) = auth_key(Some(&body))? else { return Err(status_error(&r)) };
+                let Some(blob) = auth_key(Some(&body))? else {
+                    return Err(status_error(&r));
+                };
                 tpmd.import_auth_key(&blob).await.map_err(|e| {
-                    err(HubErrorKind::Other, None, format!("tpmd could not import DPS's authentication key: {}", crate::keys::error_chain(&e)))
+                    err(
+                        HubErrorKind::Other,
+                        None,
+                        format!(
+                            "tpmd could not import DPS's authentication key: {}",
+                            crate::keys::error_chain(&e)
+                        ),
+                    )
                 })?;
                 tracing::info!("Imported DPS authentication key into TPM.");
                 (Some(Arc::clone(tpmd) as Arc<dyn SasSigner>), None)
@@ -470,9 +617,16 @@ impl DpsClient {
         let operation_id = match r.status {
             202 => {
                 let body = json_body(&r)?;
-                body.get("operationId").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| {
-                    err(HubErrorKind::InvalidData, Some(202), "DPS accepted the registration without an operationId")
-                })?
+                body.get("operationId")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| {
+                        err(
+                            HubErrorKind::InvalidData,
+                            Some(202),
+                            "DPS accepted the registration without an operationId",
+                        )
+                    })?
             }
             200 => {
                 // Additive (§3.3 Recommendation): a final status at once.
@@ -480,9 +634,16 @@ impl DpsClient {
                 if let Some(a) = outcome(&body, Some(200))? {
                     return self.assigned(a, &body, auth).await;
                 }
-                body.get("operationId").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| {
-                    err(HubErrorKind::InvalidData, Some(200), "DPS answered 200 without a final status or an operationId")
-                })?
+                body.get("operationId")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| {
+                        err(
+                            HubErrorKind::InvalidData,
+                            Some(200),
+                            "DPS answered 200 without a final status or an operationId",
+                        )
+                    })?
             }
             s if s >= 400 => return Err(status_error(&r)),
             _ => return Err(unexpected(&r, "202")),
@@ -501,26 +662,45 @@ impl DpsClient {
         loop {
             let r = self.send(reg, signer, cert, &poll, until).await?;
             if !matches!(r.status, 200 | 202) {
-                return Err(if r.status >= 400 { status_error(&r) } else { unexpected(&r, "200, 202") });
+                return Err(if r.status >= 400 {
+                    status_error(&r)
+                } else {
+                    unexpected(&r, "200, 202")
+                });
             }
             let body = json_body(&r)?;
             match outcome(&body, Some(r.status))? {
                 Some(a) => return self.assigned(a, &body, auth).await,
                 None => {
                     tracing::info!("DPS registration is still in progress.");
-                    let wait = retry_after(&r).map_or(self.tuning.poll_interval, |d| d.min(self.tuning.max_retry_after));
+                    let wait = retry_after(&r).map_or(self.tuning.poll_interval, |d| {
+                        d.min(self.tuning.max_retry_after)
+                    });
                     self.sleep_until(wait, until).await?;
                 }
             }
         }
     }
 
-    async fn assigned(&self, a: Assignment, body: &Value, auth: &DpsAuth) -> Result<Assignment, HubError> {
+    async fn assigned(
+        &self,
+        a: Assignment,
+        body: &Value,
+        auth: &DpsAuth,
+    ) -> Result<Assignment, HubError> {
         if let DpsAuth::Tpm(tpmd) = auth {
             // §3.4 step 5: a key in the result replaces the challenge's.
-            if let Some(blob) = auth_key(body.get("registrationState").and_then(|s| s.get("tpm")))? {
+            if let Some(blob) = auth_key(body.get("registrationState").and_then(|s| s.get("tpm")))?
+            {
                 tpmd.import_auth_key(&blob).await.map_err(|e| {
-                    err(HubErrorKind::Other, None, format!("tpmd could not import DPS's authentication key: {}", crate::keys::error_chain(&e)))
+                    err(
+                        HubErrorKind::Other,
+                        None,
+                        format!(
+                            "tpmd could not import DPS's authentication key: {}",
+                            crate::keys::error_chain(&e)
+                        ),
+                    )
                 })?;
                 tracing::info!("Imported DPS authentication key into TPM.");
             }
@@ -541,35 +721,63 @@ mod tests {
     #[test]
     fn error_bodies() {
         assert_eq!(
-            ErrorBody::parse(&json!({"errorCode": 401002, "message": "Unauthorized", "trackingId": "t"})),
+            ErrorBody::parse(
+                &json!({"errorCode": 401002, "message": "Unauthorized", "trackingId": "t"})
+            ),
             Ok((401002, "Unauthorized".into()))
         );
-        assert_eq!(ErrorBody::parse(&json!({"code": 1, "errorMessage": "x"})), Ok((1, "x".into())));
+        assert_eq!(
+            ErrorBody::parse(&json!({"code": 1, "errorMessage": "x"})),
+            Ok((1, "x".into()))
+        );
         assert!(ErrorBody::parse(&json!({"code": 1, "errorCode": 2, "message": "x"})).is_err());
-        assert!(ErrorBody::parse(&json!({"code": 1, "message": "x", "errorMessage": "y"})).is_err());
+        assert!(
+            ErrorBody::parse(&json!({"code": 1, "message": "x", "errorMessage": "y"})).is_err()
+        );
         assert!(ErrorBody::parse(&json!({"message": "x"})).is_err());
         assert!(ErrorBody::parse(&json!({"code": "1", "message": "x"})).is_err());
     }
 
     #[test]
     fn outcomes() {
-        assert_eq!(outcome(&json!({"status": "assigning", "registrationState": {"registrationId": "r"}}), None).unwrap(), None);
+        assert_eq!(
+            outcome(
+                &json!({"status": "assigning", "registrationState": {"registrationId": "r"}}),
+                None
+            )
+            .unwrap(),
+            None
+        );
         let a = outcome(
             &json!({"status": "assigned", "registrationState": {"assignedHub": "h:1", "deviceId": "d", "payload": {"a": 1}}}),
             None,
         )
         .unwrap()
         .unwrap();
-        assert_eq!((a.assigned_hub.as_str(), a.device_id.as_str()), ("h:1", "d"));
+        assert_eq!(
+            (a.assigned_hub.as_str(), a.device_id.as_str()),
+            ("h:1", "d")
+        );
         assert_eq!(a.payload, Some(json!({"a": 1})));
         let e = outcome(
             &json!({"status": "failed", "registrationState": {"errorCode": 400209, "errorMessage": "Custom allocation failed"}}),
             None,
         )
         .unwrap_err();
-        assert_eq!(e.message, "DPS registration failed: Custom allocation failed (code 400209)");
+        assert_eq!(
+            e.message,
+            "DPS registration failed: Custom allocation failed (code 400209)"
+        );
         assert!(!e.is_network());
-        assert!(outcome(&json!({"status": "disabled"}), None).unwrap_err().message.contains("\"disabled\""));
-        assert_eq!(outcome(&json!({"status": "assigned"}), None).unwrap_err().kind, HubErrorKind::InvalidData);
+        assert!(outcome(&json!({"status": "disabled"}), None)
+            .unwrap_err()
+            .message
+            .contains("\"disabled\""));
+        assert_eq!(
+            outcome(&json!({"status": "assigned"}), None)
+                .unwrap_err()
+                .kind,
+            HubErrorKind::InvalidData
+        );
     }
 }

@@ -87,7 +87,9 @@ pub fn payload_path(uri: &str) -> Result<std::path::PathBuf, DpsConfigError> {
     // `file://localhost/abs` or `file:///abs`
     let path = rest.strip_prefix("localhost").unwrap_or(rest);
     if !path.starts_with('/') {
-        return Err(bad(format!("payload uri {uri:?} is not an absolute file:// URL")));
+        return Err(bad(format!(
+            "payload uri {uri:?} is not an absolute file:// URL"
+        )));
     }
     let decoded = aziot_ipc::endpoint::percent_decode(path)
         .ok_or_else(|| bad(format!("payload uri {uri:?} has an invalid percent escape")))?;
@@ -97,29 +99,50 @@ pub fn payload_path(uri: &str) -> Result<std::path::PathBuf, DpsConfigError> {
 impl DpsSettings {
     /// The DPS settings of `source`; `None` for other sources.
     pub fn from_source(source: &Source) -> Result<Option<DpsSettings>, DpsConfigError> {
-        let Source::Dps { global_endpoint, scope_id, payload, attestation } = source else {
+        let Source::Dps {
+            global_endpoint,
+            scope_id,
+            payload,
+            attestation,
+        } = source
+        else {
             return Ok(None);
         };
-        let (scheme, rest) = global_endpoint
-            .split_once("://")
-            .ok_or_else(|| bad(format!("global_endpoint {global_endpoint:?} is not an absolute URL")))?;
+        let (scheme, rest) = global_endpoint.split_once("://").ok_or_else(|| {
+            bad(format!(
+                "global_endpoint {global_endpoint:?} is not an absolute URL"
+            ))
+        })?;
         if !scheme.eq_ignore_ascii_case("https") {
-            return Err(bad(format!("global_endpoint {global_endpoint:?} must be an https:// URL")));
+            return Err(bad(format!(
+                "global_endpoint {global_endpoint:?} must be an https:// URL"
+            )));
         }
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-        let endpoint = Authority::parse(authority, 443).map_err(|e| bad(format!("global_endpoint: {e}")))?;
+        let endpoint =
+            Authority::parse(authority, 443).map_err(|e| bad(format!("global_endpoint: {e}")))?;
         if scope_id.is_empty() || scope_id.contains(['/', '?', '#', ' ']) {
             return Err(bad(format!("invalid scope_id {scope_id:?}")));
         }
-        let attestation: Attestation = attestation
-            .clone()
-            .try_into()
-            .map_err(|e: toml::de::Error| bad(format!("[provisioning.attestation]: {}", e.message())))?;
+        let attestation: Attestation =
+            attestation
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    bad(format!("[provisioning.attestation]: {}", e.message()))
+                })?;
         match &attestation {
-            Attestation::SymmetricKey { registration_id, .. } | Attestation::Tpm { registration_id } => {
+            Attestation::SymmetricKey {
+                registration_id, ..
+            }
+            | Attestation::Tpm { registration_id } => {
                 check_registration_id(registration_id)?;
             }
-            Attestation::X509 { registration_id, identity_auto_renew, .. } => {
+            Attestation::X509 {
+                registration_id,
+                identity_auto_renew,
+                ..
+            } => {
                 if let Some(id) = registration_id.as_ref().and_then(registration_cn) {
                     check_registration_id(&id)?;
                 } else if let Some(CsrSubject::Subject(_)) = registration_id {
@@ -141,7 +164,10 @@ impl DpsSettings {
                     .and_then(toml::Value::as_str)
                     .ok_or_else(|| bad("payload must be { uri = \"file:///...\" }"))?;
                 payload_path(uri)?;
-                let json = p.get(PAYLOAD_JSON_KEY).and_then(toml::Value::as_str).map(str::to_owned);
+                let json = p
+                    .get(PAYLOAD_JSON_KEY)
+                    .and_then(toml::Value::as_str)
+                    .map(str::to_owned);
                 (Some(uri.to_owned()), json)
             }
         };
@@ -158,17 +184,22 @@ impl DpsSettings {
     /// The configured registration ID (for X.509 without one: `None`, the cert's CN is used).
     pub fn registration_id(&self) -> Option<String> {
         match &self.attestation {
-            Attestation::SymmetricKey { registration_id, .. } | Attestation::Tpm { registration_id } => {
-                Some(registration_id.clone())
+            Attestation::SymmetricKey {
+                registration_id, ..
             }
-            Attestation::X509 { registration_id, .. } => registration_id.as_ref().and_then(registration_cn),
+            | Attestation::Tpm { registration_id } => Some(registration_id.clone()),
+            Attestation::X509 {
+                registration_id, ..
+            } => registration_id.as_ref().and_then(registration_cn),
         }
     }
 
     /// The payload (§3.2): the broker's inlined copy, else the file itself (unconfined run).
     pub fn payload(&self) -> Result<Option<Value>, DpsConfigError> {
         if let Some(text) = &self.payload_json {
-            return serde_json::from_str(text).map(Some).map_err(|e| bad(format!("payload: {e}")));
+            return serde_json::from_str(text)
+                .map(Some)
+                .map_err(|e| bad(format!("payload: {e}")));
         }
         match &self.payload_uri {
             None => Ok(None),
@@ -198,7 +229,10 @@ fn check_registration_id(id: &str) -> Result<(), DpsConfigError> {
 pub fn registration_cn(subject: &CsrSubject) -> Option<String> {
     match subject {
         CsrSubject::CommonName(cn) => Some(cn.clone()),
-        CsrSubject::Subject(map) => map.iter().find(|(k, _)| k.eq_ignore_ascii_case("CN")).map(|(_, v)| v.clone()),
+        CsrSubject::Subject(map) => map
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("CN"))
+            .map(|(_, v)| v.clone()),
     }
 }
 
@@ -211,37 +245,67 @@ pub fn read_payload(path: &std::path::Path) -> Result<Value, DpsConfigError> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
-        .map_err(|e| bad(format!("could not open the payload file {}: {e}", path.display())))?;
-    let meta = file.metadata().map_err(|e| bad(format!("payload file {}: {e}", path.display())))?;
+        .map_err(|e| {
+            bad(format!(
+                "could not open the payload file {}: {e}",
+                path.display()
+            ))
+        })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| bad(format!("payload file {}: {e}", path.display())))?;
     if !meta.is_file() {
-        return Err(bad(format!("payload file {} is not a regular file", path.display())));
+        return Err(bad(format!(
+            "payload file {} is not a regular file",
+            path.display()
+        )));
     }
     // Root reads it: only a file root owns (never one another user could swap in).
     if nix::unistd::geteuid().is_root() && meta.uid() != 0 {
-        return Err(bad(format!("payload file {} is not owned by root", path.display())));
+        return Err(bad(format!(
+            "payload file {} is not owned by root",
+            path.display()
+        )));
     }
     let mut text = Vec::new();
     file.take(MAX_PAYLOAD_LEN + 1)
         .read_to_end(&mut text)
-        .map_err(|e| bad(format!("could not read the payload file {}: {e}", path.display())))?;
+        .map_err(|e| {
+            bad(format!(
+                "could not read the payload file {}: {e}",
+                path.display()
+            ))
+        })?;
     if text.len() as u64 > MAX_PAYLOAD_LEN {
-        return Err(bad(format!("payload file {} is larger than {MAX_PAYLOAD_LEN} bytes", path.display())));
+        return Err(bad(format!(
+            "payload file {} is larger than {MAX_PAYLOAD_LEN} bytes",
+            path.display()
+        )));
     }
-    serde_json::from_slice(&text).map_err(|e| bad(format!("payload file {} is not JSON: {e}", path.display())))
+    serde_json::from_slice(&text)
+        .map_err(|e| bad(format!("payload file {} is not JSON: {e}", path.display())))
 }
 
 /// Broker side: reads the payload file named by a DPS config's `payload.uri` and stores its
 /// (compact) JSON as `payload.json` in `merged` (the config text the worker gets); any
 /// `payload.json` the files set is replaced. No-op for other sources.
-pub fn inline_payload(merged: &mut toml::Table, settings: Option<&DpsSettings>) -> Result<(), DpsConfigError> {
-    let Some(uri) = settings.and_then(|s| s.payload_uri.as_deref()) else { return Ok(()) };
+pub fn inline_payload(
+    merged: &mut toml::Table,
+    settings: Option<&DpsSettings>,
+) -> Result<(), DpsConfigError> {
+    let Some(uri) = settings.and_then(|s| s.payload_uri.as_deref()) else {
+        return Ok(());
+    };
     let value = read_payload(&payload_path(uri)?)?;
     let payload = merged
         .get_mut("provisioning")
         .and_then(|p| p.get_mut("payload"))
         .and_then(toml::Value::as_table_mut)
         .ok_or_else(|| bad("payload must be a table"))?;
-    payload.insert(PAYLOAD_JSON_KEY.to_owned(), toml::Value::String(value.to_string()));
+    payload.insert(
+        PAYLOAD_JSON_KEY.to_owned(),
+        toml::Value::String(value.to_string()),
+    );
     Ok(())
 }
 
@@ -262,7 +326,10 @@ mod tests {
         let s = settings("global_endpoint = \"https://127.0.0.1:8443/x?y\"\nscope_id = \"0ne\"\n[provisioning.attestation]\nmethod = \"symmetric_key\"\nregistration_id = \"r1\"\nsymmetric_key = \"device-id\"\n")
             .unwrap()
             .unwrap();
-        assert_eq!((s.endpoint.host.as_str(), s.endpoint.port), ("127.0.0.1", 8443));
+        assert_eq!(
+            (s.endpoint.host.as_str(), s.endpoint.port),
+            ("127.0.0.1", 8443)
+        );
         assert_eq!(s.endpoint_url, "https://127.0.0.1:8443/");
         assert_eq!(s.registration_id().as_deref(), Some("r1"));
         let t = settings("global_endpoint = \"https://dps.example\"\nscope_id = \"0ne\"\n[provisioning.attestation]\nmethod = \"tpm\"\nregistration_id = \"r2\"\n").unwrap().unwrap();
@@ -278,9 +345,54 @@ mod tests {
         assert!(e.0.contains("identity_auto_renew"), "{e}");
     }
 
+    /// The sandbox grants (service.rs): tpmd's socket only with TPM attestation; the DPS
+    /// endpoint's port when it is not 443.
+    #[test]
+    fn sandbox_grants_follow_the_attestation() {
+        let config = |attestation: &str| -> crate::config::Config {
+            toml::from_str(&format!(
+                "hostname = \"h\"\nhomedir = \"/x\"\n[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"https://127.0.0.1:8443/\"\nscope_id = \"0ne\"\n[provisioning.attestation]\n{attestation}\n"
+            ))
+            .expect("config")
+        };
+        let sockets = |c: &crate::config::Config| -> Vec<String> {
+            crate::service::grants(c, None)
+                .expect("grants")
+                .sockets
+                .iter()
+                .map(|s| s.path.display().to_string())
+                .collect()
+        };
+        let tpm = config("method = \"tpm\"\nregistration_id = \"r\"");
+        assert_eq!(
+            sockets(&tpm),
+            [
+                "/run/aziot/keyd.sock",
+                "/run/aziot/certd.sock",
+                "/run/aziot/tpmd.sock"
+            ]
+        );
+        let sym =
+            config("method = \"symmetric_key\"\nregistration_id = \"r\"\nsymmetric_key = \"k\"");
+        assert_eq!(
+            sockets(&sym),
+            ["/run/aziot/keyd.sock", "/run/aziot/certd.sock"]
+        );
+        let ports: Vec<u16> = crate::service::grants(&sym, None)
+            .expect("grants")
+            .tcp_ports
+            .iter()
+            .map(|p| p.port)
+            .collect();
+        assert_eq!(ports, [8443]);
+    }
+
     #[test]
     fn payload_uris() {
-        assert_eq!(payload_path("file:///a/b%20c.json").unwrap(), std::path::PathBuf::from("/a/b c.json"));
+        assert_eq!(
+            payload_path("file:///a/b%20c.json").unwrap(),
+            std::path::PathBuf::from("/a/b c.json")
+        );
         assert!(payload_path("http://x/y").is_err());
         assert!(payload_path("file://rel").is_err());
     }

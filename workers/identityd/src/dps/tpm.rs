@@ -42,20 +42,32 @@ pub struct Tpmd {
 
 impl Tpmd {
     pub fn new(socket: &std::path::Path) -> Tpmd {
-        Tpmd { client: Client::new(socket, TPMD_API_VERSION) }
+        Tpmd {
+            client: Client::new(socket, TPMD_API_VERSION),
+        }
     }
 
     /// `GET /get_tpm_keys`: (EK, SRK) as marshaled `TPM2B_PUBLIC`s.
     pub async fn keys(&self) -> Result<(Vec<u8>, Vec<u8>), ClientError> {
-        let k: KeysBody = self.client.call::<(), _>(Method::GET, "/get_tpm_keys", None).await?;
-        Ok((unb64(&k.endorsement_key, "endorsement_key")?, unb64(&k.storage_root_key, "storage_root_key")?))
+        let k: KeysBody = self
+            .client
+            .call::<(), _>(Method::GET, "/get_tpm_keys", None)
+            .await?;
+        Ok((
+            unb64(&k.endorsement_key, "endorsement_key")?,
+            unb64(&k.storage_root_key, "storage_root_key")?,
+        ))
     }
 
     /// `POST /import_auth_key {"key"}`: DPS's activation blob.
     pub async fn import_auth_key(&self, blob: &[u8]) -> Result<(), ClientError> {
         let _: serde::de::IgnoredAny = self
             .client
-            .call(Method::POST, "/import_auth_key", Some(&serde_json::json!({"key": b64(blob)})))
+            .call(
+                Method::POST,
+                "/import_auth_key",
+                Some(&serde_json::json!({"key": b64(blob)})),
+            )
             .await?;
         Ok(())
     }
@@ -64,7 +76,11 @@ impl Tpmd {
     pub async fn sign(&self, data: &[u8]) -> Result<Vec<u8>, ClientError> {
         let d: DigestBody = self
             .client
-            .call(Method::POST, "/sign_with_auth_key", Some(&serde_json::json!({"data": b64(data)})))
+            .call(
+                Method::POST,
+                "/sign_with_auth_key",
+                Some(&serde_json::json!({"data": b64(data)})),
+            )
             .await?;
         unb64(&d.digest, "digest")
     }
@@ -72,6 +88,10 @@ impl Tpmd {
 
 impl SasSigner for Tpmd {
     fn sign<'a>(&'a self, data: &'a [u8]) -> BoxFuture<'a, Result<Vec<u8>, SignError>> {
-        Box::pin(async move { Tpmd::sign(self, data).await.map_err(|e| SignError(error_chain(&e))) })
+        Box::pin(async move {
+            Tpmd::sign(self, data)
+                .await
+                .map_err(|e| SignError(error_chain(&e)))
+        })
     }
 }

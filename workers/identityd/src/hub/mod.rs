@@ -1,11 +1,13 @@
 //! The seam between identityd and its IoT Hub client (spec identityd.md §8, §12;
 //! cloud-protocols.md §4).
 //!
-//! identityd owns this trait and its types; the HTTPS client (SAS and X.509 device auth,
-//! retries, 429 back-off, timeouts, proxy: cloud-protocols.md §1, §2, §4) implements
-//! [`HubClient`] in the other files of this directory, and [`client`] builds it. Until a client is
-//! built in, [`client`] returns `None` and every endpoint that needs the hub answers 503
-//! `IoT Hub client unavailable` (reconciliation logs the same and is skipped).
+//! identityd owns this trait and its types; the HTTPS client of this directory implements
+//! [`HubClient`] ([`client::Client`] on the blocking [`transport`]: SAS and X.509 device auth,
+//! retries, 429 back-off, timeouts, the proxy: cloud-protocols.md §1, §2, §4), and [`client`]
+//! builds it once at start. The proxy comes from the broker (workers/identityd/src/lib.rs
+//! `BROKER_TABLE`), never from the worker's environment. `identity::Core` still takes an
+//! `Option`: `None` (no client, as in unit tests) makes every hub-backed endpoint answer 503
+//! `IoT Hub client unavailable`.
 //!
 //! Rules for an implementation:
 //! * no lock is held across cloud I/O (several calls may be in flight at once);
@@ -111,7 +113,8 @@ pub struct HubSettings {
     pub timeout: Duration,
     /// `cloud_retries`: extra attempts after the first for non-429 failures.
     pub retries: u32,
-    /// `HTTPS_PROXY` / `https_proxy`, read once at start (already checked to parse as a URI).
+    /// The proxy URI (`HTTPS_PROXY` / `https_proxy` of the unit, read and checked by the broker
+    /// at start; it may carry a password: never log it, log [`transport::Proxy::display`]).
     pub proxy: Option<String>,
 }
 
@@ -185,9 +188,8 @@ pub trait HubClient: Send + Sync {
     fn delete_module<'a>(&'a self, device: &'a HubDevice, module_id: &'a str) -> BoxFuture<'a, Result<(), HubError>>;
 }
 
-/// The build's IoT Hub client, built once at start (before the lock-in: it may pre-load TLS
-/// state). `None` while this build has no client: hub-backed endpoints then answer 503
-/// `IoT Hub client unavailable`.
+/// The IoT Hub client, built once at start, before the lock-in (the TLS settings and the trust
+/// store are loaded now). Always `Some` in this build.
 pub fn client(settings: &HubSettings) -> Result<Option<Arc<dyn HubClient>>, HubError> {
     Ok(Some(Arc::new(client::Client::new(settings)?)))
 }
