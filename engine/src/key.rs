@@ -131,6 +131,34 @@ pub fn preload() -> Result<(), Error> {
     methods().map(|_| ())
 }
 
+/// Installs `method` on the EC_KEY or RSA object `raw` and stores one strong count of `ctx` in
+/// its ex-data slot `idx` (released by ctx_free when the object is freed).
+///
+/// # Safety
+/// `raw` is a valid object of the type `set_method`/`set_ex_data` take, `method` a table that
+/// lives for the process, `idx` an ex-data index of that type whose free callback is ctx_free.
+unsafe fn install<K, M>(
+    raw: *mut K,
+    set_method: unsafe extern "C" fn(*mut K, *const M) -> c_int,
+    method: *const M,
+    set_ex_data: unsafe extern "C" fn(*mut K, c_int, *mut c_void) -> c_int,
+    idx: c_int,
+    ctx: &Arc<KeyCtx>,
+) -> Result<(), Error> {
+    // SAFETY: per the contract.
+    unsafe {
+        if set_method(raw, method) != 1 {
+            return Err(Error::OpenSsl(openssl::error::ErrorStack::get()));
+        }
+        if set_ex_data(raw, idx, Arc::into_raw(Arc::clone(ctx)) as *mut c_void) != 1 {
+            // the count was not stored: take it back
+            Arc::decrement_strong_count(Arc::as_ptr(ctx));
+            return Err(Error::OpenSsl(openssl::error::ErrorStack::get()));
+        }
+    }
+    Ok(())
+}
+
 /// Both halves of a loaded key: the EVP_PKEY (public parts; private ops routed to keyd).
 pub(crate) fn load_private(client: &Arc<KeydClient>, handle: &str) -> Result<PKey<Private>, Error> {
     let m = methods()?;
@@ -140,48 +168,36 @@ pub(crate) fn load_private(client: &Arc<KeydClient>, handle: &str) -> Result<PKe
     });
     match load_public_parts(client, handle)? {
         PublicParts::Ec(key) => {
-            let raw = key.as_ptr();
-            // SAFETY: `raw` is a valid EC_KEY we own through `key`; the method table lives for
-            // the process; the ex-data slot takes one strong count of `ctx` (released by
-            // ctx_free when the EC_KEY is freed). Set before EVP_PKEY_assign so that OpenSSL
-            // marks the EVP_PKEY foreign.
+            // SAFETY: `key.as_ptr()` is a valid EC_KEY we own through `key`; the method table
+            // lives for the process; the slot is the EC_KEY ex-data index. Set before
+            // EVP_PKEY_assign so that OpenSSL marks the EVP_PKEY foreign.
             unsafe {
-                if ffi::EC_KEY_set_method(raw, m.ec) != 1 {
-                    return Err(Error::OpenSsl(openssl::error::ErrorStack::get()));
-                }
-                if ffi::EC_KEY_set_ex_data(
-                    raw,
+                install(
+                    key.as_ptr(),
+                    ffi::EC_KEY_set_method,
+                    m.ec,
+                    ffi::EC_KEY_set_ex_data,
                     m.ec_idx,
-                    Arc::into_raw(Arc::clone(&ctx)) as *mut c_void,
-                ) != 1
-                {
-                    // the count was not stored: take it back
-                    Arc::decrement_strong_count(Arc::as_ptr(&ctx));
-                    return Err(Error::OpenSsl(openssl::error::ErrorStack::get()));
-                }
-            }
+                    &ctx,
+                )?
+            };
             // SAFETY: same object, now typed as a private key: it has no private scalar, but
             // every private operation goes through the method installed above.
             let key: EcKey<Private> = unsafe { EcKey::from_ptr(into_raw(key)) };
             Ok(PKey::from_ec_key(key)?)
         }
         PublicParts::Rsa(key) => {
-            let raw = key.as_ptr();
             // SAFETY: as for EC above, with the RSA method and slot.
             unsafe {
-                if ffi::RSA_set_method(raw, m.rsa) != 1 {
-                    return Err(Error::OpenSsl(openssl::error::ErrorStack::get()));
-                }
-                if ffi::RSA_set_ex_data(
-                    raw,
+                install(
+                    key.as_ptr(),
+                    ffi::RSA_set_method,
+                    m.rsa,
+                    ffi::RSA_set_ex_data,
                     m.rsa_idx,
-                    Arc::into_raw(Arc::clone(&ctx)) as *mut c_void,
-                ) != 1
-                {
-                    Arc::decrement_strong_count(Arc::as_ptr(&ctx));
-                    return Err(Error::OpenSsl(openssl::error::ErrorStack::get()));
-                }
-            }
+                    &ctx,
+                )?
+            };
             // SAFETY: as for EC above.
             let key: Rsa<Private> = unsafe { Rsa::from_ptr(into_raw(key)) };
             Ok(PKey::from_rsa(key)?)

@@ -31,7 +31,7 @@ packages=(
   systemd systemd-sysv udev dbus linux-image-amd64 initramfs-tools kmod
   libssl3 openssl curl ca-certificates
   libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-tctildr0
-  init-system-helpers passwd procps
+  init-system-helpers passwd procps jq
 )
 
 key=$( { cat "$0" "$here/aziot-vm-test.service"; echo "$mirror $suite ${packages[*]}"; } | sha256sum | cut -c1-16)
@@ -45,6 +45,7 @@ for tool in mmdebstrap mkfs.ext4; do
   command -v "$tool" >/dev/null || { echo "image: $tool is missing (scripts/deps.sh installs it)" >&2; exit 1; }
 done
 mkdir -p "$cache_root"
+chmod 0755 "$cache_root"
 work=$(mktemp -d "$cache_root/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 rootfs=$work/rootfs

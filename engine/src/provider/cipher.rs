@@ -11,7 +11,7 @@ use openssl::pkey_ctx::{PkeyCtx, PkeyCtxRef};
 use openssl::rsa::Padding;
 
 use super::keymgmt::{key_ref, KeyData};
-use super::{desc, end, f, get_int_or_name, get_utf8, param_end, IntOrName, Table};
+use super::{bytes, ctx_mut, desc, end, f, get_pad_mode, get_utf8, locate, param_end, put, Table};
 use crate::error::{Error, Func};
 use crate::ffi_provider as ffi;
 use crate::key::guarded;
@@ -34,18 +34,15 @@ impl CipherCtx {
         }
         // SAFETY: per the contract.
         unsafe {
-            if let Some(p) = get_int_or_name(params, ffi::SIG_PAD_MODE)? {
-                self.pad = Some(match p {
-                    IntOrName::Int(i) => i,
-                    IntOrName::Name(n) => match n.as_str() {
-                        "none" => openssl_sys::RSA_NO_PADDING,
-                        "pkcs1" => openssl_sys::RSA_PKCS1_PADDING,
-                        "oaep" => openssl_sys::RSA_PKCS1_OAEP_PADDING,
-                        other => {
-                            return Err(Error::Internal(format!("unknown pad-mode {other:?}")))
-                        }
-                    },
-                });
+            if let Some(pad) = get_pad_mode(
+                params,
+                &[
+                    ("none", openssl_sys::RSA_NO_PADDING),
+                    ("pkcs1", openssl_sys::RSA_PKCS1_PADDING),
+                    ("oaep", openssl_sys::RSA_PKCS1_OAEP_PADDING),
+                ],
+            )? {
+                self.pad = Some(pad);
             }
             if let Some(md) = get_utf8(params, ffi::SIG_DIGEST)? {
                 Md::fetch(None, &md, None)?;
@@ -55,8 +52,7 @@ impl CipherCtx {
                 Md::fetch(None, &md, None)?;
                 self.mgf1 = Some(md);
             }
-            let p = ffi::OSSL_PARAM_locate_const(params, ffi::CIPHER_OAEP_LABEL.as_ptr());
-            if !p.is_null() {
+            if let Some(p) = locate(params, ffi::CIPHER_OAEP_LABEL) {
                 let mut v: *const c_void = std::ptr::null();
                 let mut n = 0usize;
                 if ffi::OSSL_PARAM_get_octet_string_ptr(p, &mut v, &mut n) != 1 {
@@ -105,11 +101,8 @@ impl CipherCtx {
 /// # Safety
 /// `ctx` null or a CipherCtx this module allocated.
 unsafe fn cctx<'a>(ctx: *mut c_void) -> Result<&'a mut CipherCtx, Error> {
-    if ctx.is_null() {
-        return Err(Error::Internal("no cipher context".to_owned()));
-    }
     // SAFETY: per the contract.
-    Ok(unsafe { &mut *(ctx as *mut CipherCtx) })
+    unsafe { ctx_mut(ctx, "cipher") }
 }
 
 unsafe extern "C" fn newctx(_provctx: *mut c_void) -> *mut c_void {
@@ -131,13 +124,13 @@ unsafe extern "C" fn dupctx(ctx: *mut c_void) -> *mut c_void {
     }
 }
 
-unsafe fn init(
-    func: Func,
+/// `encrypt_init` and `decrypt_init` alike.
+unsafe extern "C" fn init(
     ctx: *mut c_void,
     provkey: *mut c_void,
     params: *const ffi::OSSL_PARAM,
 ) -> c_int {
-    guarded(func, 0, || {
+    guarded(Func::ProvDecrypt, 0, || {
         // SAFETY: our context, one of our keys, OpenSSL's parameter array.
         unsafe {
             let c = cctx(ctx)?;
@@ -149,24 +142,6 @@ unsafe fn init(
         }
         Ok(1)
     })
-}
-
-unsafe extern "C" fn encrypt_init(
-    ctx: *mut c_void,
-    provkey: *mut c_void,
-    params: *const ffi::OSSL_PARAM,
-) -> c_int {
-    // SAFETY: forwarded from OpenSSL.
-    unsafe { init(Func::ProvDecrypt, ctx, provkey, params) }
-}
-
-unsafe extern "C" fn decrypt_init(
-    ctx: *mut c_void,
-    provkey: *mut c_void,
-    params: *const ffi::OSSL_PARAM,
-) -> c_int {
-    // SAFETY: forwarded from OpenSSL.
-    unsafe { init(Func::ProvDecrypt, ctx, provkey, params) }
 }
 
 /// # Safety
@@ -190,11 +165,7 @@ unsafe fn run(
                 *outlen = size;
                 return Ok(1);
             }
-            let input = if input.is_null() {
-                &[][..]
-            } else {
-                std::slice::from_raw_parts(input, inlen)
-            };
+            let input = bytes(input, inlen);
             let mut buf = Vec::new();
             if decrypt {
                 let mut p = PkeyCtx::new(key.twin()?)?;
@@ -208,15 +179,7 @@ unsafe fn run(
                 c.apply(&mut p)?;
                 p.encrypt_to_vec(input, &mut buf)?;
             }
-            if buf.len() > outsize {
-                return Err(Error::Internal(format!(
-                    "{} bytes for a {outsize}-byte buffer",
-                    buf.len()
-                )));
-            }
-            std::ptr::copy_nonoverlapping(buf.as_ptr(), out, buf.len());
-            *outlen = buf.len();
-            Ok(1)
+            put(out, outlen, outsize, &buf, "output")
         }
     })
 }
@@ -280,15 +243,9 @@ pub(crate) fn dispatch() -> &'static Table<ffi::OSSL_DISPATCH> {
             f(ffi::OSSL_FUNC_ASYM_CIPHER_NEWCTX, newctx as *const ()),
             f(ffi::OSSL_FUNC_ASYM_CIPHER_FREECTX, freectx as *const ()),
             f(ffi::OSSL_FUNC_ASYM_CIPHER_DUPCTX, dupctx as *const ()),
-            f(
-                ffi::OSSL_FUNC_ASYM_CIPHER_ENCRYPT_INIT,
-                encrypt_init as *const (),
-            ),
+            f(ffi::OSSL_FUNC_ASYM_CIPHER_ENCRYPT_INIT, init as *const ()),
             f(ffi::OSSL_FUNC_ASYM_CIPHER_ENCRYPT, encrypt as *const ()),
-            f(
-                ffi::OSSL_FUNC_ASYM_CIPHER_DECRYPT_INIT,
-                decrypt_init as *const (),
-            ),
+            f(ffi::OSSL_FUNC_ASYM_CIPHER_DECRYPT_INIT, init as *const ()),
             f(ffi::OSSL_FUNC_ASYM_CIPHER_DECRYPT, decrypt as *const ()),
             f(
                 ffi::OSSL_FUNC_ASYM_CIPHER_SET_CTX_PARAMS,

@@ -19,7 +19,10 @@ use openssl::rsa::Padding;
 use openssl::sign::RsaPssSaltlen;
 
 use super::keymgmt::{key_ref, KeyData, Kind};
-use super::{desc, end, f, get_int_or_name, get_utf8, param_end, IntOrName, Table};
+use super::{
+    bytes, ctx_mut, desc, end, f, get_int_or_name, get_pad_mode, get_utf8, param_end, put,
+    IntOrName, Table,
+};
 use crate::error::{Error, Func};
 use crate::ffi_provider as ffi;
 use crate::key::guarded;
@@ -49,19 +52,16 @@ impl Params {
                 Md::fetch(None, &m, None)?;
                 self.mgf1 = Some(m);
             }
-            if let Some(p) = get_int_or_name(params, ffi::SIG_PAD_MODE)? {
-                self.pad = Some(match p {
-                    IntOrName::Int(i) => i,
-                    IntOrName::Name(n) => match n.as_str() {
-                        "none" => openssl_sys::RSA_NO_PADDING,
-                        "pkcs1" => openssl_sys::RSA_PKCS1_PADDING,
-                        "pss" => openssl_sys::RSA_PKCS1_PSS_PADDING,
-                        "x931" => 5,
-                        other => {
-                            return Err(Error::Internal(format!("unknown pad-mode {other:?}")))
-                        }
-                    },
-                });
+            if let Some(pad) = get_pad_mode(
+                params,
+                &[
+                    ("none", openssl_sys::RSA_NO_PADDING),
+                    ("pkcs1", openssl_sys::RSA_PKCS1_PADDING),
+                    ("pss", openssl_sys::RSA_PKCS1_PSS_PADDING),
+                    ("x931", 5),
+                ],
+            )? {
+                self.pad = Some(pad);
             }
             if let Some(s) = get_int_or_name(params, ffi::SIG_PSS_SALTLEN)? {
                 self.saltlen = Some(match s {
@@ -191,11 +191,8 @@ impl SigCtx {
 /// # Safety
 /// `ctx` must be null or a SigCtx this module allocated.
 unsafe fn sctx<'a>(ctx: *mut c_void) -> Result<&'a mut SigCtx, Error> {
-    if ctx.is_null() {
-        return Err(Error::Internal("no signature context".to_owned()));
-    }
-    // SAFETY: per the contract; OpenSSL does not use one context from two threads at once.
-    Ok(unsafe { &mut *(ctx as *mut SigCtx) })
+    // SAFETY: per the contract.
+    unsafe { ctx_mut(ctx, "signature") }
 }
 
 /// # Safety
@@ -203,41 +200,6 @@ unsafe fn sctx<'a>(ctx: *mut c_void) -> Result<&'a mut SigCtx, Error> {
 unsafe fn opt_cstr<'a>(p: *const std::ffi::c_char) -> Option<&'a CStr> {
     // SAFETY: per the contract.
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) })
-}
-
-/// Writes `sig` to OpenSSL's buffer (or only its maximal size when `out` is null).
-///
-/// # Safety
-/// `out` null or `outsize` writable bytes; `outlen` writable.
-unsafe fn put(
-    out: *mut c_uchar,
-    outlen: *mut usize,
-    outsize: usize,
-    sig: &[u8],
-) -> Result<c_int, Error> {
-    if sig.len() > outsize {
-        return Err(Error::Internal(format!(
-            "signature of {} bytes for a {outsize}-byte buffer",
-            sig.len()
-        )));
-    }
-    // SAFETY: per the contract.
-    unsafe {
-        std::ptr::copy_nonoverlapping(sig.as_ptr(), out, sig.len());
-        *outlen = sig.len();
-    }
-    Ok(1)
-}
-
-/// # Safety
-/// `p` null or `n` readable bytes.
-unsafe fn bytes<'a>(p: *const c_uchar, n: usize) -> &'a [u8] {
-    if p.is_null() || n == 0 {
-        &[]
-    } else {
-        // SAFETY: per the contract.
-        unsafe { std::slice::from_raw_parts(p, n) }
-    }
 }
 
 unsafe extern "C" fn newctx(_provctx: *mut c_void, _propq: *const std::ffi::c_char) -> *mut c_void {
@@ -278,20 +240,42 @@ unsafe extern "C" fn dupctx(ctx: *mut c_void) -> *mut c_void {
     })
 }
 
+/// The `*_init` functions: (re)initialises the context with `provkey` and the digest `mdname`
+/// (the `digest_*` ones, which also start the digest); signing needs the key's twin.
+///
+/// # Safety
+/// As the `*_init` functions of provider-signature(7): our context, one of our keys, a
+/// parameter array; `mdname` null or a C string.
+unsafe fn init_op(
+    func: Func,
+    ctx: *mut c_void,
+    mdname: Option<*const std::ffi::c_char>,
+    provkey: *mut c_void,
+    params: *const ffi::OSSL_PARAM,
+) -> c_int {
+    guarded(func, 0, || {
+        // SAFETY: per the contract.
+        unsafe {
+            let c = sctx(ctx)?;
+            c.init(provkey, mdname.and_then(|m| opt_cstr(m)), params)?;
+            if matches!(func, Func::ProvSign) {
+                c.key()?.twin()?;
+            }
+            if mdname.is_some() {
+                c.start_digest()?;
+            }
+        }
+        Ok(1)
+    })
+}
+
 unsafe extern "C" fn sign_init(
     ctx: *mut c_void,
     provkey: *mut c_void,
     params: *const ffi::OSSL_PARAM,
 ) -> c_int {
-    guarded(Func::ProvSign, 0, || {
-        // SAFETY: OpenSSL passes our context, one of our keys and a parameter array.
-        unsafe {
-            let c = sctx(ctx)?;
-            c.init(provkey, None, params)?;
-            c.key()?.twin()?;
-        }
-        Ok(1)
-    })
+    // SAFETY: forwarded from OpenSSL.
+    unsafe { init_op(Func::ProvSign, ctx, None, provkey, params) }
 }
 
 unsafe extern "C" fn verify_init(
@@ -299,11 +283,8 @@ unsafe extern "C" fn verify_init(
     provkey: *mut c_void,
     params: *const ffi::OSSL_PARAM,
 ) -> c_int {
-    guarded(Func::ProvVerify, 0, || {
-        // SAFETY: as for sign_init.
-        unsafe { sctx(ctx)?.init(provkey, None, params)? };
-        Ok(1)
-    })
+    // SAFETY: forwarded from OpenSSL.
+    unsafe { init_op(Func::ProvVerify, ctx, None, provkey, params) }
 }
 
 unsafe extern "C" fn sign(
@@ -324,7 +305,7 @@ unsafe extern "C" fn sign(
                 return Ok(1);
             }
             let s = sign_with(key, &c.params, bytes(tbs, tbslen))?;
-            put(sig, siglen, sigsize, &s)
+            put(sig, siglen, sigsize, &s, "signature")
         }
     })
 }
@@ -356,16 +337,8 @@ unsafe extern "C" fn digest_sign_init(
     provkey: *mut c_void,
     params: *const ffi::OSSL_PARAM,
 ) -> c_int {
-    guarded(Func::ProvSign, 0, || {
-        // SAFETY: as for sign_init; `mdname` is null or a C string.
-        unsafe {
-            let c = sctx(ctx)?;
-            c.init(provkey, opt_cstr(mdname), params)?;
-            c.key()?.twin()?;
-            c.start_digest()?;
-        }
-        Ok(1)
-    })
+    // SAFETY: forwarded from OpenSSL.
+    unsafe { init_op(Func::ProvSign, ctx, Some(mdname), provkey, params) }
 }
 
 unsafe extern "C" fn digest_verify_init(
@@ -374,15 +347,8 @@ unsafe extern "C" fn digest_verify_init(
     provkey: *mut c_void,
     params: *const ffi::OSSL_PARAM,
 ) -> c_int {
-    guarded(Func::ProvVerify, 0, || {
-        // SAFETY: as above.
-        unsafe {
-            let c = sctx(ctx)?;
-            c.init(provkey, opt_cstr(mdname), params)?;
-            c.start_digest()?;
-        }
-        Ok(1)
-    })
+    // SAFETY: forwarded from OpenSSL.
+    unsafe { init_op(Func::ProvVerify, ctx, Some(mdname), provkey, params) }
 }
 
 unsafe extern "C" fn digest_update(ctx: *mut c_void, data: *const c_uchar, len: usize) -> c_int {
@@ -414,7 +380,7 @@ unsafe extern "C" fn digest_sign_final(
             }
             let digest = c.finish_digest()?;
             let s = sign_with(c.key()?, &c.params, &digest)?;
-            put(sig, siglen, sigsize, &s)
+            put(sig, siglen, sigsize, &s, "signature")
         }
     })
 }

@@ -45,11 +45,8 @@ unsafe extern "C" fn open(_provctx: *mut c_void, uri: *const c_char) -> *mut c_v
 /// # Safety
 /// `ctx` null or a StoreCtx this module allocated.
 unsafe fn sctx<'a>(ctx: *mut c_void) -> Result<&'a mut StoreCtx, Error> {
-    if ctx.is_null() {
-        return Err(Error::Internal("no store context".to_owned()));
-    }
     // SAFETY: per the contract.
-    Ok(unsafe { &mut *(ctx as *mut StoreCtx) })
+    unsafe { super::ctx_mut(ctx, "store") }
 }
 
 unsafe extern "C" fn set_ctx_params(ctx: *mut c_void, params: *const ffi::OSSL_PARAM) -> c_int {
@@ -57,12 +54,10 @@ unsafe extern "C" fn set_ctx_params(ctx: *mut c_void, params: *const ffi::OSSL_P
         // SAFETY: our context; OpenSSL's parameter array.
         unsafe {
             let c = sctx(ctx)?;
-            if params.is_null() {
-                return Ok(1);
-            }
-            let p = ffi::OSSL_PARAM_locate_const(params, ffi::STORE_EXPECT.as_ptr());
-            if !p.is_null() && ffi::OSSL_PARAM_get_int(p, &mut c.expect) != 1 {
-                return Err(Error::Internal("expect is not an integer".to_owned()));
+            if let Some(p) = super::locate(params, ffi::STORE_EXPECT) {
+                if ffi::OSSL_PARAM_get_int(p, &mut c.expect) != 1 {
+                    return Err(Error::Internal("expect is not an integer".to_owned()));
+                }
             }
         }
         Ok(1)
