@@ -36,6 +36,15 @@ pub struct BrokerSetup {
     pub extra_fds: Vec<(String, DescriptorKind, OwnedFd)>,
 }
 
+/// [`BrokerSetup::extra_dirs`] for preloaded files: each `(id, path)`'s directory, to be opened by
+/// the broker and handed over as `<prefix><id>` (a path without a parent is skipped).
+pub fn preloaded_dirs(prefix: &str, files: Vec<(String, PathBuf)>) -> Vec<(String, PathBuf)> {
+    files
+        .into_iter()
+        .filter_map(|(id, path)| Some((format!("{prefix}{id}"), path.parent()?.to_path_buf())))
+        .collect()
+}
+
 /// A service's own error (its crate's typed error), kept with its source chain.
 #[derive(Debug)]
 pub struct ServiceFailure(Box<dyn std::error::Error + Send + Sync + 'static>);

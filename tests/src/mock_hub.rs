@@ -9,6 +9,10 @@
 //!   (SHA-1 or SHA-256) or chain to a registered CA with subject CN = the device ID.
 //! * Stores devices and their modules (hub order = creation order), with `generationId`s unique
 //!   per creation and the keys the client uploads.
+//! * A module's own call: `POST /devices/{d}/modules/{m}/messages/events` (a device-to-cloud
+//!   message, 204) is authenticated with a module SAS (`sr` = `{hub_name}/devices/{d}/modules/{m}`)
+//!   signed with the module's stored primary or secondary key, so a module can show that the
+//!   token it built with the key handle identityd gave it works at the hub (scripts/demo).
 //! * Test hooks: a queue of [`Fault`]s, one consumed per request (401, 404, 429 with or without
 //!   `Retry-After`, 500 with a JSON `Message` or a text body, malformed JSON, a slow answer, a
 //!   hang-up); every request is recorded ([`Recorded`]) with the outcome of its SAS check.
@@ -266,6 +270,8 @@ pub fn verify_sas(header: &str, audience: &str, key: &[u8], skn: Option<&str>) -
 enum Route {
     List(String),
     One(String, String),
+    /// A module's device-to-cloud message.
+    Events(String, String),
 }
 
 fn route(path: &str) -> Option<Route> {
@@ -279,8 +285,15 @@ fn route(path: &str) -> Option<Route> {
         return Some(Route::List(d));
     }
     let m = rest.strip_prefix('/')?;
+    let (m, events) = match m.strip_suffix("/messages/events") {
+        Some(m) => (m, true),
+        None => (m, false),
+    };
     let m = String::from_utf8(percent_decode(m)).ok()?;
-    (!m.is_empty()).then_some(Route::One(d, m))
+    if m.is_empty() {
+        return None;
+    }
+    Some(if events { Route::Events(d, m) } else { Route::One(d, m) })
 }
 
 fn error(status: u16, code: &str) -> Response {
@@ -359,12 +372,32 @@ impl HubState {
         }
     }
 
+    /// A module SAS, checked with the module's stored primary key, then its secondary key.
+    fn authenticate_module(st: &State, device: &str, module: &str, req: &Request) -> (Result<(), Response>, Option<SasCheck>) {
+        let Some(stored) = st.devices.get(device).and_then(|dev| dev.modules.iter().find(|x| x.module_id == module)) else {
+            return (Err(error(404, "ModuleNotFound")), None);
+        };
+        let Some(h) = req.header("authorization") else { return (Err(Response::json(401, &unauthorized_body())), None) };
+        let audience = format!("{}/devices/{device}/modules/{module}", st.hub_name);
+        let mut check = None;
+        for key in [&stored.primary_key, &stored.secondary_key].into_iter().flatten() {
+            let key = base64::engine::general_purpose::STANDARD.decode(key).unwrap_or_default();
+            let c = verify_sas(h, &audience, &key, None);
+            let ok = c.verdict.is_ok();
+            check = Some(c);
+            if ok {
+                return (Ok(()), check);
+            }
+        }
+        (Err(Response::json(401, &unauthorized_body())), check)
+    }
+
     fn answer(st: &mut State, req: &Request) -> (Response, Option<SasCheck>) {
         let Some(route) = route(req.path()) else { return (error(404, "NotFound"), None) };
-        let device = match &route {
-            Route::List(d) | Route::One(d, _) => d.clone(),
+        let (auth, sas) = match &route {
+            Route::List(d) | Route::One(d, _) => Self::authenticate(st, d, req),
+            Route::Events(d, m) => Self::authenticate_module(st, d, m, req),
         };
-        let (auth, sas) = Self::authenticate(st, &device, req);
         if let Some(fault) = st.faults.pop_front() {
             match fault {
                 Fault::Status { status, body, headers } => {
@@ -473,6 +506,7 @@ impl HubState {
                     (Some(_), Some(_)) => error(412, "PreconditionFailed"),
                 }
             }
+            ("POST", Route::Events(..)) => Response::new(204),
             ("DELETE", Route::One(d, m)) => {
                 if if_match != Some("*") {
                     return (error(412, "PreconditionFailed"), ());
@@ -711,5 +745,50 @@ mod tests {
         assert!(route("/devices//modules").is_none());
         assert!(route("/devices/d/modules/").is_none());
         assert!(route("/twins/d").is_none());
+        assert!(matches!(route("/devices/d/modules/m%2F1/messages/events"), Some(Route::Events(d, m)) if d == "d" && m == "m/1"));
+        assert!(route("/devices/d/modules//messages/events").is_none());
+    }
+
+    /// A module's message is accepted with its own SAS (primary or secondary key) and refused
+    /// with the device's token, another module's key, or none.
+    #[test]
+    fn module_events_need_the_module_sas() {
+        let hub = HubState::new("localhost:1");
+        let dev_key = b"device key 0123456789abcdef01234";
+        hub.add_device("d", DeviceCredential::Sas(dev_key.to_vec()));
+        let (pk, sk) = (b"primary 0123456789abcdef01234567", b"secondary 0123456789abcdef012345");
+        let b64 = |k: &[u8]| base64::engine::general_purpose::STANDARD.encode(k);
+        hub.insert_module(StoredModule {
+            module_id: "m".into(),
+            device_id: "d".into(),
+            generation_id: "1".into(),
+            etag: "e1".into(),
+            managed_by: None,
+            primary_key: Some(b64(pk)),
+            secondary_key: Some(b64(sk)),
+            auth_type: "sas".into(),
+        });
+        let post = |path: &str, auth: Option<String>| {
+            let req = Request {
+                method: "POST".into(),
+                target: format!("{path}?api-version={API_VERSION}"),
+                headers: auth.map(|a| ("authorization".to_owned(), a)).into_iter().collect(),
+                body: b"{}".to_vec(),
+                client_chain: Vec::new(),
+                peer: "127.0.0.1:1".parse().unwrap(),
+            };
+            hub.handle(&req).status
+        };
+        let se = now_unix() + 60;
+        let events = "/devices/d/modules/m/messages/events";
+        let sr = "localhost:1/devices/d/modules/m";
+        assert_eq!(post(events, Some(token(sr, se, pk, None))), 204);
+        assert_eq!(post(events, Some(token(sr, se, sk, None))), 204);
+        assert_eq!(post(events, Some(token(sr, se, dev_key, None))), 401);
+        assert_eq!(post(events, Some(token("localhost:1/devices/d", se, dev_key, None))), 401);
+        assert_eq!(post(events, None), 401);
+        assert_eq!(post("/devices/d/modules/other/messages/events", Some(token(sr, se, pk, None))), 404);
+        let recorded = hub.requests();
+        assert_eq!(recorded[0].sas.as_ref().map(|s| s.verdict.clone()), Some(Ok(())));
     }
 }

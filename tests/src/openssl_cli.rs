@@ -267,6 +267,21 @@ pub fn assert_signature_verifies(s: &Scratch, pubkey: &Path, opts: &[&str]) {
     }
 }
 
+/// `s_client` (its output `out`) completed the mTLS handshake, and `s_server` (its output `seen`)
+/// saw and verified the client certificate for `CN=<cn>`; `context` prefixes the failure.
+pub fn assert_mtls(out: &Output, seen: &str, cn: &str, context: &str) {
+    let client = text(out);
+    assert!(
+        out.status.success() && client.contains("CONNECTION ESTABLISHED"),
+        "{context}: s_client failed:\n{client}\n--- s_server ---\n{seen}"
+    );
+    assert!(
+        seen.contains(&format!("CN = {cn}")) && seen.contains("verify return:1"),
+        "{context}: s_server did not verify the client certificate:\n{seen}\n--- s_client ---\n{client}"
+    );
+    assert!(!seen.contains("verify error"), "{context}: {seen}");
+}
+
 /// Encrypts the file `secret` to `ct` (world-readable) with `pubkey` (`pkeyutl -encrypt <opts>`
 /// as root, without the plugin).
 pub fn encrypt_secret(s: &Scratch, pubkey: &Path, opts: &[&str]) {

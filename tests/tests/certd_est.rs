@@ -44,6 +44,23 @@ method = "est"
     )
 }
 
+/// certd's config for basic auth (`u`/`p`) against `url`, trusting `est-server-ca`: the device
+/// cert `device-id` by EST, then `extra` (more `cert_issuance` tables).
+fn basic_config(url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[cert_issuance.est]
+trusted_certs = ["est-server-ca"]
+username = "u"
+password = "p"
+[cert_issuance.est.urls]
+default = "{url}"
+[cert_issuance.device-id]
+method = "est"
+{extra}"#
+    )
+}
+
 fn put_cert(certd: &Certd, id: &str, pem: &str) {
     let r = certd.api().call("PUT", &format!("/certificates/{id}"), Some(&json!({ "pem": pem })));
     assert_eq!(r.status, 201, "PUT {id}: {r}");
@@ -251,19 +268,7 @@ fn failed_renewals_are_retried_per_retry_and_keep_the_identity() {
 fn server_down_slow_garbage_or_failing_is_a_clear_error_and_the_cert_is_kept() {
     require_certd!();
     let mut mock = MockEst::start(Options::default());
-    let certd = Certd::start(&format!(
-        r#"
-[cert_issuance.est]
-trusted_certs = ["est-server-ca"]
-username = "u"
-password = "p"
-[cert_issuance.est.urls]
-default = "{}"
-[cert_issuance.device-id]
-method = "est"
-"#,
-        mock.url()
-    ));
+    let certd = Certd::start(&basic_config(&mock.url(), ""));
     put_cert(&certd, "est-server-ca", &mock.ca_pem());
     let (r, _) = enroll(&certd, "device-id", "device-1");
     assert_eq!(r.status, 201, "{r}\n{}", certd.log());
@@ -305,22 +310,9 @@ method = "est"
 fn deferred_enrollment_202_retry_after_is_honoured_and_bounded() {
     require_certd!();
     let mock = MockEst::start(Options { basic: Some(("u".into(), "p".into())), ..Options::default() });
-    let certd = Certd::start(&format!(
-        r#"
-[cert_issuance.est]
-trusted_certs = ["est-server-ca"]
-username = "u"
-password = "p"
-[cert_issuance.est.urls]
-default = "{}"
-[cert_issuance.device-id]
-method = "est"
-[cert_issuance.wrong-password]
-method = "est"
-username = "u"
-password = "wrong"
-"#,
-        mock.url()
+    let certd = Certd::start(&basic_config(
+        &mock.url(),
+        "[cert_issuance.wrong-password]\nmethod = \"est\"\nusername = \"u\"\npassword = \"wrong\"\n",
     ));
     put_cert(&certd, "est-server-ca", &mock.ca_pem());
     mock.set_mode(Mode::Defer { times: 2, retry_after: 1 });
@@ -424,23 +416,8 @@ fn landlock_grants_exactly_the_est_ports_and_the_audit_passes() {
     require_certd!();
     let a = MockEst::start(Options::default());
     let b = MockEst::start(Options::default());
-    let certd = Certd::start(&format!(
-        r#"
-[cert_issuance.est]
-trusted_certs = ["est-server-ca"]
-username = "u"
-password = "p"
-[cert_issuance.est.urls]
-default = "{}"
-[cert_issuance.device-id]
-method = "est"
-[cert_issuance.other]
-method = "est"
-url = "{}"
-"#,
-        a.url(),
-        b.url()
-    ));
+    let certd =
+        Certd::start(&basic_config(&a.url(), &format!("[cert_issuance.other]\nmethod = \"est\"\nurl = \"{}\"\n", b.url())));
     let status = certd.status().expect("status file");
     let mut ports: Vec<u64> =
         status["landlock"]["tcp_connect_ports"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();

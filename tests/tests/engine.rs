@@ -20,8 +20,8 @@ use aziot_tests::api::*;
 use aziot_tests::crypto::*;
 use aziot_tests::keyd::{Backend, TEST_GID};
 use aziot_tests::openssl_cli::{
-    self, assert_signature_verifies, deps_for, encrypt_secret, issue, ok, text, write_public,
-    Plugin, SServer, OAEP_SHA256, PSS_SHA256,
+    self, assert_mtls, assert_signature_verifies, deps_for, encrypt_secret, issue, ok, text,
+    write_public, Plugin, SServer, OAEP_SHA256, PSS_SHA256,
 };
 use aziot_tests::{Dep, Keyd};
 use openssl::pkey::{PKey, Private, Public};
@@ -225,18 +225,7 @@ fn s_client_mtls(backend: Backend) {
                 ],
             );
             let seen = server.finish();
-            let client = text(&out);
-            assert!(
-                out.status.success(),
-                "{id} {tls} ({}): s_client failed:\n{client}\n--- s_server ---\n{seen}",
-                backend.name()
-            );
-            assert!(client.contains("CONNECTION ESTABLISHED"), "{client}");
-            assert!(
-                seen.contains(&format!("CN = {id}")) && seen.contains("verify return:1"),
-                "{id} {tls}: s_server did not see the client certificate:\n{seen}\n--- s_client ---\n{client}"
-            );
-            assert!(!seen.contains("verify error"), "{seen}");
+            assert_mtls(&out, &seen, id, &format!("{id} {tls} ({})", backend.name()));
         }
     }
 }

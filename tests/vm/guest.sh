@@ -234,6 +234,21 @@ EOF
     echo "broker $bpid: no /dev/kmsg, no /proc/kmsg in its namespace; its /dev: $(ls "/proc/$bpid/root/dev" | tr '\n' ' ')"
   }
   assert "journalctl -u aziot-keyd shows the worker's sandbox report; the broker has no /dev/kmsg" sandbox_report
+  # ... and a seccomp death is named there: a forbidden syscall injected into the keyd worker
+  # (ptrace, tests/tests/inject), the broker logs it and restarts the worker.
+  seccomp_death_named() {
+    local old new line
+    old=$(jq -r .worker_pid /run/aziot/keyd.status) || return 1
+    "$IN/vm-inject" "$old" || return 1
+    line="worker $old was killed by seccomp (SIGSYS): forbidden syscall 41 (socket)"
+    poll 30 bash -c "journalctl -b -u aziot-keyd.service --no-pager | grep -qF '$line'" || { journalctl -b -u aziot-keyd.service --no-pager | tail -5; return 1; }
+    journalctl -b -u aziot-keyd.service --no-pager | grep -F "$line"
+    poll 30 bash -c "[ \"\$(jq -r .worker_pid /run/aziot/keyd.status)\" != $old ]" || return 1
+    new=$(jq -r .worker_pid /run/aziot/keyd.status)
+    echo "worker restarted: $old -> $new"
+    poll 30 uds keyd "/key/aziot_identityd_master_id?api-version=$API" -o /dev/null
+  }
+  assert "a seccomp death of the keyd worker is named in its journal and the worker restarted" seccomp_death_named
 
   take_snapshot() { snapshot > "$ST/snapshot" && cat "$ST/snapshot"; }
   assert "snapshot of the identities and keys" take_snapshot

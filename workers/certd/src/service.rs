@@ -47,11 +47,7 @@ impl ServiceImpl for Certd {
         let endpoint = crate::endpoint(&config).map_err(ServiceError::service)?;
         // Preloaded cert files are reached through their directories, opened by the broker
         // (read only for the worker: policy/services/certd.toml).
-        let extra_dirs = config
-            .preloaded_files()
-            .into_iter()
-            .filter_map(|(id, path)| Some((format!("{PRELOADED_PREFIX}{id}"), path.parent()?.to_path_buf())))
-            .collect();
+        let extra_dirs = aziot_ipc::service::preloaded_dirs(PRELOADED_PREFIX, config.preloaded_files());
         // keyd's socket is the one pathname socket certd connects to.
         let keyd = crate::keyd_socket(&config).map_err(ServiceError::service)?;
         let mut grants = aziot_ipc::service::Grants::default();

@@ -38,10 +38,7 @@ impl ServiceImpl for Keyd {
         let state_dir = config.aziot_keys.get("homedir_path").map(PathBuf::from);
         // Preloaded key files are reached through their directories, opened by the broker and
         // handed over.
-        let extra_dirs = crate::preloaded_files(&config)
-            .into_iter()
-            .filter_map(|(id, path)| Some((format!("{PRELOADED_PREFIX}{id}"), path.parent()?.to_path_buf())))
-            .collect();
+        let extra_dirs = aziot_ipc::service::preloaded_dirs(PRELOADED_PREFIX, crate::preloaded_files(&config));
         let mut grants = aziot_ipc::service::Grants::default();
         // A PKCS#11 module needs its own files at run time (SoftHSM2: its config, its token store).
         if let Some(lib) = config.aziot_keys.get("pkcs11_lib_path") {
