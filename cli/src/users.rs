@@ -33,6 +33,9 @@ pub struct ServiceUsers {
     pub keyd: ServiceUser,
     pub certd: ServiceUser,
     pub identityd: ServiceUser,
+    /// Looked up so that a missing `aziottpm` fails `config apply` as the original does (spec
+    /// order KS, CS, IS, TPMS); nothing is owned by it since the configs are root's.
+    #[allow(dead_code)]
     pub tpmd: ServiceUser,
 }
 

@@ -213,7 +213,18 @@ impl Identityd {
     /// keyd and certd running, identityd's config written (`config` is the whole of it but
     /// `homedir` and `[endpoints]`), identityd not started.
     pub fn prepare(config: &str) -> Identityd {
-        let keyd = Keyd::builder()
+        Identityd::prepare_with(config, "", None)
+    }
+
+    /// [`Identityd::prepare`] with `certd_extra` appended to certd's config (e.g. EST's
+    /// `[cert_issuance.est]` and a `method = "est"` identity cert) and keyd's key `backend`
+    /// forced (else `AZIOT_TEST_BACKEND` decides).
+    pub fn prepare_with(config: &str, certd_extra: &str, backend: Option<crate::keyd::Backend>) -> Identityd {
+        let builder = match backend {
+            Some(b) => Keyd::builder().backend(b),
+            None => Keyd::builder(),
+        };
+        let keyd = builder
             .keep_socket_owner()
             .extra(&format!(
                 "[[principal]]\nuid = {}\nkeys = [\"*\"]\n[[principal]]\nuid = {}\nkeys = [\"*\"]\n",
@@ -231,12 +242,12 @@ impl Identityd {
         let root = keyd.dir().join("identityd");
         fs::create_dir_all(root.join("config.d")).expect("mkdir identityd/config.d");
         let mut stack = Identityd { identityd: None, certd: None, root, config: config.to_owned(), broker_env: Vec::new(), keyd };
-        stack.start_certd();
+        stack.start_certd(certd_extra);
         stack.write_config();
         stack
     }
 
-    fn start_certd(&mut self) {
+    fn start_certd(&mut self, extra: &str) {
         let dir = self.keyd.dir().join("certd");
         fs::create_dir_all(dir.join("config.d")).unwrap();
         let mut config = format!(
@@ -247,8 +258,9 @@ impl Identityd {
         for id in LOCAL_IDS {
             config.push_str(&format!("[cert_issuance.{id}]\nmethod = \"local_ca\"\n"));
         }
+        config.push_str(extra);
         config.push_str(&format!(
-            "[endpoints]\naziot_certd = {}\naziot_keyd = {}\n",
+            "\n[endpoints]\naziot_certd = {}\naziot_keyd = {}\n",
             toml_str(&format!("unix://{}", self.certd_socket().display())),
             toml_str(&format!("unix://{}", self.keyd.socket().display())),
         ));

@@ -508,14 +508,20 @@ impl Core {
     /// Builds the device from the current config's `[provisioning]` (manual: no cloud call).
     /// DPS: with `use_backup` (Startup), a valid `device_info` backup made with the same
     /// provisioning config is used without a DPS call (§11.1 step 3).
-    async fn provisioned_device(&self, config: &Config, use_backup: bool) -> Result<Option<Device>, IdentityError> {
+    /// `credential_override`: DPS X.509 registers with these (§10.3 renewal) instead of certd's.
+    async fn provisioned_device(
+        &self,
+        config: &Config,
+        use_backup: bool,
+        credential_override: Option<Credentials>,
+    ) -> Result<Option<Device>, IdentityError> {
         let gateway = |hub: &str| config.provisioning.local_gateway_hostname.clone().unwrap_or_else(|| hub.to_owned());
         match &config.provisioning.source {
             Source::None => {
                 tracing::info!("Skipping provisioning with IoT Hub.");
                 Ok(None)
             }
-            Source::Dps { .. } => self.dps_device(config, use_backup).await.map(Some),
+            Source::Dps { .. } => self.dps_device(config, use_backup, credential_override).await.map(Some),
             Source::Manual { iothub_hostname, device_id, authentication } => {
                 let credentials = match authentication {
                     ManualAuth::Sas { device_id_pk } => {
@@ -538,7 +544,12 @@ impl Core {
     }
 
     /// §11.1 for `source = "dps"`: the credentials (§10.1), then the backup or a registration.
-    async fn dps_device(&self, config: &Config, use_backup: bool) -> Result<Device, IdentityError> {
+    async fn dps_device(
+        &self,
+        config: &Config,
+        use_backup: bool,
+        credential_override: Option<Credentials>,
+    ) -> Result<Device, IdentityError> {
         if config.provisioning.local_gateway_hostname.is_some() {
             return Err(IdentityError::Internal("DPS provisioning is not supported in nested mode".into()));
         }
@@ -557,7 +568,10 @@ impl Core {
                     Some(cn) => crate::config::CsrSubject::with_cn(registration_id.as_ref(), &cn),
                     None => Vec::new(),
                 };
-                let credentials = self.x509_credentials(identity_cert, identity_pk, &subject).await?;
+                let credentials = match credential_override {
+                    Some(c @ Credentials::X509 { .. }) => c,
+                    _ => self.x509_credentials(identity_cert, identity_pk, &subject).await?,
+                };
                 let Credentials::X509 { chain, key, .. } = &credentials else { unreachable!("x509 credentials") };
                 let id = match settings.registration_id() {
                     Some(id) => id,
@@ -682,6 +696,29 @@ impl Core {
         Ok(Credentials::X509 { cert_id: cert_id.to_owned(), keypair_handle: handle, chain, key })
     }
 
+    /// keyd, certd and the engine's keyd client (the identity cert's renewal, crate::renew).
+    pub(crate) fn clients(&self) -> (Arc<Keyd>, &Certd, Arc<aziot_key_openssl_engine::KeydClient>) {
+        (Arc::clone(&self.keyd), &self.certd, Arc::clone(&self.engine_keyd))
+    }
+
+    /// The leaf of the current device's X.509 identity.
+    pub(crate) fn device_x509_leaf(&self) -> Option<X509> {
+        match &self.device()?.credentials {
+            Credentials::X509 { chain, .. } => chain.first().cloned(),
+            _ => None,
+        }
+    }
+
+    /// Swaps the current device's credentials (same device: no state change, no I/O).
+    pub(crate) fn replace_credentials(&self, credentials: Credentials) {
+        let mut slot = self.device.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = slot.as_ref() {
+            let mut d = (**d).clone();
+            d.credentials = credentials;
+            *slot = Some(Arc::new(d));
+        }
+    }
+
     fn set_device(&self, device: Option<Device>) -> Result<(), IdentityError> {
         if let Some(d) = &device {
             self.state
@@ -697,7 +734,7 @@ impl Core {
         let _changing = self.changing.lock().await;
         tracing::info!("Provisioning starting. Reason: Startup");
         let config = self.settings().config.clone();
-        let device = self.provisioned_device(&config, true).await?;
+        let device = self.provisioned_device(&config, true, None).await?;
         self.set_device(device)?;
         tracing::info!("Provisioning complete.");
         self.reconcile_with_fallback(Trigger::Startup).await
@@ -719,10 +756,15 @@ impl Core {
     /// the configured modules are recreated), and only then replaces the old one. Any failure
     /// leaves the old device, its `device_info` backup and its module cache as they were.
     pub async fn reprovision(&self) -> Result<(), IdentityError> {
+        self.reprovision_with(None).await
+    }
+
+    /// E9, or the identity cert's renewal (§10.3 step 3) with the new credentials.
+    pub async fn reprovision_with(&self, credential_override: Option<Credentials>) -> Result<(), IdentityError> {
         let _changing = self.changing.lock().await;
         tracing::info!("Provisioning starting. Reason: Api");
         let config = self.settings().config.clone();
-        let device = self.provisioned_device(&config, false).await?;
+        let device = self.provisioned_device(&config, false, credential_override).await?;
         tracing::info!("Provisioning complete.");
         tracing::info!("Identity reconciliation started. Reason: Api");
         match &device {
@@ -764,7 +806,7 @@ impl Core {
             Err(IdentityError::Hub(e)) => {
                 tracing::info!("Could not reconcile Identities with current device data. Reprovisioning. ({e})");
                 let config = self.settings().config.clone();
-                match self.provisioned_device(&config, false).await {
+                match self.provisioned_device(&config, false, None).await {
                     Err(IdentityError::Dps(e)) if e.is_network() => {
                         tracing::warn!(
                             "Reprovisioning failed to communicate with DPS. Using offline backup from last run. ({e})"

@@ -100,6 +100,12 @@ impl Keyd {
         self.client.call(Method::DELETE, "/keypair", Some(&serde_json::json!({"keyHandle": handle}))).await
     }
 
+    /// `POST /keypair/{to} {"from"}`: moves key pair `from` onto `to`.
+    pub async fn move_keypair(&self, from: &str, to: &str) -> Result<(), ClientError> {
+        let body = serde_json::json!({"from": from});
+        self.client.call(Method::POST, &format!("/keypair/{}", pct(to)), Some(&body)).await
+    }
+
     /// The master key's handle: `GET /key/aziot_identityd_master_id`, else generate it
     /// (`POST /key`, usage derive + sign). Cached.
     pub async fn master_handle(&self) -> Result<String, ClientError> {
@@ -174,6 +180,18 @@ impl Certd {
         let body = serde_json::json!({"certId": id, "csr": csr_pem});
         let b: PemBody = self.client.call(Method::POST, "/certificates", Some(&body)).await?;
         Ok(b.pem)
+    }
+
+    /// `PUT /certificates/{id} {"pem"}`.
+    pub async fn put(&self, id: &str, pem: &str) -> Result<(), ClientError> {
+        let body = serde_json::json!({"pem": pem});
+        let _: serde_json::Value = self.client.call(Method::PUT, &format!("/certificates/{}", pct(id)), Some(&body)).await?;
+        Ok(())
+    }
+
+    /// `DELETE /certificates/{id}`.
+    pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
+        self.client.call::<(), ()>(Method::DELETE, &format!("/certificates/{}", pct(id)), None).await
     }
 }
 

@@ -14,6 +14,7 @@ pub mod dps;
 pub mod hub;
 pub mod identity;
 pub mod keys;
+pub mod renew;
 pub mod service;
 pub mod state;
 
@@ -268,6 +269,10 @@ pub fn serve(
                 std::process::exit(1);
             }
             background.set_ready();
+            // §10.3: DPS X.509 with identity_auto_renew (the task ends when it is unconfigured).
+            if renew::configured(background.core()) {
+                tokio::spawn(renew::run(Arc::clone(background.core())));
+            }
             while rx.recv().await.is_some() {
                 background.core().config_changed().await;
             }

@@ -36,8 +36,10 @@ pub enum Attestation {
         identity_pk: String,
         #[serde(default)]
         registration_id: Option<CsrSubject>,
+        /// §10.3: identityd renews the identity cert through certd and re-registers
+        /// ([`crate::renew`]).
         #[serde(default)]
-        identity_auto_renew: Option<toml::Value>,
+        identity_auto_renew: Option<crate::renew::AutoRenew>,
     },
     Tpm {
         registration_id: String,
@@ -148,12 +150,7 @@ impl DpsSettings {
                 } else if let Some(CsrSubject::Subject(_)) = registration_id {
                     return Err(bad("registration_id table without CN"));
                 }
-                if identity_auto_renew.is_some() {
-                    return Err(bad(
-                        "identity_auto_renew is not available in this build (certd renews EST-issued certificates; \
-                         identityd does not re-register with a renewed identity certificate)",
-                    ));
-                }
+                let _ = identity_auto_renew; // checked while parsing (crate::renew::Period)
             }
         }
         let (payload_uri, payload_json) = match payload {
@@ -341,8 +338,12 @@ mod tests {
         assert!(e.0.contains("https://"), "{e}");
         let e = settings("global_endpoint = \"https://dps\"\nscope_id = \"0ne\"\n[provisioning.attestation]\nmethod = \"tpm\"\n").unwrap_err();
         assert!(e.0.contains("registration_id"), "{e}");
-        let e = settings("global_endpoint = \"https://dps\"\nscope_id = \"0ne\"\n[provisioning.attestation]\nmethod = \"x509\"\nidentity_cert = \"c\"\nidentity_pk = \"k\"\nidentity_auto_renew = { rotate_key = true, threshold = \"80%\", retry = \"4%\" }\n").unwrap_err();
-        assert!(e.0.contains("identity_auto_renew"), "{e}");
+        let a = settings("global_endpoint = \"https://dps\"\nscope_id = \"0ne\"\n[provisioning.attestation]\nmethod = \"x509\"\nidentity_cert = \"c\"\nidentity_pk = \"k\"\nidentity_auto_renew = { rotate_key = true, threshold = \"80%\", retry = \"4%\" }\n").unwrap().unwrap();
+        assert!(matches!(a.attestation, Attestation::X509 { identity_auto_renew: Some(_), .. }));
+        for bad in ["threshold = \"0%\", retry = \"4%\"", "threshold = \"100%\", retry = \"4%\"", "threshold = \"80\", retry = \"4%\"", "threshold = \"0min\", retry = \"4%\""] {
+            let e = settings(&format!("global_endpoint = \"https://dps\"\nscope_id = \"0ne\"\n[provisioning.attestation]\nmethod = \"x509\"\nidentity_cert = \"c\"\nidentity_pk = \"k\"\nidentity_auto_renew = {{ rotate_key = true, {bad} }}\n")).unwrap_err();
+            assert!(e.0.contains("threshold"), "{bad}: {e}");
+        }
     }
 
     /// The sandbox grants (service.rs): tpmd's socket only with TPM attestation; the DPS

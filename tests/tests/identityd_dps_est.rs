@@ -1,0 +1,307 @@
+//! DPS X.509 with an EST-issued identity cert and its auto-renewal (identityd.md §10.2, §10.3;
+//! certd.md §6), and DPS X.509 with the identity key on a PKCS#11 token (keyd's pkcs11 backend on
+//! SoftHSM2). The real services through their brokers (keyd, certd, identityd), against the mock
+//! EST server (tests/src/mock_est.rs) and the mock DPS with its hubs (tests/src/mock_dps.rs),
+//! all over real TLS.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use aziot_tests::api::Api;
+use aziot_tests::certd::pki::certs;
+use aziot_tests::identityd::{Identityd, HOSTNAME, V2021};
+use aziot_tests::mock_dps::{Attestation, Enrollment, MockDps};
+use aziot_tests::mock_est::{MockEst, Options, Validity};
+use aziot_tests::mock_tls::{thumbprint, TestCa};
+use aziot_tests::{require_identityd, Dep};
+use openssl::hash::MessageDigest;
+use openssl::x509::X509;
+use serde_json::json;
+
+const SCOPE: &str = "0ne00DPSEST";
+
+/// The mock DPS's CA, exported once as `SSL_CERT_FILE` (identityd trusts the system store only,
+/// cloud-protocols.md §1.1) before any service starts. Not under /tmp: identityd's worker has
+/// its own empty /tmp.
+fn shared_ca() -> TestCa {
+    static CA: OnceLock<TestCa> = OnceLock::new();
+    CA.get_or_init(|| {
+        let ca = TestCa::new("aziot identityd_dps_est test CA");
+        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "aziot-identityd-dps-est-ca-{}.pem",
+            std::process::id()
+        ));
+        ca.write_cert(&path).expect("write the CA");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .expect("chmod the CA");
+        std::env::set_var("SSL_CERT_FILE", &path);
+        ca
+    })
+    .clone()
+}
+
+fn wait(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn config(endpoint: &str, attestation: &str) -> String {
+    format!(
+        "hostname = \"{HOSTNAME}\"\ncloud_retries = 0\n[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"{endpoint}\"\nscope_id = \"{SCOPE}\"\n[provisioning.attestation]\n{attestation}\n[[principal]]\nuid = 5101\nname = \"mod-a\"\nidtype = [\"module\"]\n"
+    )
+}
+
+fn sha256(c: &X509) -> String {
+    thumbprint(c, MessageDigest::sha256())
+}
+
+fn certd_leaf(stack: &Identityd, id: &str) -> Option<X509> {
+    let r = Api::new(stack.certd_socket(), "2020-09-01").get(&format!("/certificates/{id}"));
+    (r.status == 200).then(|| certs(r.json()["pem"].as_str().expect("pem")).remove(0))
+}
+
+/// The public key (DER) of keyd key pair `id`, through the engine's twin.
+fn keyd_public(stack: &Identityd, id: &str) -> Vec<u8> {
+    let handle = stack.keyd().api(aziot_tests::api::V2021).get_keypair(id);
+    aziot_tests::certd::pki::keyd_key(stack.keyd().socket(), &handle)
+        .public_key_to_der()
+        .expect("der")
+}
+
+fn public(c: &X509) -> Vec<u8> {
+    c.public_key()
+        .expect("key")
+        .public_key_to_der()
+        .expect("der")
+}
+
+/// The DPS client certs (SHA-256 thumbprints) of the register requests, in order.
+fn registered_with(dps: &MockDps) -> Vec<String> {
+    dps.requests()
+        .into_iter()
+        .filter(|r| r.target.contains("/register"))
+        .filter_map(|r| r.client_cert_sha256)
+        .collect()
+}
+
+/// certd issues identityd's identity cert `device-id` by EST (basic auth, `trusted_certs` the
+/// mock's CA only), `device-id-temp` too (the renewal's temporary ID, §10.3 step 2).
+fn est_certd(mock: &MockEst) -> String {
+    format!(
+        "[cert_issuance.est]\ntrusted_certs = [\"est-server-ca\"]\nusername = \"u\"\npassword = \"p\"\n[cert_issuance.est.urls]\ndefault = \"{}\"\n[cert_issuance.device-id]\nmethod = \"est\"\n[cert_issuance.device-id-temp]\nmethod = \"est\"\n",
+        mock.url()
+    )
+}
+
+/// DPS X.509 whose identity cert certd obtains by EST, with `identity_auto_renew`: identityd
+/// creates the key pair in keyd and has certd enroll it at the mock EST server; the device
+/// registers with DPS (which trusts the EST CA: a CA enrollment) presenting that cert and lands
+/// on the assigned hub. The cert is short-lived (40 s, threshold 50%): identityd renews it through
+/// certd (EST `simpleenroll` of `device-id-temp`, a new key pair with `rotate_key`), registers
+/// again with the renewed cert, then stores it as `device-id` with the new key moved onto
+/// `dev-x509`; `device-id-temp` is gone, the hub's later calls present the new cert, and E1
+/// still answers with the same device.
+#[test]
+fn est_issued_identity_registers_and_is_renewed_with_a_new_registration() {
+    require_identityd!();
+    let mock = MockEst::start(Options {
+        basic: Some(("u".into(), "p".into())),
+        ..Options::default()
+    });
+    mock.set_enroll_validity(Validity {
+        backdate: Duration::ZERO,
+        lifetime: Duration::from_secs(40),
+    });
+    let dps = MockDps::start_with_ca(shared_ca(), 0, SCOPE).expect("start the mock DPS");
+    let attestation = "method = \"x509\"\nidentity_cert = \"device-id\"\nidentity_pk = \"dev-x509\"\nregistration_id = \"est-dev\"\nidentity_auto_renew = { rotate_key = true, threshold = \"50%\", retry = \"10%\" }";
+    let mut stack = Identityd::prepare_with(
+        &config(&dps.endpoint(), attestation),
+        &est_certd(&mock),
+        None,
+    );
+    let r = Api::new(stack.certd_socket(), "2020-09-01").call(
+        "PUT",
+        "/certificates/est-server-ca",
+        Some(&json!({ "pem": mock.ca_pem() })),
+    );
+    assert_eq!(r.status, 201, "import the EST CA: {r}");
+    dps.enroll(
+        "est-dev",
+        Enrollment {
+            attestation: Attestation::X509Ca(mock.ca().clone()),
+            hub: dps.hub_a(),
+            device_id: None,
+        },
+    );
+    stack
+        .start_identityd()
+        .unwrap_or_else(|e| panic!("identityd: {e}"));
+
+    // provisioned with the EST-issued cert
+    let e1 = stack.client(None, V2021).get("/identities/identity");
+    assert_eq!(e1.status, 200, "{e1}\n{}", stack.log());
+    let spec = &e1.json()["spec"];
+    assert_eq!(
+        (spec["hubName"].as_str(), spec["deviceId"].as_str()),
+        (Some(dps.hub_a().as_str()), Some("est-dev"))
+    );
+    assert_eq!(
+        (
+            spec["auth"]["type"].as_str(),
+            spec["auth"]["certId"].as_str()
+        ),
+        (Some("x509"), Some("device-id"))
+    );
+    let first = registered_with(&dps);
+    assert_eq!(first.len(), 1, "one registration at start");
+    let enrolls = mock.requests_for("simpleenroll");
+    assert!(
+        !enrolls.is_empty(),
+        "certd enrolled the identity cert at the EST server"
+    );
+    let old = certd_leaf(&stack, "device-id").expect("device-id in certd");
+    assert_eq!(first[0], sha256(&old), "DPS saw the EST-issued cert");
+    let old_key = keyd_public(&stack, "dev-x509");
+    assert_eq!(public(&old), old_key);
+    let issuer = format!("{:?}", old.issuer_name());
+    assert!(issuer.contains("Mock EST CA"), "{issuer}");
+
+    // renewal: a second registration with a new cert, then the commit
+    assert!(
+        wait(Duration::from_secs(60), || registered_with(&dps).len() >= 2),
+        "no re-registration after the renewal deadline\n{}",
+        stack.log()
+    );
+    let renewed_thumb = registered_with(&dps)[1].clone();
+    assert_ne!(renewed_thumb, first[0], "re-registered with another cert");
+    assert!(
+        wait(Duration::from_secs(20), || certd_leaf(&stack, "device-id")
+            .is_some_and(|c| sha256(&c) == renewed_thumb)),
+        "certd's device-id is the cert DPS accepted\n{}",
+        stack.log()
+    );
+    let new = certd_leaf(&stack, "device-id").expect("device-id");
+    assert_eq!(
+        format!("{:?}", new.subject_name()),
+        format!("{:?}", old.subject_name()),
+        "the old leaf's subject"
+    );
+    assert!(
+        wait(Duration::from_secs(10), || keyd_public(&stack, "dev-x509")
+            == public(&new)),
+        "the rotated key was moved onto dev-x509\n{}",
+        stack.log()
+    );
+    assert_ne!(public(&new), old_key, "rotate_key: a new key pair");
+    assert!(
+        certd_leaf(&stack, "device-id-temp").is_none(),
+        "the temporary cert was deleted"
+    );
+    assert!(
+        mock.requests_for("simpleenroll").len() > enrolls.len(),
+        "renewed through EST"
+    );
+    assert!(
+        stack.log().contains("Renewed the identity cert"),
+        "{}",
+        stack.log()
+    );
+
+    // the device still works with the new credentials: the module identity E1 answers, and the
+    // hub's calls since the renewal present the new cert (the first of them is the reprovision's
+    // reconciliation)
+    let hub = dps.hub(&dps.hub_a());
+    assert!(
+        wait(Duration::from_secs(20), || hub
+            .module("est-dev", "mod-a")
+            .is_some_and(|m| m.primary_key.is_some())),
+        "mod-a in the hub\n{}",
+        stack.log()
+    );
+    let r = stack.client(Some(5101), V2021).get("/identities/identity");
+    assert_eq!(r.status, 200, "{r}\n{}", stack.log());
+    let thumbs: Vec<String> = hub
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.client_cert_sha256)
+        .collect();
+    assert!(
+        thumbs.contains(&renewed_thumb),
+        "the hub saw the renewed cert: {thumbs:?}"
+    );
+    for r in hub.requests() {
+        assert!(r.status < 300, "{} {} -> {}", r.method, r.target, r.status);
+    }
+    let e1 = stack.client(None, V2021).get("/identities/identity");
+    assert_eq!(e1.json()["spec"]["deviceId"], "est-dev");
+}
+
+/// DPS X.509 with keyd's PKCS#11 backend (a SoftHSM2 token): identityd creates the identity key
+/// pair through keyd, which keeps it on the token (its label is there); certd issues the cert
+/// (local CA) for it; the TLS handshakes with DPS and the hub are signed by the token's key (the
+/// engine), and the device lands on the hub DPS assigned.
+#[test]
+fn identity_key_on_a_pkcs11_token_provisions() {
+    require_identityd!();
+    aziot_tests::require!(Dep::SoftHsm);
+    let dps = MockDps::start_with_ca(shared_ca(), 0, SCOPE).expect("start the mock DPS");
+    let attestation = "method = \"x509\"\nidentity_cert = \"adhoc\"\nidentity_pk = \"dev-hsm\"\nregistration_id = \"hsm-dev\"";
+    let mut stack = Identityd::prepare_with(
+        &config(&dps.endpoint(), attestation),
+        "",
+        Some(aziot_tests::keyd::Backend::SoftHsm),
+    );
+    dps.enroll(
+        "hsm-dev",
+        Enrollment {
+            attestation: Attestation::X509Ca(stack.ca_cert()),
+            hub: dps.hub_b(),
+            device_id: None,
+        },
+    );
+    stack
+        .start_identityd()
+        .unwrap_or_else(|e| panic!("identityd: {e}"));
+    let e1 = stack.client(None, V2021).get("/identities/identity");
+    assert_eq!(e1.status, 200, "{e1}\n{}", stack.log());
+    assert_eq!(e1.json()["spec"]["hubName"], dps.hub_b());
+    assert_eq!(e1.json()["spec"]["deviceId"], "hsm-dev");
+    let hsm = stack.keyd().softhsm().expect("keyd runs on SoftHSM2");
+    let labels = hsm.labels();
+    assert!(
+        labels.iter().any(|l| l == "dev-hsm"),
+        "the identity key pair is on the token: {labels:?}"
+    );
+    let leaf = certd_leaf(&stack, "adhoc").expect("identity cert");
+    assert_eq!(
+        public(&leaf),
+        keyd_public(&stack, "dev-hsm"),
+        "the cert is for the token's key"
+    );
+    let regs = registered_with(&dps);
+    assert_eq!(
+        regs,
+        vec![sha256(&leaf)],
+        "DPS saw that cert (TLS signed with the token's key)"
+    );
+    let hub = dps.hub(&dps.hub_b());
+    assert!(
+        wait(Duration::from_secs(30), || hub
+            .module("hsm-dev", "mod-a")
+            .is_some_and(|m| m.primary_key.is_some())),
+        "mod-a in the assigned hub\n{}",
+        stack.log()
+    );
+    assert!(hub
+        .requests()
+        .iter()
+        .all(|r| r.client_cert_sha256.as_deref() == Some(sha256(&leaf).as_str())));
+}
