@@ -24,17 +24,27 @@ fi
 mirror=${mirror:-http://deb.debian.org/debian}
 security=${mirror%/debian}/debian-security
 
+# The guest's kernel: `backports` (default; bookworm-backports' linux-image-amd64, 6.12: Landlock
+# ABI 6) or `stock` (bookworm's 6.1: Landlock ABI 2, on which the workers refuse to start unless
+# `[sandbox] allow_degraded = true`; docs/vm-test.md).
+kernel=${AZIOT_VM_KERNEL:-backports}
+case "$kernel" in
+  stock) kernel_pkg=(linux-image-amd64) ;;
+  backports) kernel_pkg=() ;;
+  *) echo "image: AZIOT_VM_KERNEL is stock or backports, not '$kernel'" >&2; exit 1 ;;
+esac
+
 # What the guest needs: systemd as PID 1, a kernel and an initramfs that finds virtio disks, the
 # package's dependencies (so `apt-get install ./x.deb` works offline; tpm2-tss libs: docs/tpmd.md),
 # and the tools guest.sh uses.
 packages=(
-  systemd systemd-sysv udev dbus linux-image-amd64 initramfs-tools kmod
+  systemd systemd-sysv udev dbus "${kernel_pkg[@]}" initramfs-tools kmod
   libssl3 openssl curl ca-certificates
   libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-tctildr0
   init-system-helpers passwd procps jq
 )
 
-key=$( { cat "$0" "$here/aziot-vm-test.service"; echo "$mirror $suite ${packages[*]}"; } | sha256sum | cut -c1-16)
+key=$( { cat "$0" "$here/aziot-vm-test.service"; echo "$mirror $suite $kernel ${packages[*]}"; } | sha256sum | cut -c1-16)
 dir=$cache_root/$key
 if [ -f "$dir/complete" ] && [ "${AZIOT_VM_REBUILD:-0}" != "1" ]; then
   echo "$dir"
@@ -55,6 +65,7 @@ unit=$here/aziot-vm-test.service
 # customize hooks run on the host with the chroot as $1.
 mmdebstrap --variant=minbase --mode=root \
   --include="$(IFS=,; echo "${packages[*]}")" \
+  --customize-hook="[ $kernel = stock ] || chroot \"\$1\" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t $suite-backports linux-image-amd64" \
   --customize-hook='echo aziot-vm > "$1/etc/hostname"' \
   --customize-hook='echo "/dev/vda / ext4 rw,errors=remount-ro 0 1" > "$1/etc/fstab"' \
   --customize-hook="install -m 0644 '$unit' \"\$1/etc/systemd/system/aziot-vm-test.service\"" \
@@ -62,14 +73,14 @@ mmdebstrap --variant=minbase --mode=root \
   --customize-hook='for u in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer systemd-timesyncd.service getty@tty1.service; do ln -sf /dev/null "$1/etc/systemd/system/$u"; done' \
   --customize-hook='chroot "$1" passwd -d root >/dev/null' \
   "$suite" "$rootfs" \
-  "deb $mirror $suite main" "deb $mirror $suite-updates main" "deb $security $suite-security main" >&2
+  "deb $mirror $suite main" "deb $mirror $suite-updates main" "deb $security $suite-security main" \
+  "deb $mirror $suite-backports main" >&2
 
-kernel=$(ls "$rootfs"/boot/vmlinuz-* | sort -V | tail -1)
+kernel_file=$(ls "$rootfs"/boot/vmlinuz-* | sort -V | tail -1)
 initrd=$(ls "$rootfs"/boot/initrd.img-* | sort -V | tail -1)
-[ -f "$kernel" ] && [ -f "$initrd" ] || { echo "image: no kernel/initrd in the image" >&2; exit 1; }
-cp "$kernel" "$work/vmlinuz"
+[ -f "$kernel_file" ] && [ -f "$initrd" ] || { echo "image: no kernel/initrd in the image" >&2; exit 1; }
+cp "$kernel_file" "$work/vmlinuz"
 cp "$initrd" "$work/initrd.img"
-# Apt's lists are what `apt-get install ./x.deb` resolves the package's dependencies against.
 echo "==> image: mkfs.ext4 -d (no loop mount)" >&2
 truncate -s 3G "$work/root.raw"
 mkfs.ext4 -q -F -L aziot-root -d "$rootfs" "$work/root.raw"
