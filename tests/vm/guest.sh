@@ -20,7 +20,7 @@ phase=1
 [ -f "$ST/phase1.done" ] && phase=2
 exec > >(tee -a "$OUT/guest-phase$phase.log") 2>&1
 
-PORT=9443
+PORT=443               # the hub's HTTPS port, which `aziotctl check` tests
 SCOPE=0ne00000001
 REG=vm-device
 MODULE=vmmod
@@ -85,7 +85,8 @@ start_mocks() {
   systemctl reset-failed aziot-vm-mocks.service 2>/dev/null
   systemd-run --unit=aziot-vm-mocks --property="StandardOutput=append:$OUT/mocks-phase$phase.log" \
     --property=StandardError=inherit \
-    "$IN/vm-mocks" --state "$ST/mocks" --port $PORT --scope $SCOPE --registration-id $REG >/dev/null
+    "$IN/vm-mocks" --state "$ST/mocks" --port $PORT --scope $SCOPE --registration-id $REG \
+    --tls-port 5671 --tls-port 8883 >/dev/null
   poll 60 test -s "$ST/mocks/ca.pem" || return 1
   poll 60 curl -sS -o /dev/null --cacert "$ST/mocks/ca.pem" "https://127.0.0.1:$PORT/" || return 1
   # identityd trusts the system store (docs/identityd.md): the mock's CA goes there.
@@ -282,6 +283,7 @@ assert "after the reboot: no DPS registration (device_info backup)" no_registrat
 assert "aziotctl policy audit after the reboot" aziotctl policy audit
 
 systemctl stop aziot-vm-mocks.service
+service_uids=$(for u in aziotks aziotcs aziotid aziottpm; do id -u $u; done | tr '\n' ' ')
 assert "apt-get purge aziot-identity-service" env DEBIAN_FRONTEND=noninteractive apt-get purge -y aziot-identity-service
 purged() {
   local bad=0 p u
@@ -295,7 +297,8 @@ purged() {
     getent passwd $u && { echo "user $u left"; bad=1; }
     getent group $u && { echo "group $u left"; bad=1; }
   done
-  systemctl list-units --all --no-legend 'aziot-*' | grep . && { echo "units left"; bad=1; }
+  systemctl list-units --all --no-legend 'aziot-*' | grep -v 'aziot-vm-' | grep . && { echo "units left"; bad=1; }
+  ps -eo uid=,pid=,comm= | awk -v u=" $service_uids " 'index(u, " " $1 " ")' | grep . && { echo "processes of the service users left"; bad=1; }
   dpkg-query -W -f='${Status}\n' aziot-identity-service 2>&1
   [ $bad = 0 ] && echo "nothing of the package is left"
   return $bad

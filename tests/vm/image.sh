@@ -46,6 +46,11 @@ packages=(
 
 key=$( { cat "$0" "$here/aziot-vm-test.service"; echo "$mirror $suite $kernel ${packages[*]}"; } | sha256sum | cut -c1-16)
 dir=$cache_root/$key
+mkdir -p "$cache_root"
+chmod 0755 "$cache_root"
+# One build at a time (a second caller waits, then finds the image).
+exec 9>"$cache_root/.lock"
+flock 9
 if [ -f "$dir/complete" ] && [ "${AZIOT_VM_REBUILD:-0}" != "1" ]; then
   echo "$dir"
   exit 0
@@ -54,8 +59,6 @@ fi
 for tool in mmdebstrap mkfs.ext4; do
   command -v "$tool" >/dev/null || { echo "image: $tool is missing (scripts/deps.sh installs it)" >&2; exit 1; }
 done
-mkdir -p "$cache_root"
-chmod 0755 "$cache_root"
 work=$(mktemp -d "$cache_root/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 rootfs=$work/rootfs

@@ -97,11 +97,15 @@ pub(crate) fn socket_tables(pid: i32) -> SocketTables {
     let mut t = SocketTables::default();
     let read = |name: &str| std::fs::read_to_string(format!("/proc/{pid}/net/{name}")).unwrap_or_default();
     // /proc/net/unix: Num RefCount Protocol Flags Type St Inode [Path]; flag 0x10000 = listening.
-    for line in read("unix").lines().skip(1) {
+    // A socket is listed in the namespace it was made in: under `PrivateNetwork=yes` (keyd,
+    // tpmd) the listener systemd made (socket activation) is in PID 1's namespace, not the
+    // worker's (found by the VM suite, tests/vm/guest.sh).
+    let pid1 = std::fs::read_to_string("/proc/1/net/unix").unwrap_or_default();
+    for line in read("unix").lines().skip(1).chain(pid1.lines().skip(1)) {
         let f: Vec<&str> = line.split_whitespace().collect();
         if let (Some(flags), Some(inode)) = (f.get(3), f.get(6).and_then(|i| i.parse().ok())) {
             let listening = u32::from_str_radix(flags, 16).map(|x| x & 0x10000 != 0).unwrap_or(false);
-            t.unix.insert(inode, listening);
+            t.unix.entry(inode).or_insert(listening);
         }
     }
     // tcp, udp (v4 and v6): the inode is the 10th column.

@@ -2,7 +2,7 @@
 //! (scripts/vm-test, tests/vm/guest.sh), whose state outlives a reboot of the guest.
 //!
 //! ```text
-//! vm-mocks --state DIR --port N --scope ID --registration-id ID
+//! vm-mocks --state DIR --port N --scope ID --registration-id ID [--tls-port N]...
 //! ```
 //!
 //! One TPM individual enrollment, assigned to hub `localhost:<port>` (served on the same port).
@@ -13,6 +13,9 @@
 //! uploaded). A later start restores that into the hub, so after the guest's reboot identityd
 //! finds the device and modules it left, and the suite can tell whether it kept them. Every DPS
 //! and hub request is printed with its status (stdout), so the suite can count registrations.
+//! `--tls-port`: more TLS listeners with a certificate for `localhost` from the same CA (no
+//! state), so `aziotctl check`'s hub connectivity checks (TLS handshakes on 5671 and 8883) have
+//! a peer.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -24,7 +27,7 @@ use aziot_tests::mock_tls::{CertKey, TestCa};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: vm-mocks --state DIR --port N --scope ID --registration-id ID";
+const USAGE: &str = "usage: vm-mocks --state DIR --port N --scope ID --registration-id ID [--tls-port N]...";
 
 fn main() {
     if let Err(e) = run() {
@@ -90,6 +93,7 @@ fn module_from_json(v: &Value) -> Option<StoredModule> {
 fn run() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let (mut state, mut port, mut scope, mut reg) = (None, None, None, None);
+    let mut tls_ports = Vec::new();
     while let Some(a) = args.next() {
         let v = args.next().ok_or_else(|| format!("{a} needs a value"))?;
         match a.as_str() {
@@ -97,6 +101,7 @@ fn run() -> Result<(), String> {
             "--port" => port = Some(v.parse::<u16>().map_err(|e| format!("--port: {e}"))?),
             "--scope" => scope = Some(v),
             "--registration-id" => reg = Some(v),
+            "--tls-port" => tls_ports.push(v.parse::<u16>().map_err(|e| format!("--tls-port: {e}"))?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -105,6 +110,10 @@ fn run() -> Result<(), String> {
     };
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ca = load_or_make_ca(&dir)?;
+    let mut others = Vec::new();
+    for p in tls_ports {
+        others.push(MockDps::start_with_ca(ca.clone(), p, &scope).map_err(|e| format!("could not listen on {p}: {e}"))?);
+    }
     let dps = MockDps::start_with_ca(ca, port, &scope).map_err(|e| format!("could not listen on {port}: {e}"))?;
     let hub_name = dps.hub_a();
     let hub = dps.hub(&hub_name);
@@ -127,6 +136,9 @@ fn run() -> Result<(), String> {
     }
     dps.set_logging(true);
     println!("vm-mocks: DPS https://127.0.0.1:{port}/ scope {scope}, hub {hub_name}, CA {}", dir.join("ca.pem").display());
+    for o in &others {
+        println!("vm-mocks: TLS also on port {}", o.port());
+    }
     std::io::stdout().flush().ok();
 
     let mut last = Value::Null;
