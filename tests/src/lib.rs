@@ -36,6 +36,7 @@ pub mod openssl_cli;
 pub mod softhsm;
 pub mod tempdir;
 pub mod tpmd;
+pub mod worker_spawn;
 
 pub use api::{Api, V2020, V2021, VERSIONS};
 pub use keyd::Keyd;

@@ -555,19 +555,29 @@ fn endpoint_override_is_ignored_when_setgid() {
         "digest",
     ];
     let run = |bin: &Path, gid: u32| {
-        Command::new(bin)
-            .args(args)
-            .current_dir(s.dir())
-            .env_clear()
-            .env(
-                "AZIOT_KEYD_ENDPOINT",
-                format!("unix://{}", keyd.socket().display()),
-            )
-            .uid(APP)
-            .gid(gid)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run openssl")
+        // The copy below was just written: a child forked meanwhile by another test thread may
+        // still hold its write descriptor (ETXTBSY) until it execs; retry until it has.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Command::new(bin)
+                .args(args)
+                .current_dir(s.dir())
+                .env_clear()
+                .env(
+                    "AZIOT_KEYD_ENDPOINT",
+                    format!("unix://{}", keyd.socket().display()),
+                )
+                .uid(APP)
+                .gid(gid)
+                .stdin(Stdio::null())
+                .output()
+            {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => break other.expect("run openssl"),
+            }
+        }
     };
     // control: an ordinary process uses the override
     let out = run(Path::new(openssl_bin), TEST_GID);
@@ -611,9 +621,9 @@ fn endpoint_override_is_ignored_when_setgid() {
 #[test]
 fn twin_mtls_in_a_confined_identityd_worker() {
     use aziot_ipc::handoff::{
-        self, DescriptorEntry, DescriptorKind, Manifest, HANDOFF_FD, MANIFEST_VERSION,
+        self, DescriptorEntry, DescriptorKind, Manifest, MANIFEST_VERSION,
     };
-    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+    use std::os::fd::{AsFd, OwnedFd};
     if !aziot_tests::require_deps(&[
         Dep::Root,
         Dep::ServiceUser(aziot_tests::keyd::SERVICE_USER),
@@ -714,48 +724,8 @@ fn twin_mtls_in_a_confined_identityd_worker() {
                 arg: Some(format!("{}|{}", keyd.socket().display(), server.port())),
             }),
         };
-        let (ours, theirs) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair");
-        let child_fd = theirs.as_raw_fd();
-        let mut cmd = Command::new(aziot_tests::keyd::aziotd_bin());
-        cmd.arg0("aziotd")
-            .arg("--worker")
-            .env_clear()
-            .current_dir("/");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: runs in the forked child before exec: dup2/fcntl and the policy crate's
-        // privilege drop (raw syscalls, no allocation); `creds` was computed before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let rc = if child_fd == HANDOFF_FD {
-                    libc::fcntl(child_fd, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(child_fd, HANDOFF_FD)
-                };
-                if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                aziot_policy::drop_privileges_in_child(&creds)
-            });
-        }
-        let mut child = cmd.spawn().expect("spawn aziotd --worker");
-        drop(theirs);
-        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-        handoff::send_manifest(ours.as_fd(), &manifest, &borrowed).expect("send the manifest");
-        drop(fds);
-        nix::sys::socket::setsockopt(
-            &ours,
-            nix::sys::socket::sockopt::ReceiveTimeout,
-            &nix::sys::time::TimeVal::new(60, 0),
-        )
-        .expect("timeout");
+        let aziot_tests::worker_spawn::Spawned { mut child, sock: ours } =
+            aziot_tests::worker_spawn::spawn(&manifest, fds, creds, None, false);
         let report: Option<serde_json::Value> = handoff::recv_json(ours.as_fd()).ok();
         let mut messages = Vec::new();
         while let Ok(m) = handoff::recv_json::<serde_json::Value>(ours.as_fd()) {

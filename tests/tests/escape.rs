@@ -23,7 +23,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -34,7 +34,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use aziot_ipc::handoff::{
-    self, DescriptorEntry, DescriptorKind, Manifest, HANDOFF_FD, MANIFEST_VERSION,
+    self, DescriptorEntry, DescriptorKind, Manifest, MANIFEST_VERSION,
 };
 use aziot_policy::escape::{EscapeAttempt, EscapeOutcome};
 use aziot_tests::keyd::{aziotd_bin, profile_dir};
@@ -315,20 +315,7 @@ fn signal_name(sig: i32) -> String {
 
 /// Raises RLIMIT_CORE to unlimited (as root, before the drop): the environment is generous, so
 /// a worker's 0 is its own lock-in's doing, and the control can raise it.
-///
-/// # Safety
-/// Only raw syscalls: callable between fork and exec.
-unsafe fn generous_core_limit() -> std::io::Result<()> {
-    let lim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads one live rlimit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &lim) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
+use aziot_tests::worker_spawn::unlimited_core_limit as generous_core_limit;
 
 struct WorkerOpts {
     attempt: Option<EscapeAttempt>,
@@ -462,68 +449,13 @@ fn start_worker(svc: &str, opts: &WorkerOpts) -> Worker {
         escape: opts.attempt.clone(),
     };
 
-    let (ours, theirs) = nix::sys::socket::socketpair(
-        nix::sys::socket::AddressFamily::Unix,
-        nix::sys::socket::SockType::SeqPacket,
-        None,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
-    let child_fd = theirs.as_raw_fd();
-    let mut cmd = Command::new(aziotd_bin());
-    cmd.arg0("aziotd")
-        .arg("--worker")
-        .env_clear()
-        .current_dir("/");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: runs in the forked child before exec; raw syscalls only (setrlimit, dup2/fcntl and
-    // the policy crate's privilege drop, which allocates nothing); `creds` was computed before.
-    unsafe {
-        cmd.pre_exec(move || {
-            generous_core_limit()?;
-            place_fd(child_fd, HANDOFF_FD)?;
-            if let Some(p) = &prepared {
-                aziot_policy::mountns::enter_in_child(p)?;
-            }
-            aziot_policy::drop_privileges_in_child(&creds)
-        });
-    }
-    let child = cmd.spawn().expect("spawn aziotd --worker");
-    // Closes our copies of the namespace's detached socket mounts.
-    drop(cmd);
-    drop(theirs);
-    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-    handoff::send_manifest(ours.as_fd(), &manifest, &borrowed).expect("send the manifest");
-    drop(fds);
-    nix::sys::socket::setsockopt(
-        &ours,
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(60, 0),
-    )
-    .unwrap();
+    let aziot_tests::worker_spawn::Spawned { child, sock: ours } =
+        aziot_tests::worker_spawn::spawn(&manifest, fds, creds, prepared, true);
     Worker {
         child,
         ours,
         listener_path,
     }
-}
-
-/// Puts `fd` at `target` without CLOEXEC (async-signal-safe).
-fn place_fd(fd: RawFd, target: RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl/dup2 on descriptors of this process.
-    let rc = unsafe {
-        if fd == target {
-            libc::fcntl(fd, libc::F_SETFD, 0)
-        } else {
-            libc::dup2(fd, target)
-        }
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 impl Worker {
@@ -1144,7 +1076,7 @@ fn live_worker_cannot_dump_core() {
     aziot_tests::require_keyd!();
     // The environment the broker inherits: unlimited core dumps.
     // SAFETY: setrlimit on this (root) test process; only the core limit changes.
-    unsafe { generous_core_limit() }.expect("raise RLIMIT_CORE");
+    generous_core_limit().expect("raise RLIMIT_CORE");
     let keyd = aziot_tests::Keyd::start("");
     let broker = keyd.pid() as i32;
     let worker = keyd.worker_pid();

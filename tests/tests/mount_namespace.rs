@@ -18,7 +18,7 @@
 //! `cargo build --workspace --bins --tests && cargo test -p aziot-tests --test mount_namespace`
 //! (the worker's attempt mode comes with the tests' build: tests/tests/escape.rs)
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -27,10 +27,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aziot_ipc::handoff::{
-    self, DescriptorEntry, DescriptorKind, Manifest, HANDOFF_FD, MANIFEST_VERSION,
+    self, DescriptorEntry, DescriptorKind, Manifest, MANIFEST_VERSION,
 };
 use aziot_policy::escape::{EscapeAttempt, EscapeOutcome};
-use aziot_tests::keyd::aziotd_bin;
 use aziot_tests::{require, Dep};
 
 const USER: &str = "aziotcs";
@@ -140,21 +139,6 @@ impl Drop for Fixture {
     }
 }
 
-fn place_fd(fd: RawFd, target: RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl/dup2 on descriptors of this process.
-    let rc = unsafe {
-        if fd == target {
-            libc::fcntl(fd, libc::F_SETFD, 0)
-        } else {
-            libc::dup2(fd, target)
-        }
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// A started worker: the child, our end of the hand-off socket, its sandbox report.
 struct Worker {
     child: std::process::Child,
@@ -213,45 +197,8 @@ impl Worker {
                 arg: arg.map(str::to_owned),
             }),
         };
-        let (ours, theirs) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
-        let child_fd = theirs.as_raw_fd();
-        let mut cmd = Command::new(aziotd_bin());
-        cmd.arg0("aziotd")
-            .arg("--worker")
-            .env_clear()
-            .current_dir("/");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: runs in the forked child before exec; raw syscalls only (dup2/fcntl, the
-        // namespace entry and the privilege drop, on what was prepared before fork).
-        unsafe {
-            cmd.pre_exec(move || {
-                place_fd(child_fd, HANDOFF_FD)?;
-                if let Some(p) = &prepared {
-                    aziot_policy::mountns::enter_in_child(p)?;
-                }
-                aziot_policy::drop_privileges_in_child(&creds)
-            });
-        }
-        let child = cmd.spawn().expect("spawn aziotd --worker");
-        drop(cmd);
-        drop(theirs);
-        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-        handoff::send_manifest(ours.as_fd(), &manifest, &borrowed).expect("send the manifest");
-        drop(fds);
-        nix::sys::socket::setsockopt(
-            &ours,
-            nix::sys::socket::sockopt::ReceiveTimeout,
-            &nix::sys::time::TimeVal::new(60, 0),
-        )
-        .unwrap();
+        let aziot_tests::worker_spawn::Spawned { child, sock: ours } =
+            aziot_tests::worker_spawn::spawn(&manifest, fds, creds, prepared, false);
         let report = handoff::recv_json::<serde_json::Value>(ours.as_fd()).ok();
         assert!(
             report
