@@ -28,6 +28,7 @@ pub mod crypto;
 pub mod http;
 pub mod identityd;
 pub mod keyd;
+pub mod load;
 pub mod mock_dps;
 pub mod mock_est;
 pub mod mock_hub;

@@ -13,13 +13,12 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use aziot_tests::certd::pki::{csr, csr_with, keyd_key};
 use aziot_tests::certd::Certd;
-use aziot_tests::http::{build_request, Conn};
+use aziot_tests::http::build_request;
+use aziot_tests::load::{closed_loop, rss_kib};
 use aziot_tests::keyd::{profile_dir, TempDir};
 use serde_json::json;
 
@@ -98,61 +97,10 @@ fn main() {
 
 /// Requests per second of `req` on `sock` with `conc` keep-alive clients; prints the row.
 fn measure(name: &str, sock: &Path, req: &[u8], conc: usize, warmup: Duration, duration: Duration) -> f64 {
-    let barrier = Arc::new(Barrier::new(conc + 1));
-    let stop = Arc::new(AtomicBool::new(false));
-    let counting = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..conc)
-        .map(|_| {
-            let (barrier, stop, counting, sock, req) =
-                (Arc::clone(&barrier), Arc::clone(&stop), Arc::clone(&counting), sock.to_path_buf(), req.to_vec());
-            std::thread::spawn(move || {
-                let mut conn = Conn::connect(&sock).expect("connect");
-                let (mut lat, mut errors) = (Vec::with_capacity(1 << 16), 0u64);
-                barrier.wait();
-                while !stop.load(Ordering::Relaxed) {
-                    let s = Instant::now();
-                    let ok =
-                        matches!(conn.send_raw(&req).and_then(|()| conn.read_response()), Ok(r) if r.status == 200);
-                    if !ok {
-                        errors += 1;
-                        conn = Conn::connect(&sock).expect("reconnect");
-                        continue;
-                    }
-                    if counting.load(Ordering::Relaxed) {
-                        lat.push(s.elapsed());
-                    }
-                }
-                (lat, errors)
-            })
-        })
-        .collect();
-    barrier.wait();
-    std::thread::sleep(warmup);
-    counting.store(true, Ordering::Relaxed);
-    std::thread::sleep(duration);
-    counting.store(false, Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in threads {
-        let (l, e) = t.join().expect("client thread");
-        all.extend(l);
-        errors += e;
-    }
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or_default()
-    };
-    let rps = all.len() as f64 / duration.as_secs_f64();
+    let l = closed_loop(sock, req, conc, warmup, duration);
     println!(
-        "  {name:<30} c={conc:<2} {rps:>9.0} req/s  p50 {:>8.1} µs  p99 {:>8.1} µs  errors {errors}",
-        pct(0.5).as_secs_f64() * 1e6,
-        pct(0.99).as_secs_f64() * 1e6
+        "  {name:<30} c={conc:<2} {:>9.0} req/s  p50 {:>8.1} µs  p99 {:>8.1} µs  errors {}",
+        l.rps, l.p50_us, l.p99_us, l.errors
     );
-    rps
-}
-
-fn rss_kib(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    l.rps
 }

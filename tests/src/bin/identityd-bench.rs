@@ -18,11 +18,10 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use aziot_tests::http::{build_request, Conn};
+use aziot_tests::http::build_request;
+use aziot_tests::load::{closed_loop, rss_kib};
 use aziot_tests::identityd::{Identityd, DEVICE_ID, DEVICE_KEY, DEVICE_UID, HOSTNAME, MODULE_UID, V2021};
 use aziot_tests::keyd::{profile_dir, TempDir, TEST_GID};
 use aziot_tests::mock_hub::{DeviceCredential, MockHub};
@@ -164,57 +163,6 @@ fn client_main(args: &[String]) {
     let conc: usize = args[1].parse().expect("conc");
     let warmup = Duration::from_millis(args[2].parse().expect("warmup"));
     let duration = Duration::from_millis(args[3].parse().expect("duration"));
-    let req = args[4].as_bytes().to_vec();
-    let barrier = Arc::new(Barrier::new(conc + 1));
-    let stop = Arc::new(AtomicBool::new(false));
-    let counting = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..conc)
-        .map(|_| {
-            let (barrier, stop, counting, sock, req) =
-                (Arc::clone(&barrier), Arc::clone(&stop), Arc::clone(&counting), sock.clone(), req.clone());
-            std::thread::spawn(move || {
-                let mut conn = Conn::connect(&sock).expect("connect");
-                let (mut lat, mut errors) = (Vec::with_capacity(1 << 16), 0u64);
-                barrier.wait();
-                while !stop.load(Ordering::Relaxed) {
-                    let s = Instant::now();
-                    let ok =
-                        matches!(conn.send_raw(&req).and_then(|()| conn.read_response()), Ok(r) if r.status == 200);
-                    if !ok {
-                        errors += 1;
-                        conn = Conn::connect(&sock).expect("reconnect");
-                        continue;
-                    }
-                    if counting.load(Ordering::Relaxed) {
-                        lat.push(s.elapsed());
-                    }
-                }
-                (lat, errors)
-            })
-        })
-        .collect();
-    barrier.wait();
-    std::thread::sleep(warmup);
-    counting.store(true, Ordering::Relaxed);
-    std::thread::sleep(duration);
-    counting.store(false, Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in threads {
-        let (l, e) = t.join().expect("client thread");
-        all.extend(l);
-        errors += e;
-    }
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or_default()
-    };
-    let rps = all.len() as f64 / duration.as_secs_f64();
-    println!("{rps} {} {} {errors}", pct(0.5).as_secs_f64() * 1e6, pct(0.99).as_secs_f64() * 1e6);
-}
-
-fn rss_kib(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    let l = closed_loop(&sock, args[4].as_bytes(), conc, warmup, duration);
+    println!("{} {} {} {}", l.rps, l.p50_us, l.p99_us, l.errors);
 }
