@@ -128,7 +128,12 @@ fn spawn_swtpm(state: &Path) -> (Kill, u16) {
             if child.0.try_wait().expect("wait for swtpm").is_some() {
                 break; // lost the ports to another process: try others
             }
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            // Both ports (the TCTI opens the server and the control port), and still our swtpm:
+            // one that lost its control port to another process exits after binding the first.
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
+                && child.0.try_wait().expect("wait for swtpm").is_none()
+            {
                 return (child, port);
             }
             assert!(Instant::now() < deadline, "swtpm did not listen");
