@@ -5,6 +5,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use aziot_ipc::handoff::{self, Manifest, HANDOFF_FD};
@@ -93,4 +94,23 @@ pub fn unlimited_core_limit() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Fails (naming the fix) unless the aziotd under test has the attempt mode compiled in.
+pub fn assert_attempt_mode(bin: &Path) {
+    let bytes = std::fs::read(bin).unwrap_or_else(|e| panic!("read {}: {e}", bin.display()));
+    assert!(
+        contains(&bytes, marker().as_bytes()),
+        "{} has no escape attempt mode (built without the escape-probe feature, e.g. by `cargo build -p aziotd`): \
+         run `cargo build --workspace --bins --tests` (aziot-tests enables the feature)",
+        bin.display()
+    );
+}
+
+pub fn marker() -> &'static str {
+    aziot_policy::escape::MARKER
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
