@@ -29,3 +29,11 @@ aziot_install_deps() {
     exit 1
   fi
 }
+
+# scripts/fuzz: cargo-fuzz from crates.io on the stable toolchain (skipped when installed).
+aziot_install_cargo_fuzz() {
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "==> installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+  fi
+}

@@ -11,10 +11,10 @@ const KEEP_ENV: &[&str] = &[
     "JOURNAL_STREAM",
     "INVOCATION_ID",
     "AZIOT_LOG",
-    // SoftHSM2's config file location; passed on to the keyd worker (see WORKER_ENV).
+    // SoftHSM2's config file location; passed on to the keyd worker (see worker_env).
     "SOFTHSM2_CONF",
     // The HTTPS proxy (cloud-protocols.md §1.4). certd's EST (spec certd.md §6.5): the broker
-    // grants its port, the worker reads it from WORKER_ENV. identityd: the broker validates it,
+    // grants its port, the worker reads it from its environment (worker_env). identityd: the broker validates it,
     // grants its port and passes it in the worker's config text (workers/identityd/src/lib.rs
     // BROKER_TABLE); identityd's worker ignores its environment's copy.
     "HTTPS_PROXY",
@@ -25,9 +25,14 @@ const KEEP_ENV: &[&str] = &[
     "SSL_CERT_DIR",
 ];
 
-/// Variables a worker receives (its environment is otherwise empty): only what a pre-loaded
-/// library reads to find its own files.
-pub const WORKER_ENV: &[&str] = &["SOFTHSM2_CONF", "HTTPS_PROXY", "https_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR"];
+/// Variables the worker of `service` (a short name) receives when the broker has them (its
+/// environment is otherwise empty): its [`ServiceInfo::worker_env`] in the one service table,
+/// none for an unknown name. Each is one the broker keeps ([`KEEP_ENV`]).
+///
+/// [`ServiceInfo::worker_env`]: aziot_policy::services::ServiceInfo::worker_env
+pub fn worker_env(service: &str) -> &'static [&'static str] {
+    aziot_policy::services::by_short(service).map_or(&[], |info| info.worker_env)
+}
 
 /// The systemd-activated descriptors (3 .. 3+LISTEN_FDS) when they are meant for this process.
 pub fn activated_range() -> std::ops::Range<RawFd> {
@@ -69,5 +74,22 @@ pub fn clear_env() {
         .collect();
     for k in remove {
         std::env::remove_var(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A variable the broker clears at step 1 could never reach a worker: every service's list is
+    /// part of what the broker keeps.
+    #[test]
+    fn every_worker_variable_is_kept_by_the_broker() {
+        for info in aziot_policy::services::SERVICES {
+            for var in worker_env(info.short) {
+                assert!(KEEP_ENV.contains(var), "{}: {var} is not in KEEP_ENV", info.short);
+            }
+        }
+        assert!(worker_env("no-such-service").is_empty());
     }
 }

@@ -60,6 +60,8 @@ pub enum BrokerError {
     Sandbox(String),
     #[error("refusing to start the worker without its private mount namespace (allow_degraded is not set)")]
     MountNs(#[from] aziot_policy::mountns::MountNsError),
+    #[error("could not open the service's descriptors again for the new worker")]
+    Reopen(#[source] crate::services::SetupError),
 }
 
 /// What the worker sends back once its sandbox is in force (untrusted: recorded only).
@@ -83,6 +85,39 @@ pub struct Worker {
     control: OwnedFd,
     /// Its private mount namespace, as set up (`None`: the policy asks for none).
     mount_namespace: Option<aziot_policy::mountns::MountNsRecord>,
+}
+
+/// The sockets the broker bound into `worker`'s own mount namespace (made by the broker, in
+/// force), each with the (device, inode) at its path now, in the broker's view.
+///
+/// The bind is of the socket inode, not of its path: a service that starts again without a
+/// socket unit (self-bound) binds a new socket at the path, which the worker cannot see. The
+/// broker notices ([`replaced_socket`], each watch interval) and restarts the worker, whose new
+/// namespace binds the new socket (tests/tests/fault_process.rs, keyd down). A namespace made
+/// by the unit binds /run/aziot as a directory and is shared with the broker: nothing to watch.
+fn bound_sockets(worker: &Worker) -> Vec<(PathBuf, (u64, u64))> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(record) = worker.mount_namespace.as_ref() else { return Vec::new() };
+    if !record.in_force || record.made_by != aziot_policy::mountns::MadeBy::Broker {
+        return Vec::new();
+    }
+    record
+        .binds
+        .iter()
+        .filter_map(|p| std::fs::symlink_metadata(p).ok().map(|m| (p.clone(), (m.dev(), m.ino()))))
+        .collect()
+}
+
+/// The first of `sockets` whose path now holds another socket (never follows a link). The inode
+/// numbers compared cannot be a reused one: the worker's bind mount pins the old socket.
+fn replaced_socket(sockets: &[(PathBuf, (u64, u64))]) -> Option<&Path> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    sockets
+        .iter()
+        .find(|(p, id)| {
+            std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket() && (m.dev(), m.ino()) != *id)
+        })
+        .map(|(p, _)| p.as_path())
 }
 
 /// `timeout` for poll(2), rounded up to the next millisecond (a wait never ends early).
@@ -125,6 +160,9 @@ pub struct Broker {
     status_path: PathBuf,
     seccomp_mode: String,
     restarts: u32,
+    /// The service has descriptors opened from its config (the TPM): opened afresh for every
+    /// restarted worker ([`Broker::reopen_extra_fds`]).
+    reopen_fds: bool,
     /// This binary, resolved at start (the worker is the same image in worker mode).
     exe: PathBuf,
 }
@@ -177,7 +215,20 @@ impl Broker {
             _ => PathBuf::from(format!("{}/{}.status", aziot_ipc::SOCKET_DIR, setup.short)),
         };
         let exe = std::env::current_exe().map_err(BrokerError::Spawn)?;
-        let broker = Broker { setup, policy, creds, listener, state_dir, extra_dirs, status_path, seccomp_mode, restarts: 0, exe };
+        let reopen_fds = !setup.extra_fds.is_empty();
+        let broker = Broker {
+            setup,
+            policy,
+            creds,
+            listener,
+            state_dir,
+            extra_dirs,
+            status_path,
+            seccomp_mode,
+            restarts: 0,
+            reopen_fds,
+            exe,
+        };
         // Only what the policy's [[descriptor]] entries declare is handed over (the worker checks again).
         crate::worker::check_handoff(&broker.policy, &broker.descriptors().0)?;
         Ok(broker)
@@ -209,6 +260,7 @@ impl Broker {
         let mut backoff = BACKOFF_MIN;
         let mut worker_started = Instant::now();
         let mut watcher = crate::watch::ConfigWatcher::new(&self.setup.paths);
+        let mut sockets = bound_sockets(&worker);
         loop {
             if std::mem::take(&mut reload_pending) {
                 self.reload(Some(&worker));
@@ -218,6 +270,16 @@ impl Broker {
                 None => {
                     if watcher.changed() {
                         self.reload(Some(&worker));
+                    }
+                    if let Some(path) = replaced_socket(&sockets) {
+                        tracing::warn!(
+                            "{} was replaced (its service started again); the worker's mount namespace holds the old \
+                             socket: restarting worker {} so that it reaches the new one",
+                            path.display(),
+                            worker.pid
+                        );
+                        sockets.clear();
+                        let _ = nix::sys::signal::kill(worker.pid, Signal::SIGTERM);
                     }
                     continue;
                 }
@@ -268,6 +330,7 @@ impl Broker {
                 }
             };
             self.restarts += 1;
+            sockets = bound_sockets(&worker);
             worker_started = Instant::now();
             tracing::info!("worker {} of {} restarted (restart #{})", worker.pid, self.setup.short, self.restarts);
             self.write_status(&worker);
@@ -309,6 +372,10 @@ impl Broker {
             if std::mem::take(reload_pending) {
                 self.reload(None);
             }
+            if let Err(e) = self.reopen_extra_fds() {
+                log_chain(&e);
+                continue;
+            }
             match self.spawn_and_handoff(sfd, reload_pending) {
                 Ok(Started::Worker(w)) => return Ok(Some(w)),
                 Ok(Started::Stopped(signo)) => {
@@ -318,6 +385,25 @@ impl Broker {
                 Err(e) => log_chain(&e),
             }
         }
+    }
+
+    /// Opens the descriptors the service's setup opened from its config (the TPM) afresh, the
+    /// old ones closed first. A worker that died in the middle of a TPM command left that
+    /// stream mid-exchange — a half-written command, or a response nobody read — which the next
+    /// worker would take for its own (it could never start again: tests/tests/fault_process.rs
+    /// `tpmd_worker_kill9_under_load_is_served_again_without_refusals`); and a resource manager
+    /// (`/dev/tpmrm0`) flushes a connection's transient objects only when it is closed. Closing
+    /// first, since a TPM device without one (`/dev/tpm0`) admits a single open.
+    fn reopen_extra_fds(&mut self) -> Result<(), BrokerError> {
+        if !self.reopen_fds {
+            return Ok(());
+        }
+        self.setup.extra_fds.clear();
+        let service = crate::services::implementation(self.setup.short)
+            .ok_or_else(|| BrokerError::Reopen(crate::services::SetupError::NotBuilt(self.setup.short.to_owned())))?;
+        let fresh = service.setup(&self.setup.paths).map_err(|e| BrokerError::Reopen(e.into()))?;
+        self.setup.extra_fds = fresh.extra_fds;
+        Ok(())
     }
 
     /// Waits `duration` on the signalfd: `Some(signal)` as soon as SIGTERM/SIGINT arrives.
@@ -346,11 +432,18 @@ impl Broker {
         let child_fd = theirs.as_raw_fd();
         let creds = self.creds.clone();
         // Before fork: the worker's private mount namespace (crate::mountns), if the policy asks.
-        let mountns = crate::mountns::prepare(&self.policy, self.setup.sandbox.allow_degraded)?;
+        // Already in force (made by systemd for the unit) is verified, not rebuilt.
+        let worker = aziot_policy::mountns::Reach { uid: creds.uid, groups: creds.groups.clone() };
+        let own = match &self.setup.endpoint {
+            aziot_ipc::endpoint::Endpoint::Unix(p) => Some(p.as_path()),
+            _ => None,
+        };
+        let broker_sockets = crate::mountns::broker_sockets(own);
+        let mountns = crate::mountns::prepare(&self.policy, &worker, &broker_sockets, self.setup.sandbox.allow_degraded)?;
         let (prepared, mount_namespace) = (mountns.prepared, mountns.record);
         let mut cmd = Command::new(&self.exe);
         cmd.arg0("aziotd").arg("--worker").env_clear().stdin(Stdio::null());
-        for var in crate::sanitize::WORKER_ENV {
+        for var in crate::sanitize::worker_env(self.setup.short) {
             if let Some(value) = std::env::var_os(var) {
                 cmd.env(var, value);
             }
@@ -695,5 +788,36 @@ pub fn log_chain(e: &(dyn std::error::Error + 'static)) {
         }
         first = false;
         current = err.source();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket bound again at the same path is another inode: seen as replaced; the same one,
+    /// a missing path, or a non-socket at the path are not.
+    #[test]
+    fn a_socket_bound_again_at_its_path_is_seen_as_replaced() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("aziot-replaced-socket-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dep.sock");
+        let _ = std::fs::remove_file(&path);
+        let first = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        let sockets = vec![(path.clone(), (m.dev(), m.ino()))];
+        assert_eq!(replaced_socket(&sockets), None, "the same socket");
+        // The worker's bind mount pins the old inode (its number cannot be reused): a link here.
+        std::fs::hard_link(&path, dir.join("pinned")).unwrap();
+        drop(first);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(replaced_socket(&sockets), None, "nothing at the path (the service is down)");
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(replaced_socket(&sockets), None, "a regular file is not a socket");
+        std::fs::remove_file(&path).unwrap();
+        let _second = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert_eq!(replaced_socket(&sockets), Some(path.as_path()), "bound again: another inode");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -53,18 +53,91 @@ fn show(service: Option<&str>, json: bool) -> Result<(), PolicyCliError> {
         None => SERVICES.iter().collect(),
     };
     let mut policies = Vec::new();
+    let infos = services.clone();
+    let mut notes = Vec::new();
     for svc in services {
         let policy_d = svc.policy_dir();
-        policies.push(aziot_policy::effective(svc.short, &aziot_policy::Grants::default(), Some(&policy_d))?);
+        let (grants, note) = config_grants(svc);
+        notes.push(note);
+        policies.push(aziot_policy::effective(svc.short, &grants, Some(&policy_d))?);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&policies)?);
+        let mut out = Vec::with_capacity(policies.len());
+        for ((p, svc), note) in policies.iter().zip(&infos).zip(&notes) {
+            let mut v = serde_json::to_value(p)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("worker_env".into(), serde_json::json!(svc.worker_env));
+                o.insert("config_grants".into(), serde_json::json!(note));
+            }
+            out.push(v);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        for p in &policies {
+        for ((p, svc), note) in policies.iter().zip(&infos).zip(&notes) {
             println!("{}", aziot_policy::render_human(p));
+            println!("{}", worker_env_text(svc));
+            if let Some(note) = note {
+                println!("{note}\n");
+            }
         }
     }
     Ok(())
+}
+
+/// The grants certd's and identityd's config imply, derived as their brokers derive them (the
+/// EST, DPS and hub ports, the sockets they reach; the proxy is this process's `HTTPS_PROXY`),
+/// when the service has a config; else none (the built-in policy alone). The note says which,
+/// and why there are none when the config could not be read (e.g. not run as root).
+fn config_grants(svc: &ServiceInfo) -> (aziot_policy::Grants, Option<String>) {
+    use aziot_ipc::service::ServiceImpl as _;
+    let paths = aziot_ipc::service::config_paths(svc);
+    if !matches!(svc.short, "certd" | "identityd") {
+        return (aziot_policy::Grants::default(), None);
+    }
+    let has_dropins = std::fs::read_dir(&paths.dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| e.path().extension().is_some_and(|x| x == "toml"))
+    });
+    if !paths.main.exists() && !has_dropins {
+        let note = format!(
+            "config-derived grants: none shown (no config at {} or in {})",
+            paths.main.display(),
+            paths.dir.display()
+        );
+        return (aziot_policy::Grants::default(), Some(note));
+    }
+    let setup = match svc.short {
+        "certd" => aziot_certd::service::Certd.setup(&paths),
+        _ => aziot_identityd::service::Identityd.setup(&paths),
+    };
+    match setup {
+        Ok(setup) => (
+            setup.grants,
+            Some(format!(
+                "config-derived grants (marked \"config <key>\" above): from {} and {}",
+                paths.main.display(),
+                paths.dir.display()
+            )),
+        ),
+        Err(e) => (
+            aziot_policy::Grants::default(),
+            Some(
+                crate::check::with_causes("config-derived grants: NOT shown, the config could not be read", &e)
+                    .join(": "),
+            ),
+        ),
+    }
+}
+
+/// The worker's environment, as the broker builds it (broker/src/sanitize.rs `worker_env`).
+fn worker_env_text(svc: &ServiceInfo) -> String {
+    if svc.worker_env.is_empty() {
+        "worker environment: empty (nothing of the broker's is passed on)\n".to_owned()
+    } else {
+        format!(
+            "worker environment: only {} (each when the broker has it); nothing else\n",
+            svc.worker_env.join(", ")
+        )
+    }
 }
 
 fn audit(json: bool, run_dir: &Path) -> Result<(), PolicyCliError> {

@@ -155,6 +155,7 @@ const OK: &[&str] = &[
     "key-pairs-read",
     "est-server-https",
     "certs-match-private-keys",
+    "sandbox-kernel",
     "sandbox-audit",
     "host-connect-iothub-amqp",
     "host-connect-iothub-https",
@@ -191,7 +192,7 @@ fn healthy_stack_passes_and_a_stopped_service_fails() {
         );
     }
     let checks = doc["checks"].as_object().unwrap();
-    assert_eq!(checks.len(), 25, "every check reported (ignored ones too)");
+    assert_eq!(checks.len(), 26, "every check reported (ignored ones too)");
     for (id, c) in checks {
         if !OK.contains(&id.as_str()) {
             // configs-up-to-date (no /etc/aziot/config.toml), tpmd-running (no DPS TPM), the
@@ -499,7 +500,7 @@ fn warnings_count_as_errors_only_when_asked() {
         "configs-up-to-date hostname host-local-time identity-certificate-expiry",
         "est-identity-and-bootstrap-certificate-expiry local-ca-certificate-expiry certs-preloaded",
         "keyd-running certd-running tpmd-running identityd-running certs-read key-pairs-read est-server-https",
-        "certs-match-private-keys sandbox-audit host-connect-iothub-amqp host-connect-iothub-https",
+        "certs-match-private-keys sandbox-kernel sandbox-audit host-connect-iothub-amqp host-connect-iothub-https",
         "host-connect-iothub-mqtt host-connect-dps-endpoint",
     ]
     .iter()

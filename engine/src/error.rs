@@ -36,7 +36,9 @@ pub enum Error {
     Endpoint(String),
     #[error("the key handle {0}")]
     BadHandle(&'static str),
-    #[error("invalid aziot-keys URI: {0} (expected aziot-keys:handle=<percent-encoded key handle>)")]
+    #[error(
+        "invalid aziot-keys URI: {0} (expected aziot-keys:handle=<percent-encoded key handle>)"
+    )]
     BadUri(String),
     #[error("RSA decryption failed")]
     Decrypt,
@@ -105,6 +107,8 @@ pub enum Func {
     ProvSign,
     ProvVerify,
     ProvDecrypt,
+    /// The provider's key reference file decoders (provider/decoder.rs).
+    ProvDecode,
 }
 
 impl Func {
@@ -125,6 +129,7 @@ impl Func {
             Func::ProvSign => c"aziot_keys_provider_sign",
             Func::ProvVerify => c"aziot_keys_provider_verify",
             Func::ProvDecrypt => c"aziot_keys_provider_decrypt",
+            Func::ProvDecode => c"aziot_keys_provider_decode",
         }
     }
 }

@@ -69,7 +69,51 @@ pub const OSSL_PARAM_UNMODIFIED: usize = usize::MAX;
 pub const OSSL_OP_KEYMGMT: c_int = 10;
 pub const OSSL_OP_SIGNATURE: c_int = 12;
 pub const OSSL_OP_ASYM_CIPHER: c_int = 13;
+pub const OSSL_OP_DECODER: c_int = 21;
 pub const OSSL_OP_STORE: c_int = 22;
+
+// core_dispatch.h: functions the core offers a provider (the `in` table of OSSL_provider_init)
+/// `OSSL_CORE_MAKE_FUNC(int, BIO_read_ex, (OSSL_CORE_BIO *bio, void *data, size_t data_len,
+/// size_t *bytes_read))`
+pub const OSSL_FUNC_BIO_READ_EX: c_int = 42;
+pub type OSSL_FUNC_BIO_read_ex_fn = unsafe extern "C" fn(
+    bio: *mut OSSL_CORE_BIO,
+    data: *mut c_void,
+    len: usize,
+    read: *mut usize,
+) -> c_int;
+
+/// `typedef struct ossl_core_bio_st OSSL_CORE_BIO;`
+#[repr(C)]
+pub struct OSSL_CORE_BIO {
+    _private: [u8; 0],
+}
+
+// core_dispatch.h: decoder
+pub const OSSL_FUNC_DECODER_NEWCTX: c_int = 1;
+pub const OSSL_FUNC_DECODER_FREECTX: c_int = 2;
+pub const OSSL_FUNC_DECODER_DOES_SELECTION: c_int = 10;
+pub const OSSL_FUNC_DECODER_DECODE: c_int = 11;
+
+/// core.h: `typedef int (OSSL_provider_init_fn)(const OSSL_CORE_HANDLE *handle,
+/// const OSSL_DISPATCH *in, const OSSL_DISPATCH **out, void **provctx);`
+pub type OSSL_provider_init_fn = unsafe extern "C" fn(
+    handle: *const OSSL_CORE_HANDLE,
+    r#in: *const OSSL_DISPATCH,
+    out: *mut *const OSSL_DISPATCH,
+    provctx: *mut *mut c_void,
+) -> c_int;
+
+/// `typedef struct ossl_store_ctx_st OSSL_STORE_CTX;`
+#[repr(C)]
+pub struct OSSL_STORE_CTX {
+    _private: [u8; 0],
+}
+/// `typedef struct ossl_store_info_st OSSL_STORE_INFO;`
+#[repr(C)]
+pub struct OSSL_STORE_INFO {
+    _private: [u8; 0],
+}
 
 // core_dispatch.h: provider functions
 pub const OSSL_FUNC_PROVIDER_TEARDOWN: c_int = 1024;
@@ -152,6 +196,11 @@ pub const OBJECT_DATA_TYPE: &CStr = c"data-type";
 pub const OBJECT_REFERENCE: &CStr = c"reference";
 pub const OBJECT_DESC: &CStr = c"desc";
 pub const STORE_EXPECT: &CStr = c"expect";
+pub const OBJECT_DATA: &CStr = c"data";
+pub const OBJECT_DATA_STRUCTURE: &CStr = c"data-structure";
+/// Not OpenSSL's: the in-process provider's store takes the id of the caller's keyd client
+/// (provider::in_process) under this name; any other copy of the provider refuses it.
+pub const STORE_CLIENT_ID: &CStr = c"aziot-keys-in-process-client";
 pub const PKEY_BITS: &CStr = c"bits";
 pub const PKEY_SECURITY_BITS: &CStr = c"security-bits";
 pub const PKEY_MAX_SIZE: &CStr = c"max-size";
@@ -208,10 +257,56 @@ extern "C" {
         buf: *mut c_void,
         bsize: usize,
     ) -> OSSL_PARAM;
+    /// `OSSL_PARAM OSSL_PARAM_construct_uint64(const char *key, uint64_t *buf);`
+    pub fn OSSL_PARAM_construct_uint64(key: *const c_char, buf: *mut u64) -> OSSL_PARAM;
+    /// `int OSSL_PARAM_get_uint64(const OSSL_PARAM *p, uint64_t *val);`
+    pub fn OSSL_PARAM_get_uint64(p: *const OSSL_PARAM, val: *mut u64) -> c_int;
     /// `OSSL_PARAM OSSL_PARAM_construct_end(void);`
     pub fn OSSL_PARAM_construct_end() -> OSSL_PARAM;
 
+    // --- provider.h ---
+    /// `int OSSL_PROVIDER_add_builtin(OSSL_LIB_CTX *, const char *name, OSSL_provider_init_fn *init_fn);`
+    pub fn OSSL_PROVIDER_add_builtin(
+        libctx: *mut OSSL_LIB_CTX,
+        name: *const c_char,
+        init_fn: OSSL_provider_init_fn,
+    ) -> c_int;
+
+    /// `const char *OSSL_PROVIDER_get0_name(const OSSL_PROVIDER *prov);`
+    pub fn OSSL_PROVIDER_get0_name(prov: *const openssl_sys::OSSL_PROVIDER) -> *const c_char;
+    /// `const OSSL_PROVIDER *EVP_PKEY_get0_provider(const EVP_PKEY *key);`
+    pub fn EVP_PKEY_get0_provider(key: *const EVP_PKEY) -> *const openssl_sys::OSSL_PROVIDER;
+
+    // --- store.h ---
+    /// `OSSL_STORE_CTX *OSSL_STORE_open_ex(const char *uri, OSSL_LIB_CTX *libctx, const char *propq,
+    /// const UI_METHOD *ui_method, void *ui_data, const OSSL_PARAM params[],
+    /// OSSL_STORE_post_process_info_fn post_process, void *post_process_data);`
+    pub fn OSSL_STORE_open_ex(
+        uri: *const c_char,
+        libctx: *mut OSSL_LIB_CTX,
+        propq: *const c_char,
+        ui_method: *const c_void,
+        ui_data: *mut c_void,
+        params: *const OSSL_PARAM,
+        post_process: *const c_void,
+        post_process_data: *mut c_void,
+    ) -> *mut OSSL_STORE_CTX;
+    /// `OSSL_STORE_INFO *OSSL_STORE_load(OSSL_STORE_CTX *ctx);`
+    pub fn OSSL_STORE_load(ctx: *mut OSSL_STORE_CTX) -> *mut OSSL_STORE_INFO;
+    /// `int OSSL_STORE_eof(OSSL_STORE_CTX *ctx);`
+    pub fn OSSL_STORE_eof(ctx: *mut OSSL_STORE_CTX) -> c_int;
+    /// `int OSSL_STORE_close(OSSL_STORE_CTX *ctx);`
+    pub fn OSSL_STORE_close(ctx: *mut OSSL_STORE_CTX) -> c_int;
+    /// `int OSSL_STORE_INFO_get_type(const OSSL_STORE_INFO *info);`
+    pub fn OSSL_STORE_INFO_get_type(info: *const OSSL_STORE_INFO) -> c_int;
+    /// `EVP_PKEY *OSSL_STORE_INFO_get1_PKEY(const OSSL_STORE_INFO *info);`
+    pub fn OSSL_STORE_INFO_get1_PKEY(info: *const OSSL_STORE_INFO) -> *mut EVP_PKEY;
+    /// `void OSSL_STORE_INFO_free(OSSL_STORE_INFO *info);`
+    pub fn OSSL_STORE_INFO_free(info: *mut OSSL_STORE_INFO);
+
     // --- evp.h ---
+    /// `int EVP_set_default_properties(OSSL_LIB_CTX *libctx, const char *propq);`
+    pub fn EVP_set_default_properties(libctx: *mut OSSL_LIB_CTX, propq: *const c_char) -> c_int;
     /// `int EVP_PKEY_get_params(const EVP_PKEY *pkey, OSSL_PARAM params[]);`
     pub fn EVP_PKEY_get_params(pkey: *const EVP_PKEY, params: *mut OSSL_PARAM) -> c_int;
     /// `int EVP_PKEY_export(const EVP_PKEY *pkey, int selection, OSSL_CALLBACK *export_cb,

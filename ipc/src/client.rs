@@ -64,19 +64,24 @@ impl Client {
         Client { socket: socket.into(), api_version, idle: Mutex::new(Vec::new()) }
     }
 
-    async fn connection(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+    /// A kept connection (`true`) or a new one (`false`).
+    async fn connection(&self) -> Result<(SendRequest<Full<Bytes>>, bool), ClientError> {
         loop {
             let candidate = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match candidate {
                 Some(mut sender) if !sender.is_closed() => {
                     if sender.ready().await.is_ok() {
-                        return Ok(sender);
+                        return Ok((sender, true));
                     }
                 }
                 Some(_) => {}
                 None => break,
             }
         }
+        Ok((self.connect().await?, false))
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ClientError> {
         let io_err = |source| ClientError::Io { path: self.socket.clone(), source };
         let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(io_err)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -88,15 +93,29 @@ impl Client {
 
     /// Sends one request and returns the status and body.
     pub async fn raw(&self, method: hyper::Method, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Bytes), ClientError> {
-        let mut sender = self.connection().await?;
-        let mut builder = hyper::Request::builder().method(method).uri(uri(path, self.api_version)).header("host", "localhost");
-        if body.is_some() {
-            builder = builder.header("content-type", "application/json");
-        }
-        let req = builder
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let res = sender.send_request(req).await?;
+        let (mut sender, reused) = self.connection().await?;
+        let json = body.is_some();
+        let body = Bytes::from(body.unwrap_or_default());
+        let request = || {
+            let mut builder =
+                hyper::Request::builder().method(method.clone()).uri(uri(path, self.api_version)).header("host", "localhost");
+            if json {
+                builder = builder.header("content-type", "application/json");
+            }
+            builder.body(Full::new(body.clone())).map_err(|e| ClientError::Protocol(e.to_string()))
+        };
+        let res = match sender.send_request(request()?).await {
+            Ok(res) => res,
+            // A kept connection the server closed before this request went out (its EOF not
+            // seen yet, e.g. the service restarted): the request was not delivered, so it goes
+            // once on a new connection — whose failure names the socket (tests/tests/
+            // fault_process.rs, a dependency down). As BlockingClient does.
+            Err(e) if reused && never_delivered(&e) => {
+                sender = self.connect().await?;
+                sender.send_request(request()?).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let status = res.status().as_u16();
         let body = res.into_body().collect().await?.to_bytes();
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(sender);
@@ -114,6 +133,23 @@ impl Client {
         let (status, bytes) = self.raw(method, path, body).await?;
         decode(status, &bytes)
     }
+}
+
+/// Whether a request that failed with `e` cannot have been served: hyper dropped it unsent (the
+/// connection was closed), or writing it failed with EPIPE (the peer had closed its end before
+/// the request was written whole).
+fn never_delivered(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::BrokenPipe;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Blocking client: writes HTTP/1.1 by hand over a std unix stream and keeps the connection

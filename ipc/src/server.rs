@@ -423,6 +423,9 @@ async fn accept_loop<S: Service>(
         let Some(guard) = throttle.acquire(uid) else {
             tracing::info!("Max simultaneous connections reached for user {uid}");
             drop(stream);
+            // A uid reconnecting in a loop must not monopolise this thread: the connections it
+            // serves get their turn between two refusals (tests/tests/load.rs, load-bench fairness).
+            tokio::task::yield_now().await;
             continue;
         };
         // The least-loaded thread takes it (this one on ties).
@@ -444,14 +447,16 @@ async fn accept_loop<S: Service>(
     }
 }
 
-async fn connection<S: Service, G: Send + 'static>(
+async fn connection<S: Service, G: Send + 'static, I>(
     service: Arc<S>,
     config: Arc<ServerConfig>,
-    stream: tokio::net::UnixStream,
+    stream: I,
     uid: u32,
     pid: i32,
     guards: G,
-) {
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let _guards = guards;
     let svc = hyper::service::service_fn(move |req| {
         let service = Arc::clone(&service);
@@ -461,6 +466,17 @@ async fn connection<S: Service, G: Send + 'static>(
     if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
         tracing::debug!("connection from uid {uid} ended: {e}");
     }
+}
+
+/// Fuzzing entry (fuzz/fuzz_targets/http_request.rs): serves one connection on any byte
+/// stream (an in-memory pipe) through the same hyper HTTP/1 connection and pipeline as
+/// [`run`], as caller `uid`/`pid`, without the acceptor's throttle.
+#[doc(hidden)]
+pub async fn serve_connection<S: Service, I>(service: Arc<S>, config: ServerConfig, stream: I, uid: u32, pid: i32)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    connection(service, Arc::new(config), stream, uid, pid, ()).await
 }
 
 async fn dispatch<S: Service>(

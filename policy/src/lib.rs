@@ -99,7 +99,7 @@ pub enum PolicyError {
     Seccomp(#[source] std::io::Error),
     #[error("could not read the process state")]
     Process(#[source] std::io::Error),
-    #[error("required protections are not enforced: {}; refusing to start (degraded mode is not allowed in config)", .0.join("; "))]
+    #[error("required protections are not enforced: {}; refusing to start ({})", .0.join("; "), ways_out(.0))]
     NotEnforced(Vec<String>),
     #[error("the privileges were not dropped: {0}")]
     Privileges(String),
@@ -107,6 +107,18 @@ pub enum PolicyError {
     Status { path: PathBuf, #[source] source: std::io::Error },
     #[error("status file {} is not valid", path.display())]
     StatusJson { path: PathBuf, #[source] source: serde_json::Error },
+}
+
+/// What the admin can do about a [`PolicyError::NotEnforced`] (docs/compatibility.md, "Kernel").
+fn ways_out(unmet: &[String]) -> &'static str {
+    if unmet.iter().any(|u| u.contains("Landlock")) {
+        "this kernel's Landlock lacks them: boot a kernel whose Landlock enforces them (Linux 6.12 or \
+         later covers every service; on Debian 12: bookworm-backports' linux-image-amd64), or set \
+         `allow_degraded = true` under [sandbox] in the service's config to run without them, \
+         knowingly; `aziotctl check` (sandbox-kernel) lists what each service lacks"
+    } else {
+        "degraded mode is not allowed in config"
+    }
 }
 
 /// The prefix of the warnings [`check_required`] returns for a protection that is missing but

@@ -21,6 +21,10 @@
 //!   directory would still reach what the mask hides).
 //!
 //! The detached clones belong to one spawn: [`Prepared`] is made afresh for every worker.
+//!
+//! Under systemd the namespace is made for the whole unit instead (`TemporaryFileSystem=`,
+//! `PrivateTmp=`, `BindPaths=`), and [`verify_view`] is the broker's check that the namespace it
+//! runs in hides what the policy does not grant — and the audit's, through /proc/<pid>/root.
 
 use std::ffi::CString;
 use std::io;
@@ -78,16 +82,50 @@ pub enum MountNsError {
     },
     #[error("{} contains a NUL byte", path.display())]
     Nul { path: PathBuf },
+    /// The broker cannot make the namespace and the one it runs in (e.g. made by systemd for the
+    /// unit) does not hide what it must.
+    #[error(
+        "{build}; and the mount namespace the broker runs in is not one that hides every socket \
+         the policy does not grant: {}",
+        problems.join("; ")
+    )]
+    NotInForce {
+        build: Box<MountNsError>,
+        problems: Vec<String>,
+    },
 }
 
 impl MountNsError {
     /// The namespace cannot be made on this system at all (capability, kernel): what
     /// `allow_degraded` may accept. A bad socket or mask is a configuration error, never accepted.
     pub fn is_unsupported(&self) -> bool {
-        matches!(
-            self,
-            MountNsError::NoCapability | MountNsError::NoOpenTree { .. }
-        )
+        match self {
+            MountNsError::NoCapability | MountNsError::NoOpenTree { .. } => true,
+            MountNsError::NotInForce { build, .. } => build.is_unsupported(),
+            _ => false,
+        }
+    }
+}
+
+/// Who made the worker's private mount namespace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MadeBy {
+    /// The broker, in the worker's child before the privilege drop ([`enter_in_child`]): the
+    /// worker's namespace is its own.
+    #[default]
+    Broker,
+    /// systemd, for the whole unit (`TemporaryFileSystem=`, `PrivateTmp=`, `BindPaths=`), before
+    /// the broker started; the broker verified it ([`verify_view`]) and the worker shares it.
+    Unit,
+}
+
+impl std::fmt::Display for MadeBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MadeBy::Broker => "broker",
+            MadeBy::Unit => "unit",
+        })
     }
 }
 
@@ -110,6 +148,14 @@ pub struct MountNsRecord {
     /// Why the namespace is not in force (degraded mode), empty otherwise.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub not_in_force: String,
+    /// Who made it (`broker`: its own namespace; `unit`: systemd's, verified by the broker).
+    #[serde(default)]
+    pub made_by: MadeBy,
+    /// Made by the unit: sockets beneath the masks the worker's user may connect to besides the
+    /// granted ones (the service's own listener, `$NOTIFY_SOCKET`, siblings in a granted
+    /// socket's root-owned directory), each verified and listed here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_reachable: Vec<PathBuf>,
 }
 
 /// Everything [`enter_in_child`] needs, made before fork: no allocation happens in the child.
@@ -392,11 +438,231 @@ pub unsafe fn enter_in_child(p: &Prepared) -> io::Result<()> {
     check(unsafe { libc::chdir(p.root.as_ptr()) }.into())
 }
 
+/// The credentials whose reach [`verify_view`] checks: the worker's user and all its groups.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reach {
+    pub uid: u32,
+    /// Primary and supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+impl Reach {
+    /// Whether DAC lets these credentials connect to a socket with this owner and mode (connect
+    /// needs write permission on the socket; POSIX ACLs are not consulted: none is set beneath
+    /// the masks by the product or by systemd).
+    pub fn may_connect(&self, st_uid: u32, st_gid: u32, mode: u32) -> bool {
+        if st_uid == self.uid {
+            mode & 0o200 != 0
+        } else if self.groups.contains(&st_gid) {
+            mode & 0o020 != 0
+        } else {
+            mode & 0o002 != 0
+        }
+    }
+
+    /// The credentials of a live process, from /proc/<pid>/status (`Uid:` real, `Groups:`,
+    /// `Gid:` real): for the audit.
+    pub fn of_process(pid: i32) -> io::Result<Reach> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> Vec<u32> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| {
+                    v.split_whitespace()
+                        .filter_map(|x| x.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let uid = *field("Uid:")
+            .first()
+            .ok_or_else(|| io::Error::other("no Uid: line"))?;
+        let mut groups = field("Gid:").into_iter().take(1).collect::<Vec<_>>();
+        groups.extend(field("Groups:"));
+        Ok(Reach { uid, groups })
+    }
+}
+
+/// What [`verify_view`] found: the view hides everything the policy does not grant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    /// Masks present (each a separate mount).
+    pub masks: Vec<PathBuf>,
+    /// Masks that do not exist in the view.
+    pub absent_masks: Vec<PathBuf>,
+    /// Granted sockets present beneath the masks.
+    pub binds: Vec<PathBuf>,
+    /// Other sockets the credentials may connect to, each an allowed extra or a sibling of a
+    /// granted socket in a root-owned, non-writable directory.
+    pub also_reachable: Vec<PathBuf>,
+}
+
+/// At most this many entries are examined beneath the masks: a verified view holds a handful;
+/// a view this full is not the one the policy describes.
+const VIEW_MAX_ENTRIES: usize = 4096;
+
+/// Whether the mount namespace seen through `root` (`/` for the calling process, or
+/// `/proc/<pid>/root`; `mountinfo`: that process's /proc/…/mountinfo) already hides, beneath
+/// `masks`, every pathname socket `who` may connect to except `granted` ones, `extras` (the
+/// broker's own needs: its listener, `$NOTIFY_SOCKET`) and siblings of a granted socket in a
+/// root-owned directory nobody else may write (the unit binds `/run/aziot` whole). Used by the
+/// broker, which then skips making the namespace itself (systemd made it for the unit), and by
+/// the audit. Nothing is taken on trust: per present mask,
+/// - it is a mount point of its own in `mountinfo` (not a directory of the filesystem above it:
+///   a host's /tmp, /var/tmp, /run on a system that does not mount them);
+/// - if a non-root user may write to it, the mount is a subdirectory of its filesystem (a
+///   private instance such as `PrivateTmp=`'s, whose parent is root's 0700), never a whole
+///   shared filesystem (a host's /dev/shm);
+/// - beneath it (links not followed, mounts on it included), no directory is owned by or
+///   writable by a non-root user (nobody else may plant a socket later), and every socket `who`
+///   may connect to is allowed as above.
+///
+/// Errors: every problem found (empty masks list = nothing to verify = accepted).
+pub fn verify_view(
+    root: &Path,
+    mountinfo: &str,
+    masks: &[PathBuf],
+    granted: &[PathBuf],
+    extras: &[PathBuf],
+    who: &Reach,
+) -> Result<View, Vec<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let mounts = parse_mountinfo(mountinfo);
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let mut view = View::default();
+    let mut problems = Vec::new();
+    let others_write = |m: &std::fs::Metadata| m.uid() != 0 || m.mode() & 0o022 != 0;
+    for mask in masks {
+        let meta = match std::fs::symlink_metadata(inside(mask)) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                view.absent_masks.push(mask.clone());
+                continue;
+            }
+            Err(e) => {
+                problems.push(format!("{}: {e}", mask.display()));
+                continue;
+            }
+        };
+        if !meta.is_dir() {
+            problems.push(format!("{}: not a directory", mask.display()));
+            continue;
+        }
+        // The top mount at the mask (none stacked on it at the same point).
+        let at: Vec<&MountInfo> = mounts.iter().filter(|m| &m.mount_point == mask).collect();
+        let Some(top) = at.iter().find(|m| !at.iter().any(|o| o.parent == m.id)) else {
+            problems.push(format!(
+                "{}: not a mount point (the filesystem above it, shared with other services)",
+                mask.display()
+            ));
+            continue;
+        };
+        if others_write(&meta) && top.root == Path::new("/") {
+            problems.push(format!(
+                "{}: writable by other users ({:o}, owner {}) and a whole {} filesystem, not a private instance",
+                mask.display(),
+                meta.mode() & 0o7777,
+                meta.uid(),
+                top.fs_type
+            ));
+            continue;
+        }
+        view.masks.push(mask.clone());
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    // The directories that hold a granted socket.
+    let granted_dirs: Vec<&Path> = granted.iter().filter_map(|g| g.parent()).collect();
+    let mut seen = 0usize;
+    let mut stack: Vec<PathBuf> = view.masks.clone();
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(inside(&dir)) {
+            Ok(e) => e,
+            Err(e) => {
+                problems.push(format!("{}: cannot list: {e}", dir.display()));
+                continue;
+            }
+        };
+        let dir_meta = std::fs::symlink_metadata(inside(&dir));
+        let dir_is_roots = matches!(&dir_meta, Ok(m) if !others_write(m));
+        for entry in entries {
+            seen += 1;
+            if seen > VIEW_MAX_ENTRIES {
+                problems.push(format!(
+                    "more than {VIEW_MAX_ENTRIES} entries beneath the masks"
+                ));
+                return Err(problems);
+            }
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    problems.push(format!("{}: cannot list: {e}", dir.display()));
+                    continue;
+                }
+            };
+            let path = dir.join(entry.file_name());
+            let meta = match std::fs::symlink_metadata(entry.path()) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // gone meanwhile
+                Err(e) => {
+                    problems.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            let ft = meta.file_type();
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_dir() {
+                if others_write(&meta) && !view.masks.contains(&path) {
+                    problems.push(format!(
+                        "{}: a directory other users may write to ({:o}, owner {}): anyone could plant a socket there",
+                        path.display(),
+                        meta.mode() & 0o7777,
+                        meta.uid()
+                    ));
+                    continue;
+                }
+                stack.push(path);
+            } else if ft.is_socket() {
+                if !who.may_connect(meta.uid(), meta.gid(), meta.mode()) {
+                    continue; // DAC refuses it to the worker.
+                }
+                if granted.contains(&path) {
+                    view.binds.push(path);
+                } else if extras.contains(&path)
+                    || (dir_is_roots && granted_dirs.contains(&dir.as_path()))
+                {
+                    view.also_reachable.push(path);
+                } else {
+                    problems.push(format!(
+                        "{}: a socket the worker may connect to ({:o}, {}:{}) that the policy does not grant",
+                        path.display(),
+                        meta.mode() & 0o7777,
+                        meta.uid(),
+                        meta.gid()
+                    ));
+                }
+            }
+            // Links resolve inside this same view; regular files and others are no connect target.
+        }
+    }
+    if problems.is_empty() {
+        view.binds.sort();
+        view.also_reachable.sort();
+        Ok(view)
+    } else {
+        Err(problems)
+    }
+}
+
 /// One line of /proc/<pid>/mountinfo: what the audit compares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountInfo {
     pub id: u64,
     pub parent: u64,
+    /// The directory of its filesystem the mount shows (`/`: the whole filesystem; a
+    /// subdirectory for a bind mount such as `PrivateTmp=`'s).
+    pub root: PathBuf,
     pub mount_point: PathBuf,
     /// Per-mount options (`ro,nosuid,nodev,noexec,relatime`).
     pub options: Vec<String>,
@@ -433,6 +699,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
             Some(MountInfo {
                 id: f[0].parse().ok()?,
                 parent: f[1].parse().ok()?,
+                root: unescape(f[3]),
                 mount_point: unescape(f[4]),
                 options: f[5].split(',').map(str::to_owned).collect(),
                 fs_type: right.split(' ').next()?.to_owned(),
@@ -563,6 +830,207 @@ mod tests {
             "{problems:?}"
         );
         assert_eq!(problems[2], "/tmp: no mount (expected a tmpfs)");
+    }
+
+    /// The broker's check that the namespace it runs in already hides the sockets
+    /// (`verify_view`, what systemd makes for the unit): the host's namespace (this test's) is
+    /// refused; a namespace made here — in a thread of its own: unshare(CLONE_NEWNS), a tmpfs
+    /// over each mask, a root-owned socket directory bound in, as `TemporaryFileSystem=` and
+    /// `BindPaths=` do — is accepted, listing the granted socket, the reachable sibling and the
+    /// extra, ignoring the socket DAC refuses; then each thing that must be refused is planted
+    /// in turn: a reachable socket the policy does not grant, a directory others may write, a
+    /// world-writable whole tmpfs (a host's /dev/shm), a mask that is no mount point.
+    #[test]
+    fn a_namespace_made_for_the_worker_is_verified_and_the_hosts_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() || !has_sys_admin() {
+            assert!(
+                std::env::var("AZIOT_ALLOW_SKIP").as_deref() == Ok("1"),
+                "needs root with CAP_SYS_ADMIN (or AZIOT_ALLOW_SKIP=1)"
+            );
+            return;
+        }
+        let masks: Vec<PathBuf> = ["/run", "/tmp", "/var/tmp", "/dev/shm"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        let who = Reach {
+            uid: 4242,
+            groups: vec![4242, 4243],
+        };
+        // The host's namespace.
+        let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let problems = verify_view(Path::new("/"), &host, &masks, &[], &[], &who).unwrap_err();
+        assert!(!problems.is_empty());
+
+        // The product's socket directory, on the host: root's 0755, outside the masks (the test
+        // binds it to /run/aziot-verify inside its namespace, as BindPaths= does).
+        let host_dir = PathBuf::from(format!("/var/lib/aziot-verify-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&host_dir);
+        std::fs::create_dir(&host_dir).unwrap();
+        std::fs::set_permissions(&host_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let listen = |path: &Path, gid: u32, mode: u32| {
+            let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+            std::os::unix::fs::chown(path, Some(0), Some(gid)).unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+            l
+        };
+        let _granted = listen(&host_dir.join("keyd.sock"), 4242, 0o660);
+        let _sibling = listen(&host_dir.join("tpmd.sock"), 4243, 0o660);
+        let _refused_by_dac = listen(&host_dir.join("other.sock"), 0, 0o660);
+        let dir = PathBuf::from("/run/aziot-verify");
+        let granted = vec![dir.join("keyd.sock")];
+        let host_dir_t = host_dir.clone();
+        let (masks_t, who_t, granted_t) = (masks.clone(), who.clone(), granted.clone());
+        let result = std::thread::spawn(move || -> Result<(), String> {
+            let (masks, who, granted) = (masks_t, who_t, granted_t);
+            let c = |p: &str| CString::new(p).unwrap();
+            let tmpfs = c("tmpfs");
+            // SAFETY: unshare/mount on valid NUL-terminated strings; this thread only (its own
+            // fs_struct after CLONE_NEWNS), other test threads keep the host's namespace.
+            let sys = |rc: libc::c_int, what: &str| {
+                if rc != 0 {
+                    panic!("{what}: {}", io::Error::last_os_error());
+                }
+            };
+            sys(unsafe { libc::unshare(libc::CLONE_NEWNS) }, "unshare");
+            // SAFETY: as above.
+            sys(
+                unsafe {
+                    libc::mount(
+                        std::ptr::null(),
+                        c("/").as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    )
+                },
+                "make / private",
+            );
+            let mount_tmpfs = |mask: &Path, mode: &str| {
+                let opts = c(&format!("mode={mode},size=64k"));
+                let target = c(mask.to_str().unwrap());
+                // SAFETY: as above.
+                sys(
+                    unsafe {
+                        libc::mount(
+                            tmpfs.as_ptr(),
+                            target.as_ptr(),
+                            tmpfs.as_ptr(),
+                            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                            opts.as_ptr().cast(),
+                        )
+                    },
+                    "tmpfs",
+                );
+            };
+            for mask in &masks {
+                mount_tmpfs(mask, "0755");
+            }
+            std::fs::create_dir(&dir).unwrap();
+            // /var/lib is not masked: the host's directory is still there.
+            let source = c(host_dir_t.to_str().unwrap());
+            let target = c(dir.to_str().unwrap());
+            // SAFETY: as above; a bind mount of the host's directory.
+            sys(
+                unsafe {
+                    libc::mount(
+                        source.as_ptr(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    )
+                },
+                "bind",
+            );
+            let mine = || std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
+            let extra = PathBuf::from("/run/systemd/notify");
+            std::fs::create_dir(extra.parent().unwrap()).unwrap();
+            let _notify = std::os::unix::net::UnixDatagram::bind(&extra).unwrap();
+            std::fs::set_permissions(&extra, std::fs::Permissions::from_mode(0o777)).unwrap();
+            let verify = || {
+                verify_view(
+                    Path::new("/"),
+                    &mine(),
+                    &masks,
+                    &granted,
+                    &[extra.clone()],
+                    &who,
+                )
+            };
+            let view = verify().map_err(|p| format!("made here, refused: {p:?}"))?;
+            assert_eq!(view.masks, masks);
+            assert_eq!(view.binds, granted);
+            assert_eq!(
+                view.also_reachable,
+                vec![dir.join("tpmd.sock"), extra.clone()]
+            );
+            // The same view through /proc/<tid>/root and that task's mountinfo (the audit's way).
+            // SAFETY: no arguments.
+            let tid = unsafe { libc::gettid() };
+            let via_proc = verify_view(
+                Path::new(&format!("/proc/{tid}/root")),
+                &std::fs::read_to_string(format!("/proc/{tid}/mountinfo")).unwrap(),
+                &masks,
+                &granted,
+                &[extra.clone()],
+                &who,
+            )
+            .map_err(|p| format!("through /proc: {p:?}"))?;
+            assert_eq!(via_proc, view);
+            let refused = |what: &str, needle: &str| -> Result<(), String> {
+                match verify() {
+                    Ok(v) => Err(format!("{what}: accepted {v:?}")),
+                    Err(p) if p.iter().any(|x| x.contains(needle)) => Ok(()),
+                    Err(p) => Err(format!("{what}: {p:?} does not name {needle}")),
+                }
+            };
+            // A reachable socket the policy does not grant (planted in /tmp).
+            let planted = Path::new("/tmp/planted.sock");
+            let l = std::os::unix::net::UnixListener::bind(planted).unwrap();
+            std::fs::set_permissions(planted, std::fs::Permissions::from_mode(0o777)).unwrap();
+            refused(
+                "planted socket",
+                "/tmp/planted.sock: a socket the worker may connect to",
+            )?;
+            drop(l);
+            std::fs::remove_file(planted).unwrap();
+            verify().map_err(|p| format!("after removal: {p:?}"))?;
+            // Without the extra, the notify socket is one the policy does not grant.
+            verify_view(Path::new("/"), &mine(), &masks, &granted, &[], &who)
+                .err()
+                .filter(|p| p.iter().any(|x| x.contains("/run/systemd/notify")))
+                .ok_or("the notify socket without the extra")?;
+            // A directory others may write to.
+            std::fs::create_dir("/run/open").unwrap();
+            std::fs::set_permissions("/run/open", std::fs::Permissions::from_mode(0o1777)).unwrap();
+            refused(
+                "world-writable directory",
+                "/run/open: a directory other users may write to",
+            )?;
+            std::fs::remove_dir("/run/open").unwrap();
+            // A world-writable whole tmpfs (a host's /dev/shm).
+            mount_tmpfs(Path::new("/dev/shm"), "1777");
+            refused("world-writable tmpfs", "/dev/shm: writable by other users")?;
+            // SAFETY: a valid path; undoes the mount just made.
+            sys(
+                unsafe { libc::umount2(c("/dev/shm").as_ptr(), 0) },
+                "umount",
+            );
+            verify().map_err(|p| format!("after umount: {p:?}"))?;
+            // A mask that is no mount point.
+            // SAFETY: as above.
+            sys(
+                unsafe { libc::umount2(c("/var/tmp").as_ptr(), 0) },
+                "umount",
+            );
+            refused("no mount point", "/var/tmp: not a mount point")?;
+            Ok(())
+        })
+        .join();
+        let _ = std::fs::remove_dir_all(&host_dir);
+        result.unwrap().unwrap();
     }
 
     /// Root opens a granted socket without following links: a link at the socket's path or at

@@ -46,6 +46,10 @@ pub struct ServiceInfo {
     /// `aziotctl config apply` starts this service's unit explicitly after the sockets (the
     /// others are socket-activated).
     pub started_by_aziotctl: bool,
+    /// The environment variables the worker receives from its broker's (filtered) environment
+    /// when set there; the worker's environment is otherwise empty. Only what the worker's own
+    /// code or a library it pre-loads reads.
+    pub worker_env: &'static [&'static str],
 }
 
 /// Every service, in the order `aziotctl policy` lists them.
@@ -70,6 +74,8 @@ pub const SERVICES: &[ServiceInfo] = &[
         seccomp_file: "seccomp/keyd.json",
         seccomp_json: include_str!("../seccomp/keyd.json"),
         started_by_aziotctl: false,
+        // the PKCS#11 library's own config file (SoftHSM2), read when keyd loads it
+        worker_env: &["SOFTHSM2_CONF"],
     },
     ServiceInfo {
         short: "certd",
@@ -91,6 +97,9 @@ pub const SERVICES: &[ServiceInfo] = &[
         seccomp_file: "seccomp/certd.json",
         seccomp_json: include_str!("../seccomp/certd.json"),
         started_by_aziotctl: false,
+        // EST (certd.md §6.5): the proxy, read by workers/certd/src/est/mod.rs; the trust store
+        // of OpenSSL's default verify paths
+        worker_env: &["HTTPS_PROXY", "https_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR"],
     },
     ServiceInfo {
         short: "identityd",
@@ -112,6 +121,9 @@ pub const SERVICES: &[ServiceInfo] = &[
         seccomp_file: "seccomp/identityd.json",
         seccomp_json: include_str!("../seccomp/identityd.json"),
         started_by_aziotctl: true,
+        // the trust store of DPS/Hub TLS (cloud-protocols.md §1.1); the proxy is not here: the
+        // broker validates it and passes it in the worker's config text
+        worker_env: &["SSL_CERT_FILE", "SSL_CERT_DIR"],
     },
     ServiceInfo {
         short: "tpmd",
@@ -133,6 +145,7 @@ pub const SERVICES: &[ServiceInfo] = &[
         seccomp_file: "seccomp/tpmd.json",
         seccomp_json: include_str!("../seccomp/tpmd.json"),
         started_by_aziotctl: false,
+        worker_env: &[],
     },
 ];
 

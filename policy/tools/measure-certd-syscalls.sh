@@ -17,6 +17,7 @@
 # usage: policy/tools/measure-certd-syscalls.sh [--log-mode]   (as root, from the workspace)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. policy/tools/measure-lib.sh
 cargo build -q -p aziotd -p aziotctl --bins
 cargo test -q -p aziot-tests --test certd_api --test certd_issue --test certd_est --no-run
 work=$(mktemp -d /tmp/aziot-measure-certd.XXXXXX)
@@ -29,9 +30,7 @@ if [ "${1:-}" = --log-mode ]; then
   cargo test -q -p aziot-tests --test certd_api || true
   cargo test -q -p aziot-tests --test certd_issue || true
   cargo test -q -p aziot-tests --test certd_est || true
-  uid=$(id -u aziotcs)
-  echo "# new type=1326 (SECCOMP_RET_LOG) records of uid $uid (none = the allowlist covered every call):"
-  dmesg | tail -n +"$((before + 1))" | grep 'type=1326' | grep " uid=$uid " | grep 'code=0x7ffc0000' || true
+  seccomp_log_since "$before" aziotcs
   exit 0
 fi
 
@@ -52,43 +51,4 @@ AZIOTD_BIN="$work/aziotd" cargo test -q -p aziot-tests --test certd_issue || tru
 # EST against the mock server (TCP sockets, connect_timeout's poll, Retry-After sleeps)
 AZIOTD_BIN="$work/aziotd" cargo test -q -p aziot-tests --test certd_est || true
 
-python3 - "$work/traces" <<'PY'
-import collections, glob, re, sys
-counts, args, workers = collections.Counter(), collections.defaultdict(collections.Counter), 0
-argpos = {'ioctl': 1, 'fcntl': 1, 'prctl': 0, 'mmap': 2, 'mprotect': 2, 'getsockopt': 2, 'madvise': 2,
-          'socket': 0, 'setsockopt': 1, 'rt_sigaction': 0, 'tgkill': 2, 'clone': 0}
-for path in sorted(glob.glob(sys.argv[1] + '/t.*')):
-    lines = open(path).read().splitlines()
-    # every worker of this broker: each process that called seccomp(SECCOMP_SET_MODE_FILTER)
-    starts = {}
-    for i, line in enumerate(lines):
-        m = re.match(r'(\d+) +seccomp\(SECCOMP_SET_MODE_FILTER', line)
-        if m:
-            starts[m.group(1)] = i
-    for main, last in starts.items():
-        workers += 1
-        group, changed = {main}, True
-        while changed:
-            changed = False
-            for line in lines:
-                m = re.match(r'(\d+) +clone3?\(.*CLONE_THREAD.*\) = (\d+)', line) or re.match(r'(\d+) +<\.\.\. clone3? resumed>.*= (\d+)', line)
-                if m and m.group(1) in group and m.group(2) not in group:
-                    group.add(m.group(2))
-                    changed = True
-        for line in lines[last + 1:]:
-            m = re.match(r'(\d+) +([a-z0-9_]+)\((.*)', line)
-            if not m or m.group(1) not in group:
-                continue
-            name = m.group(2)
-            counts[name] += 1
-            if name in argpos:
-                a = re.split(r'[,)<]', m.group(3))
-                if len(a) > argpos[name]:
-                    args[name][a[argpos[name]].strip()] += 1
-print(f'# {workers} certd workers; syscalls after seccomp(), with counts:')
-for name, n in counts.most_common():
-    print(f'{n:8d} {name}')
-print('# checked arguments:')
-for name, c in sorted(args.items()):
-    print(f'  {name}: ' + ', '.join(f'{k} x{v}' for k, v in c.most_common()))
-PY
+worker_syscalls "$work/traces" certd

@@ -17,6 +17,7 @@
 #        needs strace, swtpm, tpm2-tools, curl; builds aziotd and the test first)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. policy/tools/measure-lib.sh
 cargo build -q -p aziotd -p aziotctl --bins
 cargo test -q -p aziot-tests --test tpmd_broker --no-run
 work=$(mktemp -d /tmp/aziot-measure-tpmd.XXXXXX)
@@ -27,11 +28,7 @@ if [ "${1:-}" = --log-mode ]; then
   before=$(dmesg | wc -l)
   AZIOT_TESTS_TPMD_CONFIG=$'[sandbox]\nseccomp = "log"\nallow_degraded = true' \
     cargo test -q -p aziot-tests --test tpmd_broker || true
-  uid=$(id -u aziottpm)
-  # SECCOMP_RET_LOG is code=0x7ffc0000; the kernel may rate-limit these lines ("callbacks
-  # suppressed"), so an empty answer is confirmed by the strace mode
-  echo "# new type=1326 (SECCOMP_RET_LOG) records of uid $uid (none = the allowlist covered every call):"
-  dmesg | tail -n +"$((before + 1))" | grep 'type=1326' | grep " uid=$uid " | grep 'code=0x7ffc0000' || true
+  seccomp_log_since "$before" aziottpm
   exit 0
 fi
 
@@ -67,42 +64,4 @@ if [ -n "${IDLE:-}" ]; then
   kill "$swtpm"; wait "$swtpm" || true
 fi
 
-python3 - "$work/traces" <<'PY'
-import collections, glob, re, sys
-counts, args, workers = collections.Counter(), collections.defaultdict(collections.Counter), 0
-argpos = {'ioctl': 1, 'fcntl': 1, 'prctl': 0, 'mmap': 2, 'mprotect': 2, 'getsockopt': 2, 'madvise': 2}
-for path in sorted(glob.glob(sys.argv[1] + '/t.*')):
-    lines = open(path).read().splitlines()
-    main = last = None
-    for i, line in enumerate(lines):
-        m = re.match(r'(\d+) +seccomp\(SECCOMP_SET_MODE_FILTER', line)
-        if m:
-            main, last = m.group(1), i
-    if main is None:
-        continue
-    workers += 1
-    group, changed = {main}, True
-    while changed:
-        changed = False
-        for line in lines:
-            m = re.match(r'(\d+) +clone3?\(.*CLONE_THREAD.*\) = (\d+)', line) or re.match(r'(\d+) +<\.\.\. clone3? resumed>.*= (\d+)', line)
-            if m and m.group(1) in group and m.group(2) not in group:
-                group.add(m.group(2))
-                changed = True
-    for line in lines[last + 1:]:
-        m = re.match(r'(\d+) +([a-z0-9_]+)\((.*)', line)
-        if not m or m.group(1) not in group:
-            continue
-        name = m.group(2)
-        counts[name] += 1
-        if name in argpos:
-            a = re.split(r'[,)<]', m.group(3))
-            if len(a) > argpos[name]:
-                args[name][a[argpos[name]].strip()] += 1
-print(f'# {workers} tpmd workers; syscalls after seccomp(), with counts:')
-for name, n in counts.most_common():
-    print(f'{n:8d} {name}')
-print('# checked arguments:')
-for name, c in sorted(args.items()):
-    print(f'  {name}: ' + ', '.join(f'{k} x{v}' for k, v in c.most_common()))
-PY
+worker_syscalls "$work/traces" tpmd

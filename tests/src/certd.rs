@@ -191,6 +191,10 @@ impl Certd {
     pub fn keyd(&self) -> &Keyd {
         &self.keyd
     }
+    /// The keyd beside it, to stop and start it (tests/tests/fault_process.rs: keyd down).
+    pub fn keyd_mut(&mut self) -> &mut Keyd {
+        &mut self.keyd
+    }
     /// The prefix (`<keyd prefix>/certd`) holding certd's config, home and log.
     pub fn dir(&self) -> &Path {
         &self.root

@@ -247,18 +247,54 @@ impl Identityd {
         stack
     }
 
+    /// keyd, certd and identityd with the bodies `aziotctl config apply` generated, relocated
+    /// into the harness's prefix only: `keyd_extra` is keyd's config without `[aziot_keys]`
+    /// (the harness writes its `homedir_path`; `keyd` is the builder, whose [`Builder::dir`]
+    /// may hold the preloaded files), `certd_body` certd's without `homedir_path`, `config`
+    /// identityd's without `homedir`; each gets the harness's `[endpoints]`. Nothing else: no
+    /// key imported, no local CA, the principals are the generated ones. identityd not started.
+    ///
+    /// [`Builder::dir`]: crate::keyd::Builder::dir
+    pub fn prepare_generated(keyd: crate::keyd::Builder, keyd_extra: &str, certd_body: &str, config: &str) -> Identityd {
+        let keyd = keyd.keep_socket_owner().extra(keyd_extra).start();
+        let root = keyd.dir().join("identityd");
+        fs::create_dir_all(root.join("config.d")).expect("mkdir identityd/config.d");
+        let mut stack = Identityd { identityd: None, certd: None, root, config: config.to_owned(), broker_env: Vec::new(), keyd };
+        stack.spawn_certd(certd_body);
+        stack.write_config();
+        stack
+    }
+
     fn start_certd(&mut self, extra: &str) {
-        let dir = self.keyd.dir().join("certd");
-        fs::create_dir_all(dir.join("config.d")).unwrap();
         let mut config = format!(
-            "homedir_path = {}\n[[principal]]\nuid = {}\ncerts = [\"*\"]\n[cert_issuance.device-ca]\nmethod = \"self_signed\"\nexpiry_days = 3650\n[cert_issuance.local_ca]\ncert = \"device-ca\"\npk = \"device-ca\"\n",
-            toml_str(dir.join("home").to_str().unwrap()),
+            "[[principal]]\nuid = {}\ncerts = [\"*\"]\n[cert_issuance.device-ca]\nmethod = \"self_signed\"\nexpiry_days = 3650\n[cert_issuance.local_ca]\ncert = \"device-ca\"\npk = \"device-ca\"\n",
             uid_of(SERVICE_USER)
         );
         for id in LOCAL_IDS {
             config.push_str(&format!("[cert_issuance.{id}]\nmethod = \"local_ca\"\n"));
         }
         config.push_str(extra);
+        self.spawn_certd(&config);
+        // the local CA: a keyd key pair and its self-signed cert, made by root
+        let kapi = self.keyd.api(crate::api::V2021);
+        let handle = handle_of(
+            &kapi.post("/keypair", &json!({"keyId": "device-ca", "preferredAlgorithms": "ec-p256"})),
+            "create the CA key pair",
+        );
+        let key = crate::certd::pki::keyd_key(self.keyd.socket(), &handle);
+        let csr = String::from_utf8(crate::certd::pki::csr_with(&key, &key, "Test Device CA", true).to_pem().unwrap())
+            .unwrap();
+        let r = Api::new(self.certd_socket(), "2020-09-01")
+            .post("/certificates", &json!({"certId": "device-ca", "csr": csr}));
+        assert_eq!(r.status, 201, "issue the CA\n{r}");
+    }
+
+    /// Writes certd's config (`homedir_path`, `body`, `[endpoints]`) and starts it.
+    fn spawn_certd(&mut self, body: &str) {
+        let dir = self.keyd.dir().join("certd");
+        fs::create_dir_all(dir.join("config.d")).unwrap();
+        let mut config = format!("homedir_path = {}\n", toml_str(dir.join("home").to_str().unwrap()));
+        config.push_str(body);
         config.push_str(&format!(
             "\n[endpoints]\naziot_certd = {}\naziot_keyd = {}\n",
             toml_str(&format!("unix://{}", self.certd_socket().display())),
@@ -278,18 +314,6 @@ impl Identityd {
             panic!("certd: {e}");
         }
         self.certd = Some(Broker { child });
-        // the local CA: a keyd key pair and its self-signed cert, made by root
-        let kapi = self.keyd.api(crate::api::V2021);
-        let handle = handle_of(
-            &kapi.post("/keypair", &json!({"keyId": "device-ca", "preferredAlgorithms": "ec-p256"})),
-            "create the CA key pair",
-        );
-        let key = crate::certd::pki::keyd_key(self.keyd.socket(), &handle);
-        let csr = String::from_utf8(crate::certd::pki::csr_with(&key, &key, "Test Device CA", true).to_pem().unwrap())
-            .unwrap();
-        let r = Api::new(self.certd_socket(), "2020-09-01")
-            .post("/certificates", &json!({"certId": "device-ca", "csr": csr}));
-        assert_eq!(r.status, 201, "issue the CA\n{r}");
     }
 
     /// The local CA's certificate.
@@ -409,6 +433,10 @@ impl Identityd {
 
     pub fn keyd(&self) -> &Keyd {
         &self.keyd
+    }
+    /// The keyd beside it, to stop and start it (tests/tests/fault_process.rs: keyd down).
+    pub fn keyd_mut(&mut self) -> &mut Keyd {
+        &mut self.keyd
     }
     pub fn socket(&self) -> PathBuf {
         self.keyd.dir().join("identityd.sock")

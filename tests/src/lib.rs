@@ -25,6 +25,7 @@
 pub mod api;
 pub mod certd;
 pub mod crypto;
+pub mod fault;
 pub mod http;
 pub mod identityd;
 pub mod keyd;
@@ -35,6 +36,7 @@ pub mod mock_hub;
 pub mod mock_tls;
 pub mod openssl_cli;
 pub mod softhsm;
+pub mod storage_fault;
 pub mod tempdir;
 pub mod tpmd;
 pub mod worker_spawn;

@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::Engine as _;
 use openssl::hash::MessageDigest;
@@ -34,7 +34,7 @@ use openssl::x509::{X509StoreContext, X509};
 use serde_json::{json, Value};
 
 use crate::mock_hub::{percent_decode, verify_sas, DeviceCredential, HubState, SasCheck};
-use crate::mock_tls::{thumbprint, CertKey, Handler, Request, Response, TestCa, TlsServer};
+use crate::mock_tls::{thumbprint, CertKey, Handler, MockServer, Request, Response, TestCa};
 
 /// The only api-version served (§3.1).
 pub const API_VERSION: &str = "2021-06-01";
@@ -817,23 +817,11 @@ impl Handler for DpsState {
 }
 
 /// The mock DPS on its own HTTPS server (127.0.0.1; certificate for `localhost` and
-/// `127.0.0.1`), with two hubs on the same port: [`MockDps::hub_a`] = `localhost:<port>`,
-/// [`MockDps::hub_b`] = `127.0.0.1:<port>`.
-pub struct MockDps {
-    pub ca: TestCa,
-    pub server_cert: CertKey,
-    state: Arc<DpsState>,
-    server: TlsServer,
-}
+/// `127.0.0.1`), with two hubs on the same port: [`MockServer::hub_a`] = `localhost:<port>`,
+/// [`MockServer::hub_b`] = `127.0.0.1:<port>`. Dereferences to its [`DpsState`].
+pub type MockDps = MockServer<DpsState>;
 
-impl std::ops::Deref for MockDps {
-    type Target = DpsState;
-    fn deref(&self) -> &DpsState {
-        &self.state
-    }
-}
-
-impl MockDps {
+impl MockServer<DpsState> {
     /// Starts on `port` (0: any) with its server certificate from `ca`, scope `scope_id`.
     pub fn start_with_ca(ca: TestCa, port: u16, scope_id: &str) -> std::io::Result<MockDps> {
         let server_cert = ca.issue_server(&["localhost", "127.0.0.1"]);
@@ -847,21 +835,12 @@ impl MockDps {
         port: u16,
         scope_id: &str,
     ) -> std::io::Result<MockDps> {
-        let state = Arc::new(DpsState::new(scope_id));
-        let server = TlsServer::start(port, &server_cert, &[], state.clone())?;
-        state.add_hub(&format!("localhost:{}", server.port()));
-        state.add_hub(&format!("127.0.0.1:{}", server.port()));
-        Ok(MockDps {
-            ca,
-            server_cert,
-            state,
-            server,
-        })
+        let dps = MockServer::serve(ca, server_cert, port, DpsState::new(scope_id))?;
+        dps.add_hub(&dps.hub_a());
+        dps.add_hub(&dps.hub_b());
+        Ok(dps)
     }
 
-    pub fn port(&self) -> u16 {
-        self.server.port()
-    }
     /// `https://127.0.0.1:<port>/`: the `global_endpoint`.
     pub fn endpoint(&self) -> String {
         format!("https://127.0.0.1:{}/", self.port())
@@ -873,27 +852,6 @@ impl MockDps {
     /// `127.0.0.1:<port>`.
     pub fn hub_b(&self) -> String {
         format!("127.0.0.1:{}", self.port())
-    }
-    pub fn state(&self) -> &Arc<DpsState> {
-        &self.state
-    }
-    /// TCP connections accepted so far.
-    pub fn connections(&self) -> u32 {
-        self.server.connections()
-    }
-
-    /// Polls `cond` until it holds or `timeout` passes.
-    pub fn wait_for(&self, timeout: Duration, mut cond: impl FnMut(&DpsState) -> bool) -> bool {
-        let until = Instant::now() + timeout;
-        loop {
-            if cond(&self.state) {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 }
 

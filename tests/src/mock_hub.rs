@@ -21,7 +21,7 @@
 //! own server (cloud-protocols.md §7.0: one port for both).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -31,7 +31,7 @@ use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{X509StoreContext, X509};
 use serde_json::json;
 
-use crate::mock_tls::{thumbprint, CertKey, Handler, Request, Response, TestCa, TlsServer};
+use crate::mock_tls::{thumbprint, Handler, MockServer, Request, Response, TestCa};
 
 /// The only api-version served (cloud-protocols.md §4.1).
 pub const API_VERSION: &str = "2017-11-08-preview";
@@ -635,22 +635,11 @@ impl Handler for HubState {
 }
 
 /// The mock hub on its own HTTPS server (127.0.0.1, certificate for `localhost` and
-/// `127.0.0.1` from its own CA). The hub name defaults to `localhost:<port>`.
-pub struct MockHub {
-    pub ca: TestCa,
-    pub server_cert: CertKey,
-    state: Arc<HubState>,
-    server: TlsServer,
-}
+/// `127.0.0.1` from its own CA). The hub name defaults to `localhost:<port>`. Dereferences to
+/// its [`HubState`].
+pub type MockHub = MockServer<HubState>;
 
-impl std::ops::Deref for MockHub {
-    type Target = HubState;
-    fn deref(&self) -> &HubState {
-        &self.state
-    }
-}
-
-impl MockHub {
+impl MockServer<HubState> {
     /// Starts on any free port.
     pub fn start() -> std::io::Result<MockHub> {
         MockHub::start_on(0)
@@ -665,39 +654,14 @@ impl MockHub {
     /// test process can then share one `SSL_CERT_FILE`).
     pub fn start_with_ca(ca: TestCa, port: u16) -> std::io::Result<MockHub> {
         let server_cert = ca.issue_server(&["localhost", "127.0.0.1"]);
-        let state = Arc::new(HubState::new("localhost"));
-        let server = TlsServer::start(port, &server_cert, &[], state.clone())?;
-        state.set_hub_name(&format!("localhost:{}", server.port()));
-        Ok(MockHub { ca, server_cert, state, server })
+        let hub = MockServer::serve(ca, server_cert, port, HubState::new("localhost"))?;
+        hub.set_hub_name(&hub.host());
+        Ok(hub)
     }
 
-    pub fn port(&self) -> u16 {
-        self.server.port()
-    }
     /// `localhost:<port>`: the host to configure as the hub (and gateway).
     pub fn host(&self) -> String {
         format!("localhost:{}", self.port())
-    }
-    /// TCP connections accepted so far.
-    pub fn connections(&self) -> u32 {
-        self.server.connections()
-    }
-    pub fn state(&self) -> &Arc<HubState> {
-        &self.state
-    }
-
-    /// Polls `cond` on the state until it holds or `timeout` passes; true when it held.
-    pub fn wait_for(&self, timeout: Duration, mut cond: impl FnMut(&HubState) -> bool) -> bool {
-        let until = Instant::now() + timeout;
-        loop {
-            if cond(&self.state) {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 }
 

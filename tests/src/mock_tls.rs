@@ -357,6 +357,59 @@ impl Drop for TlsServer {
     }
 }
 
+/// A mock cloud service: its state `S` (which answers the requests) on its own HTTPS server on
+/// 127.0.0.1, with the CA that issued the server's certificate. The mocks' types
+/// (`mock_dps::MockDps`, `mock_hub::MockHub`) are this with their own state and constructors;
+/// it dereferences to the state.
+pub struct MockServer<S> {
+    pub ca: TestCa,
+    pub server_cert: CertKey,
+    state: Arc<S>,
+    server: TlsServer,
+}
+
+impl<S: Handler> MockServer<S> {
+    /// Serves `state` on `port` (0: any free port) with `server_cert` (issued by `ca`).
+    pub fn serve(ca: TestCa, server_cert: CertKey, port: u16, state: S) -> io::Result<MockServer<S>> {
+        let state = Arc::new(state);
+        let server = TlsServer::start(port, &server_cert, &[], state.clone())?;
+        Ok(MockServer { ca, server_cert, state, server })
+    }
+}
+
+impl<S> MockServer<S> {
+    pub fn port(&self) -> u16 {
+        self.server.port()
+    }
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u32 {
+        self.server.connections()
+    }
+    pub fn state(&self) -> &Arc<S> {
+        &self.state
+    }
+    /// Polls `cond` on the state until it holds or `timeout` passes; true when it held.
+    pub fn wait_for(&self, timeout: Duration, mut cond: impl FnMut(&S) -> bool) -> bool {
+        let until = Instant::now() + timeout;
+        loop {
+            if cond(&self.state) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl<S> std::ops::Deref for MockServer<S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.state
+    }
+}
+
 fn serve_one(acceptor: &SslAcceptor, tcp: TcpStream, handler: &dyn Handler, stop: &AtomicBool) -> io::Result<()> {
     tcp.set_read_timeout(Some(READ_TIMEOUT))?;
     tcp.set_write_timeout(Some(READ_TIMEOUT))?;

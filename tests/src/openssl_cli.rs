@@ -396,6 +396,11 @@ pub struct SServer {
 impl SServer {
     /// Starts it and waits (with a deadline) until it accepts.
     pub fn start(s: &Scratch, www: bool) -> SServer {
+        SServer::start_with(s, www, &[])
+    }
+
+    /// [`SServer::start`] with more `s_server` options (e.g. `-tls1_2`).
+    pub fn start_with(s: &Scratch, www: bool, extra: &[&str]) -> SServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind")
             .local_addr()
@@ -421,6 +426,7 @@ impl SServer {
         if www {
             cmd.arg("-www");
         }
+        cmd.args(extra);
         let mut child = cmd
             .current_dir(s.dir())
             .stdin(Stdio::piped())

@@ -260,6 +260,19 @@ fn twin_mtls_in_process() {
         let h = api.create_keypair(id, Some(alg));
         let key = load_private_key(&client, &h).unwrap_or_else(|e| panic!("load {id}: {e}"));
         assert!(key.public_eq(&public_key(&api, &h)));
+        // the twin is a key of the built-in provider (issue 16), not a legacy foreign key
+        assert_eq!(
+            aziot_key_openssl_engine::provider_of(&key).as_deref(),
+            Some("aziot_keys"),
+            "{id}"
+        );
+        // the process's own keys still come from the default provider (?provider=default;
+        // aziot_keys cannot generate keys)
+        let own = PKey::ec_gen("prime256v1").expect("EVP key generation");
+        assert_eq!(
+            aziot_key_openssl_engine::provider_of(&own).as_deref(),
+            Some("default")
+        );
         // CSR signed through keyd
         let req = csr_signed_with(&key, id);
         assert!(
@@ -616,8 +629,10 @@ fn endpoint_override_is_ignored_when_setgid() {
 /// real effective policy with the s_server port granted as a hub port would be), locked in
 /// (rlimits, Landlock, seccomp in kill mode), then the escape-probe attempt `tls-client`
 /// (`aziot_policy::escape::attempts`) loads the keyd key and completes mTLS against
-/// `openssl s_server`. keyd's socket keeps the owner keyd gives it (group aziotks, of which
-/// aziotid is a member, as in production).
+/// `openssl s_server` — TLS 1.3, then TLS 1.2 forced by the server (the twin is a key of the
+/// built-in provider; with an EC certificate, TLS 1.2 needs the NIST groups the default provider
+/// keeps, docs/engine.md Limits). keyd's socket keeps the owner keyd gives it (group aziotks, of
+/// which aziotid is a member, as in production).
 #[test]
 fn twin_mtls_in_a_confined_identityd_worker() {
     use aziot_ipc::handoff::{
@@ -679,102 +694,106 @@ fn twin_mtls_in_a_confined_identityd_worker() {
             nix::unistd::chown(&p, Some(svc_user.uid), Some(svc_user.gid)).expect("chown");
         }
 
-        let server = SServer::start(&s, false);
-        let mut grants = aziot_policy::Grants::default();
-        grants.tcp_ports.push(aziot_policy::PortGrant {
-            port: server.port(),
-            origin: aziot_policy::Origin::Config(
-                "engine suite: the s_server port, as a hub port".into(),
-            ),
-        });
-        let policy = aziot_policy::effective("identityd", &grants, None)
-            .expect("identityd's effective policy");
-        let creds = aziot_policy::resolve_credentials(&policy).expect("credentials");
-        let listener_path = s.path(&format!("identityd-{id}.sock"));
-        let listener = std::os::unix::net::UnixListener::bind(&listener_path).expect("bind");
-        let fds: Vec<OwnedFd> = vec![
-            listener.into(),
-            std::fs::File::open(&state).expect("open state").into(),
-        ];
-        let manifest = Manifest {
-            version: MANIFEST_VERSION,
-            service: "identityd".to_owned(),
-            // identityd's worker parses its config before lock-in: the smallest one that needs no
-            // cloud (as the escape suite's).
-            config: format!(
-                "hostname = \"engine\"\nhomedir = {:?}\n[provisioning]\nsource = \"none\"\n",
-                state.display().to_string()
-            ),
-            descriptors: vec![
-                DescriptorEntry {
-                    name: "listener".into(),
-                    kind: DescriptorKind::UnixListener,
-                },
-                DescriptorEntry {
-                    name: "state".into(),
-                    kind: DescriptorKind::Directory,
-                },
-            ],
-            policy: serde_json::to_value(&policy).expect("policy"),
-            log_filter: String::new(),
-            seccomp_mode: "kill".to_owned(),
-            allow_degraded: false,
-            escape: Some(aziot_policy::escape::EscapeAttempt {
-                name: "tls-client".into(),
-                arg: Some(format!("{}|{}", keyd.socket().display(), server.port())),
-            }),
-        };
-        let aziot_tests::worker_spawn::Spawned { mut child, sock: ours } =
-            aziot_tests::worker_spawn::spawn(&manifest, fds, creds, None, false);
-        let report: Option<serde_json::Value> = handoff::recv_json(ours.as_fd()).ok();
-        let mut messages = Vec::new();
-        while let Ok(m) = handoff::recv_json::<serde_json::Value>(ours.as_fd()) {
-            messages.push(m);
+        // TLS 1.3, then TLS 1.2 forced by the server (an EC certificate: the NIST groups must
+        // stay usable with the provider loaded, docs/engine.md Limits)
+        for server_opts in [&[][..], &["-tls1_2"][..]] {
+            let server = SServer::start_with(&s, false, server_opts);
+            let mut grants = aziot_policy::Grants::default();
+            grants.tcp_ports.push(aziot_policy::PortGrant {
+                port: server.port(),
+                origin: aziot_policy::Origin::Config(
+                    "engine suite: the s_server port, as a hub port".into(),
+                ),
+            });
+            let policy = aziot_policy::effective("identityd", &grants, None)
+                .expect("identityd's effective policy");
+            let creds = aziot_policy::resolve_credentials(&policy).expect("credentials");
+            let listener_path = s.path(&format!("identityd-{id}-{}.sock", server_opts.len()));
+            let listener = std::os::unix::net::UnixListener::bind(&listener_path).expect("bind");
+            let fds: Vec<OwnedFd> = vec![
+                listener.into(),
+                std::fs::File::open(&state).expect("open state").into(),
+            ];
+            let manifest = Manifest {
+                version: MANIFEST_VERSION,
+                service: "identityd".to_owned(),
+                // identityd's worker parses its config before lock-in: the smallest one that needs no
+                // cloud (as the escape suite's).
+                config: format!(
+                    "hostname = \"engine\"\nhomedir = {:?}\n[provisioning]\nsource = \"none\"\n",
+                    state.display().to_string()
+                ),
+                descriptors: vec![
+                    DescriptorEntry {
+                        name: "listener".into(),
+                        kind: DescriptorKind::UnixListener,
+                    },
+                    DescriptorEntry {
+                        name: "state".into(),
+                        kind: DescriptorKind::Directory,
+                    },
+                ],
+                policy: serde_json::to_value(&policy).expect("policy"),
+                log_filter: String::new(),
+                seccomp_mode: "kill".to_owned(),
+                allow_degraded: false,
+                escape: Some(aziot_policy::escape::EscapeAttempt {
+                    name: "tls-client".into(),
+                    arg: Some(format!("{}|{}", keyd.socket().display(), server.port())),
+                }),
+            };
+            let aziot_tests::worker_spawn::Spawned { mut child, sock: ours } =
+                aziot_tests::worker_spawn::spawn(&manifest, fds, creds, None, false);
+            let report: Option<serde_json::Value> = handoff::recv_json(ours.as_fd()).ok();
+            let mut messages = Vec::new();
+            while let Ok(m) = handoff::recv_json::<serde_json::Value>(ours.as_fd()) {
+                messages.push(m);
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let status = loop {
+                if let Some(st) = child.try_wait().expect("try_wait") {
+                    break st;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break child.wait().expect("wait");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            let mut out = String::new();
+            let _ = child
+                .stdout
+                .take()
+                .expect("stdout")
+                .read_to_string(&mut out);
+            let _ = child
+                .stderr
+                .take()
+                .expect("stderr")
+                .read_to_string(&mut out);
+            let seen = server.finish();
+            let transcript = format!("report: {report:?}\nmessages: {messages:?}\nexit: {status:?}\noutput: {out}\n--- s_server ---\n{seen}");
+            let report = report.unwrap_or_else(|| panic!("no sandbox report\n{transcript}"));
+            assert_eq!(
+                report["ok"], true,
+                "the worker did not lock in\n{transcript}"
+            );
+            let outcome = messages
+                .iter()
+                .find_map(|m| m["escape_outcome"].as_str().map(str::to_owned));
+            assert_eq!(
+                outcome.as_deref(),
+                Some("ok"),
+                "{id} {server_opts:?}: the tls-client attempt (an aziotd built without the escape-probe feature? `cargo build --workspace --bins`)\n{transcript}"
+            );
+            assert!(
+                seen.contains("hello from the confined worker"),
+                "{transcript}"
+            );
+            assert!(
+                seen.contains(&format!("CN = {id}")) && seen.contains("verify return:1"),
+                "{transcript}"
+            );
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break child.wait().expect("wait");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let mut out = String::new();
-        let _ = child
-            .stdout
-            .take()
-            .expect("stdout")
-            .read_to_string(&mut out);
-        let _ = child
-            .stderr
-            .take()
-            .expect("stderr")
-            .read_to_string(&mut out);
-        let seen = server.finish();
-        let transcript = format!("report: {report:?}\nmessages: {messages:?}\nexit: {status:?}\noutput: {out}\n--- s_server ---\n{seen}");
-        let report = report.unwrap_or_else(|| panic!("no sandbox report\n{transcript}"));
-        assert_eq!(
-            report["ok"], true,
-            "the worker did not lock in\n{transcript}"
-        );
-        let outcome = messages
-            .iter()
-            .find_map(|m| m["escape_outcome"].as_str().map(str::to_owned));
-        assert_eq!(
-            outcome.as_deref(),
-            Some("ok"),
-            "{id}: the tls-client attempt (an aziotd built without the escape-probe feature? `cargo build --workspace --bins`)\n{transcript}"
-        );
-        assert!(
-            seen.contains("hello from the confined worker"),
-            "{transcript}"
-        );
-        assert!(
-            seen.contains(&format!("CN = {id}")) && seen.contains("verify return:1"),
-            "{transcript}"
-        );
     }
 }

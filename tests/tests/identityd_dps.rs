@@ -47,6 +47,20 @@ fn start_dps() -> MockDps {
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
+/// Enrolls `id` individually with the symmetric key `key`, assigned to `hub` as `device_id`
+/// (else under its registration ID).
+fn enroll_sym(dps: &MockDps, id: &str, key: &[u8], hub: String, device_id: Option<&str>) {
+    let attestation = Attestation::SymmetricKey(key.to_vec());
+    dps.enroll(
+        id,
+        Enrollment {
+            attestation,
+            hub,
+            device_id: device_id.map(Into::into),
+        },
+    );
+}
+
 fn wait(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + timeout;
     loop {
@@ -119,14 +133,7 @@ fn rt() -> tokio::runtime::Runtime {
 fn client_symmetric_key_registers_with_the_wire_shape() {
     let dps = start_dps();
     let key = aziot_tests::crypto::random(32);
-    dps.enroll(
-        "dev-sym",
-        Enrollment {
-            attestation: Attestation::SymmetricKey(key.clone()),
-            hub: dps.hub_b(),
-            device_id: Some("device-7".into()),
-        },
-    );
+    enroll_sym(&dps, "dev-sym", &key, dps.hub_b(), Some("device-7"));
     let c = client(Duration::from_secs(30));
     let payload = json!({"modelId": "dtmi:x;1", "n": [1, 2]});
     let t = Instant::now();
@@ -227,14 +234,7 @@ fn client_group_enrollment_uses_the_derived_key() {
 fn client_polls_at_once_then_honours_retry_after() {
     let dps = start_dps();
     let key = aziot_tests::crypto::random(32);
-    dps.enroll(
-        "dev-poll",
-        Enrollment {
-            attestation: Attestation::SymmetricKey(key.clone()),
-            hub: dps.hub_a(),
-            device_id: None,
-        },
-    );
+    enroll_sym(&dps, "dev-poll", &key, dps.hub_a(), None);
     dps.set_assigning_polls(2, Some(1));
     let c = client(Duration::from_secs(30));
     rt().block_on(c.register(&registration(&dps, "dev-poll", None), &sas(&key)))
@@ -265,14 +265,7 @@ fn client_polls_at_once_then_honours_retry_after() {
 fn client_total_time_is_bounded() {
     let dps = start_dps();
     let key = aziot_tests::crypto::random(32);
-    dps.enroll(
-        "dev-slow",
-        Enrollment {
-            attestation: Attestation::SymmetricKey(key.clone()),
-            hub: dps.hub_a(),
-            device_id: None,
-        },
-    );
+    enroll_sym(&dps, "dev-slow", &key, dps.hub_a(), None);
     dps.set_assigning_polls(1000, Some(1));
     let c = client(Duration::from_millis(2500));
     let t = Instant::now();
@@ -292,14 +285,7 @@ fn client_total_time_is_bounded() {
 fn client_bad_cloud_input_errors() {
     let dps = start_dps();
     let key = aziot_tests::crypto::random(32);
-    dps.enroll(
-        "dev-bad",
-        Enrollment {
-            attestation: Attestation::SymmetricKey(key.clone()),
-            hub: dps.hub_a(),
-            device_id: None,
-        },
-    );
+    enroll_sym(&dps, "dev-bad", &key, dps.hub_a(), None);
     let c = client(Duration::from_secs(30));
     let rt = rt();
     let reg = registration(&dps, "dev-bad", None);
@@ -373,14 +359,7 @@ fn client_rejects_an_untrusted_server() {
     let rogue = TestCa::new("not trusted");
     let dps = MockDps::start_with_ca(rogue, 0, SCOPE).expect("start");
     let key = aziot_tests::crypto::random(32);
-    dps.enroll(
-        "dev-tls",
-        Enrollment {
-            attestation: Attestation::SymmetricKey(key.clone()),
-            hub: dps.hub_a(),
-            device_id: None,
-        },
-    );
+    enroll_sym(&dps, "dev-tls", &key, dps.hub_a(), None);
     let e = rt()
         .block_on(
             client(Duration::from_secs(30))
@@ -419,7 +398,7 @@ mod broker {
     use aziot_tests::{require_identityd, Dep};
     use serde_json::json;
 
-    use super::{shared_ca, start_dps, wait, SCOPE};
+    use super::{enroll_sym, shared_ca, start_dps, wait, SCOPE};
 
     const MOD_A: &str = "[[principal]]\nuid = 5101\nname = \"mod-a\"\nidtype = [\"module\"]\n";
 
@@ -549,13 +528,12 @@ mod broker {
     fn broker_symmetric_key_individual_lands_on_the_assigned_hub() {
         require_identityd!();
         let dps = start_dps();
-        dps.enroll(
+        enroll_sym(
+            &dps,
             "dev-sym",
-            Enrollment {
-                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
-                hub: dps.hub_b(),
-                device_id: Some("sym-device".into()),
-            },
+            &DEVICE_KEY,
+            dps.hub_b(),
+            Some("sym-device"),
         );
         let mut stack = Identityd::prepare("");
         let payload_path = stack.run_dir().join("dps-payload.json");
@@ -618,14 +596,7 @@ mod broker {
         // Another provisioning config (another registration, another hub): the backup is not
         // used; the next start registers and lands on the new hub.
         stack.stop_identityd();
-        dps.enroll(
-            "dev-sym-2",
-            Enrollment {
-                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
-                hub: dps.hub_a(),
-                device_id: None,
-            },
-        );
+        enroll_sym(&dps, "dev-sym-2", &DEVICE_KEY, dps.hub_a(), None);
         stack.set_config(&config(&dps.endpoint(), &sym("dev-sym-2", "device-id"), ""));
         stack
             .start_identityd()
@@ -873,14 +844,7 @@ mod broker {
         require_identityd!();
         let dps = start_dps();
         let port = dps.port();
-        dps.enroll(
-            "dev-bad",
-            Enrollment {
-                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
-                hub: dps.hub_a(),
-                device_id: None,
-            },
-        );
+        enroll_sym(&dps, "dev-bad", &DEVICE_KEY, dps.hub_a(), None);
         let mut stack =
             Identityd::prepare(&config(&dps.endpoint(), &sym("dev-bad", "device-id"), ""));
         stack
@@ -920,26 +884,12 @@ mod broker {
         };
 
         // 401: DPS now holds another key for this registration.
-        dps.enroll(
-            "dev-bad",
-            Enrollment {
-                attestation: Attestation::SymmetricKey(vec![1; 32]),
-                hub: dps.hub_a(),
-                device_id: None,
-            },
-        );
+        enroll_sym(&dps, "dev-bad", &[1; 32], dps.hub_a(), None);
         reprovision_fails_with(
             "DPS answered HTTP error 401 Unauthorized: Unauthorized (code 401002)",
         );
         still_serving(&stack);
-        dps.enroll(
-            "dev-bad",
-            Enrollment {
-                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
-                hub: dps.hub_a(),
-                device_id: None,
-            },
-        );
+        enroll_sym(&dps, "dev-bad", &DEVICE_KEY, dps.hub_a(), None);
 
         for _ in 0..5 {
             dps.push_fault(DpsFault::throttled(Some(1)));
@@ -959,14 +909,7 @@ mod broker {
         drop(dps);
         let rogue = MockDps::start_with_ca(TestCa::new("not trusted"), port, SCOPE)
             .expect("rogue DPS on the same port");
-        rogue.enroll(
-            "dev-bad",
-            Enrollment {
-                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
-                hub: rogue.hub_a(),
-                device_id: None,
-            },
-        );
+        enroll_sym(&rogue, "dev-bad", &DEVICE_KEY, rogue.hub_a(), None);
         let r = root.post("/identities/device/reprovision", &json!({}));
         assert_eq!(r.status, 404, "{r}");
         assert!(
@@ -991,14 +934,7 @@ mod broker {
     fn broker_reprovision_with_the_hub_unreachable_keeps_the_old_identity() {
         require_identityd!();
         let dps = start_dps();
-        dps.enroll(
-            "dev-re",
-            Enrollment {
-                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
-                hub: dps.hub_a(),
-                device_id: None,
-            },
-        );
+        enroll_sym(&dps, "dev-re", &DEVICE_KEY, dps.hub_a(), None);
         let mut stack =
             Identityd::prepare(&config(&dps.endpoint(), &sym("dev-re", "device-id"), ""));
         stack
@@ -1014,14 +950,7 @@ mod broker {
 
         // A hub nothing serves (the discard port).
         dps.add_hub("127.0.0.1:9");
-        dps.enroll(
-            "dev-re",
-            Enrollment {
-                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
-                hub: "127.0.0.1:9".into(),
-                device_id: None,
-            },
-        );
+        enroll_sym(&dps, "dev-re", &DEVICE_KEY, "127.0.0.1:9".to_owned(), None);
         let root = stack.client(None, V2021);
         let r = root.post("/identities/device/reprovision", &json!({}));
         assert_eq!(r.status, 404, "{r}");
@@ -1052,14 +981,7 @@ mod broker {
         assert_eq!(r.json()["spec"]["genId"], gen.as_str());
 
         // Reachable again: E9 succeeds (upstream's E9 recreates the configured modules).
-        dps.enroll(
-            "dev-re",
-            Enrollment {
-                attestation: Attestation::SymmetricKey(DEVICE_KEY.to_vec()),
-                hub: dps.hub_a(),
-                device_id: None,
-            },
-        );
+        enroll_sym(&dps, "dev-re", &DEVICE_KEY, dps.hub_a(), None);
         let r = root.post("/identities/device/reprovision", &json!({}));
         assert_eq!(r.status, 204, "{r}\n{}", stack.log());
         let m = dps
@@ -1076,14 +998,7 @@ mod broker {
     fn broker_startup_without_backup_names_the_cause() {
         require_identityd!();
         let dps = start_dps();
-        dps.enroll(
-            "dev-401",
-            Enrollment {
-                attestation: Attestation::SymmetricKey(vec![3; 32]),
-                hub: dps.hub_a(),
-                device_id: None,
-            },
-        );
+        enroll_sym(&dps, "dev-401", &[3; 32], dps.hub_a(), None);
         let mut stack =
             Identityd::prepare(&config(&dps.endpoint(), &sym("dev-401", "device-id"), ""));
         let _ = shared_ca();

@@ -2,8 +2,10 @@
 //! certd.md §6), and DPS X.509 with the identity key on a PKCS#11 token (keyd's pkcs11 backend on
 //! SoftHSM2). The real services through their brokers (keyd, certd, identityd), against the mock
 //! EST server (tests/src/mock_est.rs) and the mock DPS with its hubs (tests/src/mock_dps.rs),
-//! all over real TLS.
+//! all over real TLS. Last, both auto-renewals (certd's own EST identity, identityd's identity
+//! cert) on nothing but the configs `aziotctl config apply` writes (aziotctl.md §2.6.6, §2.6.8).
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -304,4 +306,296 @@ fn identity_key_on_a_pkcs11_token_provisions() {
         .requests()
         .iter()
         .all(|r| r.client_cert_sha256.as_deref() == Some(sha256(&leaf).as_str())));
+}
+
+// ---- both auto-renewals with exactly the configs `aziotctl config apply` writes ----
+
+/// The device of [`both_renewals_run_on_the_configs_config_apply_writes`].
+const RENEW_REGISTRATION_ID: &str = "renew-dev";
+
+fn file_uri(p: &std::path::Path) -> String {
+    aziot_tests::keyd::toml_str(&format!("file://{}", p.display()))
+}
+
+/// Runs `aziotctl config apply --root <root>` on `super_config` (the root's passwd and group
+/// are the system's, so the principals carry the real service users' uids) and returns the
+/// generated bodies of keyd, certd and identityd, parsed.
+fn config_apply(root: &std::path::Path, super_config: &str) -> [toml::Table; 3] {
+    for d in [
+        "etc/aziot/keyd/config.d",
+        "etc/aziot/certd/config.d",
+        "etc/aziot/identityd/config.d",
+        "etc/aziot/tpmd/config.d",
+    ] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    for f in ["etc/passwd", "etc/group"] {
+        std::fs::copy(std::path::Path::new("/").join(f), root.join(f)).expect("copy passwd/group");
+    }
+    std::fs::write(root.join("etc/hostname"), format!("{HOSTNAME}\n")).expect("hostname");
+    std::fs::write(root.join("etc/aziot/config.toml"), super_config).expect("super-config");
+    let out = std::process::Command::new(aziot_tests::keyd::aziotctl_bin())
+        .args(["config", "apply", "--root"])
+        .arg(root)
+        .output()
+        .expect("run aziotctl");
+    assert!(
+        out.status.success(),
+        "config apply: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ["keyd", "certd", "identityd"].map(|svc| {
+        let path = root.join(format!("etc/aziot/{svc}/config.d/00-super.toml"));
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .parse()
+            .unwrap_or_else(|e| panic!("{svc}: {e}"))
+    })
+}
+
+fn strings(v: Option<&toml::Value>) -> Vec<&str> {
+    v.and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default()
+}
+
+/// certd renews its own EST identity `est-id` (bootstrapped with the preloaded bootstrap pair,
+/// rotated through `est-id-temp`), and identityd renews the EST-issued `device-id` (through
+/// certd's `device-id-temp`, keyd's `device-id-temp`), re-registering with DPS — with nothing
+/// but what `config apply` generated: every principal is the generated one, so a missing grant
+/// or a missing `[cert_issuance.device-id-temp]` fails the renewal.
+#[test]
+fn both_renewals_run_on_the_configs_config_apply_writes() {
+    require_identityd!();
+    let mock = MockEst::start(Options {
+        basic: Some(("u".into(), "p".into())),
+        require_client_cert: true,
+        ..Options::default()
+    });
+    // every simpleenroll (est-id's bootstrap, device-id, device-id-temp) lives 40 s; est-id's
+    // simplereenroll too
+    let short = Validity {
+        backdate: Duration::ZERO,
+        lifetime: Duration::from_secs(40),
+    };
+    mock.set_enroll_validity(short);
+    mock.set_reenroll_validity(Validity {
+        backdate: Duration::ZERO,
+        lifetime: Duration::from_secs(3600),
+    });
+    let dps = MockDps::start_with_ca(shared_ca(), 0, SCOPE).expect("start the mock DPS");
+
+    // the operator's files: the EST server's CA, a bootstrap cert from it and its key (keyd's)
+    let builder = aziot_tests::keyd::Keyd::builder();
+    let secrets = builder.dir().join("secrets");
+    std::fs::create_dir_all(&secrets).expect("mkdir secrets");
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let est_ca = secrets.join("est-ca.pem");
+    std::fs::write(&est_ca, mock.ca_pem()).expect("write the EST CA");
+    let bootstrap_key = aziot_tests::certd::pki::ec_key();
+    let bootstrap = mock.sign(
+        &aziot_tests::certd::pki::csr_with(&bootstrap_key, &bootstrap_key, "bootstrap", false),
+        Validity::default(),
+    );
+    let bootstrap_cert = secrets.join("bootstrap.pem");
+    std::fs::write(&bootstrap_cert, bootstrap.to_pem().expect("pem")).expect("write");
+    let bootstrap_pk = secrets.join("bootstrap.key.pem");
+    std::fs::write(
+        &bootstrap_pk,
+        bootstrap_key.private_key_to_pem_pkcs8().expect("pem"),
+    )
+    .expect("write");
+    std::fs::set_permissions(&bootstrap_pk, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (ks_uid, ks_gid) = aziot_tests::keyd::service_user();
+    nix::unistd::chown(
+        &bootstrap_pk,
+        Some(nix::unistd::Uid::from_raw(ks_uid)),
+        Some(nix::unistd::Gid::from_raw(ks_gid)),
+    )
+    .expect("chown the bootstrap key");
+    for f in [&est_ca, &bootstrap_cert] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+
+    let super_config = format!(
+        r#"hostname = "{HOSTNAME}"
+
+[provisioning]
+source = "dps"
+global_endpoint = {endpoint}
+id_scope = "{SCOPE}"
+
+[provisioning.attestation]
+method = "x509"
+registration_id = "{RENEW_REGISTRATION_ID}"
+
+[provisioning.attestation.identity_cert]
+method = "est"
+common_name = "{RENEW_REGISTRATION_ID}"
+
+[provisioning.attestation.identity_cert.auto_renew]
+rotate_key = true
+threshold = "50%"
+retry = "10%"
+
+[cert_issuance.est]
+trusted_certs = [{ca}]
+
+[cert_issuance.est.auth]
+username = "u"
+password = "p"
+bootstrap_identity_cert = {bcert}
+bootstrap_identity_pk = {bkey}
+
+[cert_issuance.est.identity_auto_renew]
+rotate_key = true
+threshold = "50%"
+retry = "10%"
+
+[cert_issuance.est.urls]
+default = {url}
+"#,
+        endpoint = aziot_tests::keyd::toml_str(&dps.endpoint()),
+        ca = file_uri(&est_ca),
+        bcert = file_uri(&bootstrap_cert),
+        bkey = file_uri(&bootstrap_pk),
+        url = aziot_tests::keyd::toml_str(&mock.url()),
+    );
+    let [mut keyd, mut certd, mut identityd] =
+        config_apply(&builder.dir().join("apply-root"), &super_config);
+
+    // what the spec says config apply writes for this (aziotctl.md §2.6.6 step 3, §2.6.8 step 1)
+    let issuance = certd["cert_issuance"].as_table().expect("cert_issuance");
+    assert_eq!(
+        issuance.get("device-id-temp"),
+        issuance.get("device-id"),
+        "{issuance:?}"
+    );
+    let key_grants: Vec<Vec<&str>> = keyd["principal"]
+        .as_array()
+        .expect("keyd principals")
+        .iter()
+        .map(|p| strings(p.get("keys")))
+        .collect();
+    assert!(
+        key_grants.iter().any(|k| k.contains(&"device-id-temp")),
+        "{key_grants:?}"
+    );
+    assert!(
+        key_grants.iter().any(|k| k.contains(&"est-id-temp")),
+        "{key_grants:?}"
+    );
+
+    // relocation into the harness's prefix only
+    keyd.remove("aziot_keys");
+    certd.remove("homedir_path");
+    identityd.remove("homedir");
+    // identityd's DPS calls: no retries, so that a failure shows at once
+    identityd.insert("cloud_retries".into(), toml::Value::Integer(0));
+
+    dps.enroll(
+        RENEW_REGISTRATION_ID,
+        Enrollment {
+            attestation: Attestation::X509Ca(mock.ca().clone()),
+            hub: dps.hub_a(),
+            device_id: None,
+        },
+    );
+    let mut stack = Identityd::prepare_generated(
+        builder,
+        &keyd.to_string(),
+        &certd.to_string(),
+        &identityd.to_string(),
+    );
+    stack
+        .start_identityd()
+        .unwrap_or_else(|e| panic!("identityd: {e}"));
+
+    // provisioned with the EST-issued cert, obtained with certd's bootstrapped est-id
+    let e1 = stack.client(None, V2021).get("/identities/identity");
+    assert_eq!(e1.status, 200, "{e1}\n{}", stack.log());
+    assert_eq!(
+        e1.json()["spec"]["deviceId"].as_str(),
+        Some(RENEW_REGISTRATION_ID)
+    );
+    let first = registered_with(&dps);
+    assert_eq!(first.len(), 1, "one registration at start");
+    let old = certd_leaf(&stack, "device-id").expect("device-id in certd");
+    assert_eq!(first[0], sha256(&old), "DPS saw the EST-issued cert");
+    let old_key = keyd_public(&stack, "device-id");
+    assert_eq!(public(&old), old_key);
+    let old_est_id = certd_leaf(&stack, "est-id").expect("est-id bootstrapped");
+    let old_est_key = keyd_public(&stack, "est-id");
+    assert_eq!(public(&old_est_id), old_est_key);
+    let enrolls = mock.requests_for("simpleenroll");
+    assert_eq!(
+        enrolls[0].client_cert.as_ref().map(sha256),
+        Some(sha256(&bootstrap)),
+        "est-id was bootstrapped with the preloaded bootstrap identity"
+    );
+
+    // certd renews est-id: simplereenroll with the current est-id, a new key moved from est-id-temp
+    assert!(
+        mock.wait_for(Duration::from_secs(60), |r| r
+            .iter()
+            .any(|r| r.op == "simplereenroll")),
+        "certd did not renew est-id\n{}",
+        std::fs::read_to_string(stack.run_dir().join("certd/certd.log")).unwrap_or_default()
+    );
+    let reenroll = mock.requests_for("simplereenroll").remove(0);
+    assert_eq!(
+        reenroll.client_cert.as_ref().map(sha256),
+        Some(sha256(&old_est_id))
+    );
+    assert!(
+        wait(Duration::from_secs(20), || certd_leaf(&stack, "est-id")
+            .is_some_and(|c| sha256(&c) != sha256(&old_est_id)
+                && public(&c) == keyd_public(&stack, "est-id"))),
+        "est-id renewed and its rotated key moved onto est-id\n{}",
+        std::fs::read_to_string(stack.run_dir().join("certd/certd.log")).unwrap_or_default()
+    );
+    assert_ne!(
+        keyd_public(&stack, "est-id"),
+        old_est_key,
+        "est-id's key was rotated"
+    );
+
+    // identityd renews device-id: a second registration with a new cert, then the commit
+    assert!(
+        wait(Duration::from_secs(60), || registered_with(&dps).len() >= 2),
+        "no re-registration after the renewal deadline\n{}",
+        stack.log()
+    );
+    let renewed = registered_with(&dps)[1].clone();
+    assert_ne!(renewed, first[0], "re-registered with another cert");
+    assert!(
+        wait(Duration::from_secs(20), || certd_leaf(&stack, "device-id")
+            .is_some_and(|c| sha256(&c) == renewed)),
+        "certd's device-id is the cert DPS accepted\n{}",
+        stack.log()
+    );
+    let new = certd_leaf(&stack, "device-id").expect("device-id");
+    assert!(
+        wait(Duration::from_secs(10), || keyd_public(&stack, "device-id")
+            == public(&new)),
+        "the rotated key was moved onto device-id\n{}",
+        stack.log()
+    );
+    assert_ne!(public(&new), old_key, "rotate_key: a new key pair");
+    assert_eq!(
+        format!("{:?}", new.subject_name()),
+        format!("{:?}", old.subject_name()),
+        "the old leaf's subject"
+    );
+    assert!(
+        certd_leaf(&stack, "device-id-temp").is_none(),
+        "the temporary cert was deleted"
+    );
+    let e1 = stack.client(None, V2021).get("/identities/identity");
+    assert_eq!(e1.status, 200, "{e1}\n{}", stack.log());
+    assert_eq!(
+        e1.json()["spec"]["deviceId"].as_str(),
+        Some(RENEW_REGISTRATION_ID)
+    );
 }

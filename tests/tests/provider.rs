@@ -215,8 +215,7 @@ fn provider_cli_softhsm_backend() {
 /// An `openssl.cnf` that activates the provider (and the default one), used through
 /// `OPENSSL_CONF` by a program given no provider option: `openssl s_client` with the key URI
 /// sends an HTTP request over mTLS to `openssl s_server -www -Verify 1` and gets its page.
-/// (curl 7.88, Debian 12's, cannot take a provider key: its `--key` reads PEM/DER files or
-/// engine keys only; docs/engine.md.)
+/// (curl 7.88, Debian 12's, reads `--key` as a file: `curl_mtls_with_a_key_reference_file`.)
 #[test]
 fn openssl_cnf_activates_the_provider_for_an_unmodified_client() {
     let backend = aziot_tests::keyd::file_backend_only(
@@ -231,20 +230,7 @@ fn openssl_cnf_activates_the_provider_for_an_unmodified_client() {
     make_ca(&s);
     let h = api.create_keypair("prov-cnf", Some("ec-p256"));
     let cert = csr_and_cert(&s, &keyd, &api, &h, "prov-cnf");
-    // the configuration docs/engine.md recommends: both providers active, and the default
-    // provider preferred wherever both implement an algorithm (key generation, TLS groups)
-    let cnf = s.write(
-        "openssl.cnf",
-        format!(
-            "openssl_conf = openssl_init\n\n[openssl_init]\nproviders = provider_sect\n\
-             alg_section = algorithm_sect\n\n[provider_sect]\naziot_keys = aziot_keys_sect\n\
-             default = default_sect\n\n[aziot_keys_sect]\nmodule = {}\nactivate = 1\n\n\
-             [default_sect]\nactivate = 1\n\n[algorithm_sect]\n\
-             default_properties = ?provider=default\n",
-            s.plugin_so().display()
-        )
-        .as_bytes(),
-    );
+    let cnf = provider_cnf(&s);
     for tls in ["-tls1_3", "-tls1_2"] {
         let server = SServer::start(&s, true);
         let mut child = s
@@ -389,5 +375,258 @@ fn provider_bad_input_fails_with_a_clear_error() {
     assert!(
         e.contains("keyd unreachable") && e.contains(&keyd.socket().display().to_string()),
         "{e}"
+    );
+}
+
+/// The documented shell one-liner for a key reference file (docs/engine.md "Key reference
+/// files"), run as written: `openssl asn1parse` DER-encodes the URI as a UTF8String, `base64`
+/// wraps it at 64 columns.
+fn key_reference_file(s: &Scratch, name: &str, uri: &str) -> PathBuf {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(
+            "openssl asn1parse -genstr \"UTF8:$K\" -noout -out - | \
+             { echo '-----BEGIN AZIOT KEY-----'; base64 -w 64; echo '-----END AZIOT KEY-----'; }",
+        )
+        .env("K", uri)
+        .output()
+        .expect("sh");
+    assert!(out.status.success(), "{}", text(&out));
+    s.write(name, &out.stdout)
+}
+
+/// The openssl.cnf docs/engine.md recommends: both providers active, and the default provider
+/// preferred wherever both implement an algorithm (key generation, TLS groups).
+fn provider_cnf(s: &Scratch) -> PathBuf {
+    s.write(
+        "openssl.cnf",
+        format!(
+            "openssl_conf = openssl_init\n\n[openssl_init]\nproviders = provider_sect\n\
+             alg_section = algorithm_sect\n\n[provider_sect]\naziot_keys = aziot_keys_sect\n\
+             default = default_sect\n\n[aziot_keys_sect]\nmodule = {}\nactivate = 1\n\n\
+             [default_sect]\nactivate = 1\n\n[algorithm_sect]\n\
+             default_properties = ?provider=default\n",
+            s.plugin_so().display()
+        )
+        .as_bytes(),
+    )
+}
+
+/// `program args` as APP under `OPENSSL_CONF` (no module directory, no provider option).
+fn under_cnf(s: &Scratch, keyd: &Keyd, cnf: &Path, program: &str, args: &[&str]) -> Output {
+    s.cmd_as(program, APP, TEST_GID, keyd, args)
+        .env_remove("OPENSSL_MODULES")
+        .env("OPENSSL_CONF", cnf)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"))
+}
+
+/// An unmodified program that only reads key *files*: Debian 12's curl 7.88 (`--key` is
+/// `SSL_CTX_use_PrivateKey_file`, PEM through OpenSSL's decoders) given a key reference file
+/// and the openssl.cnf that activates the provider completes an mTLS request (TLS 1.3 and 1.2)
+/// to `openssl s_server -www -Verify 1`, whose page shows the client certificate; `openssl pkey
+/// -in <file> -pubout` prints keyd's public key. EC P-256 and RSA-2048. The one-liner's file is
+/// byte-for-byte what `provider::decoder::key_file` writes.
+#[test]
+fn curl_mtls_with_a_key_reference_file() {
+    let backend = aziot_tests::keyd::file_backend_only("curl_mtls_with_a_key_reference_file");
+    if !deps_for(backend) || !aziot_tests::require_deps(&[aziot_tests::Dep::Curl]) {
+        return;
+    }
+    let keyd = start_keyd(backend);
+    let api = keyd.api(V2021);
+    let s = scratch("provider-curl");
+    make_ca(&s);
+    let cnf = provider_cnf(&s);
+    for (id, alg) in [("prov-curl-ec", "ec-p256"), ("prov-curl-rsa", "rsa-2048")] {
+        let h = api.create_keypair(id, Some(alg));
+        let cert = csr_and_cert(&s, &keyd, &api, &h, id);
+        let file = key_reference_file(&s, &format!("{id}.key.pem"), &to_uri(&h));
+        assert_eq!(
+            std::fs::read_to_string(&file).expect("read"),
+            aziot_key_openssl_engine::provider::decoder::key_file(&h),
+            "the documented one-liner and key_file agree"
+        );
+        let file = file.to_str().expect("utf-8");
+
+        let out = ok(
+            under_cnf(
+                &s,
+                &keyd,
+                &cnf,
+                "openssl",
+                &["pkey", "-in", file, "-pubout"],
+            ),
+            "pkey -in <key reference file> -pubout",
+        );
+        let printed = PKey::public_key_from_pem(&out.stdout).expect("a PEM public key");
+        assert!(
+            printed.public_eq(&public_key(&api, &h)),
+            "{id}: another key"
+        );
+
+        for (tls, server_opt) in [
+            (&["--tlsv1.3"][..], "-tls1_3"),
+            (&["--tlsv1.2", "--tls-max", "1.2"][..], "-tls1_2"),
+        ] {
+            let server = SServer::start_with(&s, true, &[server_opt]);
+            let url = format!("https://127.0.0.1:{}/", server.port());
+            let out = under_cnf(
+                &s,
+                &keyd,
+                &cnf,
+                "curl",
+                &[
+                    &["-sS", "--fail", "--cacert", "ca.pem"][..],
+                    tls,
+                    &["--cert", cert.to_str().expect("utf-8"), "--key", file, &url][..],
+                ]
+                .concat(),
+            );
+            let seen = server.finish();
+            let page = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success()
+                    && page.contains("Client certificate")
+                    && page.contains(&format!("Subject: CN={id}")),
+                "{id} {server_opt}: curl got no page showing the client certificate:\n{}\n--- s_server ---\n{seen}",
+                text(&out)
+            );
+        }
+    }
+}
+
+/// A bad key reference file — garbage inside the label, a URI with an unknown attribute, a
+/// forged handle, keyd down — fails with the provider's error (function
+/// `aziot_keys_provider_decode`, reason, cause) in `openssl pkey`, and curl refuses it with a
+/// non-zero exit; nothing dies by a signal. A file with another PEM label is not the
+/// provider's business (OpenSSL's own error, no provider error).
+#[test]
+fn bad_key_reference_file_fails_with_a_clear_error() {
+    let backend =
+        aziot_tests::keyd::file_backend_only("bad_key_reference_file_fails_with_a_clear_error");
+    if !deps_for(backend) || !aziot_tests::require_deps(&[aziot_tests::Dep::Curl]) {
+        return;
+    }
+    let mut keyd = start_keyd(backend);
+    let api = keyd.api(V2021);
+    let s = scratch("provider-badfile");
+    make_ca(&s);
+    let cnf = provider_cnf(&s);
+    let good = api.create_keypair("prov-badfile-ec", Some("ec-p256"));
+    let cert = csr_and_cert(&s, &keyd, &api, &good, "prov-badfile-ec");
+    let pem = |body: &str| format!("-----BEGIN AZIOT KEY-----\n{body}\n-----END AZIOT KEY-----\n");
+    let b64 = |uri: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .encode(aziot_key_openssl_engine::provider::decoder::der_string(uri))
+    };
+    // curl connects before it reads the key: a listener whose backlog completes the connection
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!(
+        "https://127.0.0.1:{}/",
+        listener.local_addr().expect("addr").port()
+    );
+    let check = |keyd: &Keyd, name: &str, contents: &str, why: &[&str]| {
+        let file = s.write(name, contents.as_bytes());
+        let file = file.to_str().expect("utf-8");
+        let out = under_cnf(&s, keyd, &cnf, "openssl", &["pkey", "-in", file, "-pubout"]);
+        let all = text(&out);
+        assert!(
+            out.status.code().is_some(),
+            "{name}: openssl died by a signal: {all}"
+        );
+        assert!(
+            !out.status.success() && !all.contains("BEGIN PUBLIC KEY"),
+            "{name}: {all}"
+        );
+        for w in why {
+            assert!(all.contains(w), "{name}: no {w:?} in: {all}");
+        }
+        let out = under_cnf(
+            &s,
+            keyd,
+            &cnf,
+            "curl",
+            &[
+                "-sS",
+                "--cacert",
+                "ca.pem",
+                "--cert",
+                cert.to_str().expect("utf-8"),
+                "--key",
+                file,
+                &url,
+            ],
+        );
+        assert!(
+            out.status.code().is_some(),
+            "{name}: curl died by a signal: {}",
+            text(&out)
+        );
+        // 58: "problem with the local client certificate" (the key is refused before connecting)
+        assert_eq!(out.status.code(), Some(58), "{name}: {}", text(&out));
+    };
+    let decode = "aziot_key_openssl_engine:aziot_keys_provider_decode:";
+    check(
+        &keyd,
+        "garbage.pem",
+        &pem("this is not base64!"),
+        &[decode, "not base64"],
+    );
+    check(
+        &keyd,
+        "empty.pem",
+        &pem(""),
+        &[decode, "the block is empty"],
+    );
+    check(
+        &keyd,
+        "attr.pem",
+        &pem(&b64(&format!("{};pin=1", to_uri(&good)))),
+        &[decode, "invalid key URI", "unknown attribute \"pin\""],
+    );
+    check(
+        &keyd,
+        "forged.pem",
+        &pem(&b64(&to_uri(&tamper(&good, "sig")))),
+        &[decode, "keyd refused the request", "invalid handle"],
+    );
+    // not ours: no provider error, OpenSSL's own
+    let other = "-----BEGIN FOO-----\nAAAA\n-----END FOO-----\n";
+    let file = s.write("other.pem", other.as_bytes());
+    let out = under_cnf(
+        &s,
+        &keyd,
+        &cnf,
+        "openssl",
+        &["pkey", "-in", file.to_str().expect("utf-8")],
+    );
+    assert!(
+        out.status.code().is_some() && !out.status.success(),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains(decode), "{}", text(&out));
+    // the good key works (the failures above are the files' fault); then keyd goes down
+    let good_file = pem(&b64(&to_uri(&good)));
+    let file = s.write("good.pem", good_file.as_bytes());
+    ok(
+        under_cnf(
+            &s,
+            &keyd,
+            &cnf,
+            "openssl",
+            &["pkey", "-in", file.to_str().expect("utf-8"), "-pubout"],
+        ),
+        "pkey with the good file",
+    );
+    keyd.stop();
+    let sock = keyd.socket().display().to_string();
+    check(
+        &keyd,
+        "down.pem",
+        &good_file,
+        &[decode, "keyd unreachable", &sock],
     );
 }

@@ -1,7 +1,8 @@
 //! `aziotctl check` and `aziotctl check-list` (spec aziotctl.md §4).
 //!
 //! Every check of §4.4 runs in its order, in two sections, followed here by one check of our
-//! own: `sandbox-audit` (the audit of `aziotctl policy audit` for every running service). The
+//! own: `sandbox-kernel` (the kernel's Landlock ABI against what the policies require) and
+//! `sandbox-audit` (the audit of `aziotctl policy audit` for every running service). The
 //! three output formats are §4.3's. Unlike upstream, the exit status is honest: 1 when a check
 //! ended in `error`/`fatal` (or `warning` under `--warnings-as-errors`), else 0
 //! (docs/compatibility.md).
@@ -15,6 +16,7 @@ mod certs;
 mod config;
 mod daemons;
 mod info;
+mod landlock;
 mod net;
 mod output;
 
@@ -114,7 +116,7 @@ pub struct Check {
     run: fn(&mut Ctx) -> Outcome,
 }
 
-/// Every check, in execution order (§4.4), then `sandbox-audit`.
+/// Every check, in execution order (§4.4), then `sandbox-kernel` and `sandbox-audit`.
 pub static CHECKS: &[Check] = &[
     Check {
         id: "keyd-config-well-formed",
@@ -236,6 +238,12 @@ pub static CHECKS: &[Check] = &[
             "ensure all preloaded certificates match preloaded private keys with the same ID",
         section: CONFIGURATION,
         run: certs::certs_match_keys,
+    },
+    Check {
+        id: "sandbox-kernel",
+        description: "the kernel's Landlock can enforce every service's sandbox policy",
+        section: CONFIGURATION,
+        run: landlock::sandbox_kernel,
     },
     Check {
         id: "sandbox-audit",
@@ -402,7 +410,7 @@ mod tests {
         assert!(CHECKS[first_connectivity..]
             .iter()
             .all(|c| c.section == CONNECTIVITY));
-        assert_eq!(CHECKS.len(), 25);
+        assert_eq!(CHECKS.len(), 26);
     }
 
     #[test]

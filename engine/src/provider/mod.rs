@@ -12,7 +12,11 @@
 //!   parts only (params, import/export of the public key, match); `has(private)` is true for a
 //!   key loaded from keyd, but nothing private ever exists in the process;
 //! * signature `ECDSA` and `RSA` (PKCS#1 v1.5, PSS, none) ([`signature`]);
-//! * asymmetric cipher `RSA` (decryption: PKCS#1 v1.5, OAEP, none) ([`cipher`]).
+//! * asymmetric cipher `RSA` (decryption: PKCS#1 v1.5, OAEP, none) ([`cipher`]);
+//! * decoders for a *key reference file* (`-----BEGIN AZIOT KEY-----`), for programs that only
+//!   read key files ([`decoder`]).
+//!
+//! Inside the product's workers the same provider is built in ([`in_process`]): the twin.
 //!
 //! No second copy of the key logic: a loaded key is the engine's *twin* (an `EC_KEY`/`RSA` with
 //! this crate's methods, `key::load_private`), and every private operation of the provider is a
@@ -22,6 +26,8 @@
 //! the default provider must be loaded too (`-provider aziot_keys -provider default`).
 
 pub mod cipher;
+pub mod decoder;
+pub mod in_process;
 pub mod keymgmt;
 pub mod signature;
 pub mod store;
@@ -328,6 +334,20 @@ fn algorithms(op: c_int) -> Option<&'static Table<ffi::OSSL_ALGORITHM>> {
     static SIGNATURE: OnceLock<Table<ffi::OSSL_ALGORITHM>> = OnceLock::new();
     static CIPHER: OnceLock<Table<ffi::OSSL_ALGORITHM>> = OnceLock::new();
     static STORE: OnceLock<Table<ffi::OSSL_ALGORITHM>> = OnceLock::new();
+    static DECODER: OnceLock<Table<ffi::OSSL_ALGORITHM>> = OnceLock::new();
+    fn decoder_alg(
+        names: &'static CStr,
+        props: &'static CStr,
+        imp: &'static Table<ffi::OSSL_DISPATCH>,
+        description: &'static CStr,
+    ) -> ffi::OSSL_ALGORITHM {
+        ffi::OSSL_ALGORITHM {
+            algorithm_names: names.as_ptr(),
+            property_definition: props.as_ptr(),
+            implementation: imp.0.as_ptr(),
+            algorithm_description: description.as_ptr(),
+        }
+    }
     Some(match op {
         ffi::OSSL_OP_KEYMGMT => KEYMGMT.get_or_init(|| {
             Table(vec![
@@ -355,6 +375,31 @@ fn algorithms(op: c_int) -> Option<&'static Table<ffi::OSSL_ALGORITHM>> {
                     uri::SCHEME_C,
                     store::dispatch(),
                     c"keyd key pairs by handle",
+                ),
+                alg_end(),
+            ])
+        }),
+        ffi::OSSL_OP_DECODER => DECODER.get_or_init(|| {
+            const PEM: &CStr = c"provider=aziot_keys,input=pem";
+            const DER: &CStr = c"provider=aziot_keys,input=der";
+            Table(vec![
+                decoder_alg(
+                    c"DER",
+                    PEM,
+                    decoder::pem_dispatch(),
+                    c"AZIOT KEY reference file, PEM to DER",
+                ),
+                decoder_alg(
+                    EC,
+                    DER,
+                    decoder::key_dispatch(),
+                    c"keyd EC key by reference file",
+                ),
+                decoder_alg(
+                    RSA,
+                    DER,
+                    decoder::key_dispatch(),
+                    c"keyd RSA key by reference file",
                 ),
                 alg_end(),
             ])
@@ -403,7 +448,7 @@ fn provider_dispatch() -> &'static Table<ffi::OSSL_DISPATCH> {
 #[no_mangle]
 pub unsafe extern "C" fn OSSL_provider_init(
     _handle: *const ffi::OSSL_CORE_HANDLE,
-    _in: *const ffi::OSSL_DISPATCH,
+    core_in: *const ffi::OSSL_DISPATCH,
     out: *mut *const ffi::OSSL_DISPATCH,
     provctx: *mut *mut c_void,
 ) -> c_int {
@@ -414,6 +459,7 @@ pub unsafe extern "C" fn OSSL_provider_init(
     }
     // SAFETY: per the contract.
     unsafe {
+        decoder::take_core_functions(core_in);
         *out = provider_dispatch().0.as_ptr();
         *provctx = provider_dispatch() as *const _ as *mut c_void;
     }

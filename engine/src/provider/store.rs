@@ -4,7 +4,9 @@
 //! provider's key management (`load`), so the key never leaves the provider in any form.
 //! Opening only parses the URI; loading asks keyd for the public parts (the engine's
 //! `key::load_private`: `/parameters/*`), on the provider's keyd client (the engine's: the
-//! compiled-in socket or `$AZIOT_KEYD_ENDPOINT`, docs/engine.md).
+//! compiled-in socket or `$AZIOT_KEYD_ENDPOINT`, docs/engine.md) — or, for the built-in provider
+//! of a worker ([`super::in_process`]), on the caller's client named by the
+//! `aziot-keys-in-process-client` parameter.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::OnceLock;
@@ -18,6 +20,8 @@ use crate::key::guarded;
 struct StoreCtx {
     handle: String,
     expect: c_int,
+    /// The in-process caller's keyd client (`super::in_process`), if it named one.
+    client_id: Option<u64>,
     done: bool,
     /// The loaded key, alive while libcrypto's object callback runs (the reference is its address).
     key: Option<KeyData>,
@@ -36,6 +40,7 @@ unsafe extern "C" fn open(_provctx: *mut c_void, uri: *const c_char) -> *mut c_v
         Ok(Box::into_raw(Box::new(StoreCtx {
             handle: parsed.handle,
             expect: 0,
+            client_id: None,
             done: false,
             key: None,
         })) as *mut c_void)
@@ -59,6 +64,15 @@ unsafe extern "C" fn set_ctx_params(ctx: *mut c_void, params: *const ffi::OSSL_P
                     return Err(Error::Internal("expect is not an integer".to_owned()));
                 }
             }
+            if let Some(p) = super::locate(params, ffi::STORE_CLIENT_ID) {
+                let mut id = 0u64;
+                if ffi::OSSL_PARAM_get_uint64(p, &mut id) != 1 {
+                    return Err(Error::Internal(
+                        "the in-process client id is not an integer".to_owned(),
+                    ));
+                }
+                c.client_id = Some(id);
+            }
         }
         Ok(1)
     })
@@ -69,6 +83,7 @@ fn settable() -> &'static Table<ffi::OSSL_PARAM> {
     T.get_or_init(|| {
         Table(vec![
             desc(ffi::STORE_EXPECT, ffi::OSSL_PARAM_INTEGER),
+            desc(ffi::STORE_CLIENT_ID, ffi::OSSL_PARAM_UNSIGNED_INTEGER),
             param_end(),
         ])
     })
@@ -96,42 +111,69 @@ unsafe extern "C" fn load(
         if ![0, ffi::OSSL_STORE_INFO_PKEY, ffi::OSSL_STORE_INFO_PUBKEY].contains(&c.expect) {
             return Ok(1);
         }
-        let client = crate::engine::client()?;
-        let twin = crate::key::load_private(&client, &c.handle)?;
+        let (client, id) = match c.client_id {
+            Some(id) => (super::in_process::client(id)?, Some(id)),
+            None => (crate::engine::client()?, None),
+        };
+        let twin = match crate::key::load_private(&client, &c.handle) {
+            Ok(twin) => twin,
+            Err(e) => {
+                // on the queue as always, and typed for the in-process caller
+                push(Func::ProvStoreLoad, &e);
+                if let Some(id) = id {
+                    super::in_process::record_error(id, e);
+                }
+                return Ok(0);
+            }
+        };
         let key = c.key.insert(KeyData::from_twin(twin)?);
-        let data_type = match key.kind {
-            Kind::Ec => c"EC",
-            Kind::Rsa => c"RSA",
-        };
-        let mut object_type = ffi::OSSL_OBJECT_PKEY;
-        let mut reference: *const KeyData = key;
         let cb = object_cb.ok_or_else(|| Error::Internal("no object callback".to_owned()))?;
-        // SAFETY: the parameters point at locals alive for the call; the reference is the
-        // address of `c.key`, valid until the context is closed (keymgmt `load` copies it).
-        let ok = unsafe {
-            let params = [
-                ffi::OSSL_PARAM_construct_int(ffi::OBJECT_TYPE.as_ptr(), &mut object_type),
-                ffi::OSSL_PARAM_construct_utf8_string(
-                    ffi::OBJECT_DATA_TYPE.as_ptr(),
-                    data_type.as_ptr() as *mut c_char,
-                    0,
-                ),
-                ffi::OSSL_PARAM_construct_octet_string(
-                    ffi::OBJECT_REFERENCE.as_ptr(),
-                    &mut reference as *mut *const KeyData as *mut c_void,
-                    std::mem::size_of::<*const KeyData>(),
-                ),
-                ffi::OSSL_PARAM_construct_utf8_string(
-                    ffi::OBJECT_DESC.as_ptr(),
-                    c"key pair held by keyd".as_ptr() as *mut c_char,
-                    0,
-                ),
-                ffi::OSSL_PARAM_construct_end(),
-            ];
-            cb(params.as_ptr(), object_cbarg)
-        };
-        Ok(ok)
+        // SAFETY: OpenSSL's callback and argument; `c.key` lives until the context is closed.
+        Ok(unsafe { pass_by_reference(key, cb, object_cbarg) })
     })
+}
+
+/// Hands `key` to libcrypto by reference (the store's and the decoder's object callback):
+/// libcrypto gives the reference to this provider's key management `load`, which copies the
+/// key object during the call.
+///
+/// # Safety
+/// `cb`/`cbarg` are an OSSL_CALLBACK and its argument from OpenSSL.
+pub(crate) unsafe fn pass_by_reference(
+    key: &KeyData,
+    cb: ffi::OSSL_CALLBACK,
+    cbarg: *mut c_void,
+) -> c_int {
+    let data_type = match key.kind {
+        Kind::Ec => c"EC",
+        Kind::Rsa => c"RSA",
+    };
+    let mut object_type = ffi::OSSL_OBJECT_PKEY;
+    let mut reference: *const KeyData = key;
+    // SAFETY: the parameters point at locals alive for the call; the reference is the address
+    // of `key`, valid for the call (keymgmt `load` copies it).
+    unsafe {
+        let params = [
+            ffi::OSSL_PARAM_construct_int(ffi::OBJECT_TYPE.as_ptr(), &mut object_type),
+            ffi::OSSL_PARAM_construct_utf8_string(
+                ffi::OBJECT_DATA_TYPE.as_ptr(),
+                data_type.as_ptr() as *mut c_char,
+                0,
+            ),
+            ffi::OSSL_PARAM_construct_octet_string(
+                ffi::OBJECT_REFERENCE.as_ptr(),
+                &mut reference as *mut *const KeyData as *mut c_void,
+                std::mem::size_of::<*const KeyData>(),
+            ),
+            ffi::OSSL_PARAM_construct_utf8_string(
+                ffi::OBJECT_DESC.as_ptr(),
+                c"key pair held by keyd".as_ptr() as *mut c_char,
+                0,
+            ),
+            ffi::OSSL_PARAM_construct_end(),
+        ];
+        cb(params.as_ptr(), cbarg)
+    }
 }
 
 unsafe extern "C" fn eof(ctx: *mut c_void) -> c_int {

@@ -182,6 +182,9 @@ fn mount_namespace(r: &mut AuditReport, policy: &Policy, status: &Status) {
         masks == want,
     );
     let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).map(|p| p.display().to_string());
+    if rec.made_by == crate::mountns::MadeBy::Unit {
+        return unit_mount_namespace(r, policy, status, rec, &subject);
+    }
     match (ns(status.worker_pid), ns(status.broker_pid)) {
         (Ok(w), Ok(b)) => r.push(&subject, "mount namespace", format!("its own (not the broker's {b})"), w.clone(), w != b),
         (w, b) => r.push(&subject, "mount namespace", "readable", format!("worker {w:?}, broker {b:?}"), false),
@@ -201,6 +204,39 @@ fn mount_namespace(r: &mut AuditReport, policy: &Policy, status: &Status) {
             r.push(&subject, "mounts", expected, actual, problems.is_empty());
         }
         Err(e) => r.push(&subject, "mounts", "/proc/<pid>/mountinfo readable", e.to_string(), false),
+    }
+}
+
+/// A namespace systemd made for the unit (`made_by: unit`), which broker and worker share: it
+/// is not the auditor's (the host's), and seen through /proc/<pid>/root it hides every socket
+/// the worker's user may connect to but the granted ones and those the status file lists as
+/// the broker's or siblings (`crate::mountns::verify_view`, the broker's own check, re-run).
+fn unit_mount_namespace(r: &mut AuditReport, policy: &Policy, status: &Status, rec: &crate::mountns::MountNsRecord, subject: &str) {
+    let pid = status.worker_pid;
+    let ns = |p: String| std::fs::read_link(p).map(|p| p.display().to_string());
+    match (ns(format!("/proc/{pid}/ns/mnt")), ns("/proc/self/ns/mnt".into())) {
+        (Ok(w), Ok(me)) => r.push(subject, "mount namespace", format!("made by the unit (systemd), not the host's {me}"), w.clone(), w != me),
+        (w, me) => r.push(subject, "mount namespace", "readable", format!("worker {w:?}, aziotctl {me:?}"), false),
+    }
+    // The granted sockets: the policy's, and those of the config's grants the broker recorded.
+    let mut granted = policy.mount_plan().map(|p| p.binds).unwrap_or_default();
+    granted.extend(rec.binds.iter().cloned());
+    let checked = crate::mountns::Reach::of_process(pid)
+        .map_err(|e| vec![format!("/proc/{pid}/status: {e}")])
+        .and_then(|who| {
+            let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).map_err(|e| vec![format!("/proc/{pid}/mountinfo: {e}")])?;
+            crate::mountns::verify_view(Path::new(&format!("/proc/{pid}/root")), &mountinfo, &policy.mount_namespace.mask, &granted, &rec.also_reachable, &who)
+        });
+    let show = |v: &[PathBuf]| if v.is_empty() { "none".to_owned() } else { v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ") };
+    match checked {
+        Ok(view) => r.push(
+            subject,
+            "mounts",
+            "each mask a mount of its own; the only sockets its user may connect to beneath them: granted, the broker's, siblings of granted ones",
+            format!("masked: {}; granted sockets: {}; also reachable: {}", show(&view.masks), show(&view.binds), show(&view.also_reachable)),
+            true,
+        ),
+        Err(problems) => r.push(subject, "mounts", "only the granted sockets reachable beneath the masks", problems.join("; "), false),
     }
 }
 

@@ -103,6 +103,11 @@ fn internal(what: &str, e: &(dyn std::error::Error + 'static)) -> ApiError {
     ApiError::internal()
 }
 
+/// The store file name of cert `id` (for the log: an operator finds the corrupt file by it).
+fn stored_file(id: &str) -> String {
+    crate::store::cert_file_name(id).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 fn store_error(param: &str, what: &str, e: StoreError) -> ApiError {
     if e.is_invalid_id() {
         invalid_param(param, e)
@@ -305,7 +310,9 @@ impl Api {
                     Ok(None) => return Err(invalid_param("issuer.certId", "not found")),
                     Err(e) => return Err(store_error("issuer.certId", "could not read the issuer cert", e)),
                 };
-                let stack = X509::stack_from_pem(&bytes).map_err(|e| internal("the issuer cert does not parse", &e))?;
+                let stack = X509::stack_from_pem(&bytes).map_err(|e| {
+                    internal(&format!("the issuer cert {cert_id:?} ({}) does not parse", stored_file(&cert_id)), &e)
+                })?;
                 if stack.is_empty() {
                     return Err(invalid_param("issuer.certId", "invalid issuer"));
                 }
@@ -336,8 +343,9 @@ impl Api {
                     }
                     Err(e) => return Err(internal("could not read the local CA cert", &e)),
                 };
-                let stack =
-                    X509::stack_from_pem(&bytes).map_err(|e| internal("the local CA cert does not parse", &e))?;
+                let stack = X509::stack_from_pem(&bytes).map_err(|e| {
+                    internal(&format!("the local CA cert {:?} ({}) does not parse", ca.cert, stored_file(&ca.cert)), &e)
+                })?;
                 if stack.is_empty() {
                     tracing::error!("!!! the local CA cert {:?} holds no certificate", ca.cert);
                     return Err(ApiError::internal());

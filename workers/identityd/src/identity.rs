@@ -332,8 +332,15 @@ impl Core {
         }
     }
 
+    /// The cached record; `None` when absent, or unreadable or corrupt (logged, naming the file).
     fn cache_read(&self, device: &Device, module_id: &str) -> Option<Module> {
-        self.state.read_module(&device.hub_name, &device.device_id, module_id).ok().flatten()
+        match self.state.read_module(&device.hub_name, &device.device_id, module_id) {
+            Ok(module) => module,
+            Err(e) => {
+                tracing::warn!("Ignoring the module cache of {module_id:?}: {}", error_chain(&e));
+                None
+            }
+        }
     }
 
     /// One module record (§8.3): hub first (refreshing the cache; an explicit hub 404 purges

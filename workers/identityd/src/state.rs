@@ -120,18 +120,25 @@ impl State {
         .map(owned)
     }
 
-    /// The content of `rel`, `None` when it does not exist.
+    /// The content of `rel`, `None` when it does not exist. Only regular files are read: a FIFO
+    /// or device planted in its place is refused without blocking (O_NONBLOCK).
     pub fn read(&self, rel: &str) -> Result<Option<Vec<u8>>, StateError> {
         let fd = match openat(
             Some(self.home.as_raw_fd()),
             rel,
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
             Mode::empty(),
         ) {
             Ok(fd) => owned(fd),
             Err(Errno::ENOENT) => return Ok(None),
             Err(e) => return Err(err("could not open", rel, errno(e))),
         };
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| err("could not stat", rel, errno(e)))?;
+        if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+            != nix::sys::stat::SFlag::S_IFREG
+        {
+            return Err(err("not a regular file:", rel, std::io::Error::from(std::io::ErrorKind::InvalidData)));
+        }
         let mut bytes = Vec::new();
         std::fs::File::from(fd)
             .take(MAX_FILE_LEN)
@@ -251,14 +258,32 @@ impl State {
 
     // ---- device_info / prev_state ----
 
-    /// `device_info`: `None` when absent, `unprovisioned` (legacy) or unparsable.
+    /// `rel`'s content; `None` when absent, or unreadable (logged, naming the file).
+    fn read_or_warn(&self, rel: &str) -> Option<Vec<u8>> {
+        match self.read(rel) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!("Ignoring the unreadable state file: {e}: {}", e.source);
+                None
+            }
+        }
+    }
+
+    /// `device_info`: `None` when absent, `unprovisioned` (legacy), unreadable or unparsable
+    /// (the last two logged, naming the file).
     pub fn device_info(&self) -> Option<DeviceInfo> {
-        let bytes = self.read(DEVICE_INFO).ok()??;
-        let text = String::from_utf8(bytes).ok()?;
+        let bytes = self.read_or_warn(DEVICE_INFO)?;
+        let text = String::from_utf8_lossy(&bytes);
         if text.trim() == "unprovisioned" {
             return None;
         }
-        toml::from_str(&text).ok()
+        match toml::from_str(&text) {
+            Ok(info) => Some(info),
+            Err(e) => {
+                tracing::warn!("Ignoring the invalid device info backup {DEVICE_INFO:?}: {}", e.message());
+                None
+            }
+        }
     }
 
     pub fn write_device_info(&self, info: &DeviceInfo) -> Result<(), StateError> {
@@ -269,11 +294,11 @@ impl State {
 
     /// The module names of `prev_state` (§12 step 3), `None` when absent or unparsable.
     pub fn prev_modules(&self) -> Option<BTreeSet<String>> {
-        let bytes = self.read(PREV_STATE).ok()??;
+        let bytes = self.read_or_warn(PREV_STATE)?;
         let table: toml::Table = match std::str::from_utf8(&bytes).ok().map(str::parse) {
             Some(Ok(t)) => t,
             _ => {
-                tracing::warn!("Ignoring invalid previous state file {PREV_STATE}");
+                tracing::warn!("Ignoring invalid previous state file {PREV_STATE:?}");
                 return None;
             }
         };
@@ -407,6 +432,27 @@ mod tests {
         let names: Vec<String> =
             std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert!(names.iter().all(|n| !n.starts_with(TMP_PREFIX)), "{names:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A FIFO or a directory planted where a state file belongs is refused at once, naming the
+    /// file (before: opening a FIFO blocked the reconciling thread forever).
+    #[test]
+    fn non_regular_state_files_are_refused_without_blocking() {
+        let (dir, state) = temp_state();
+        nix::unistd::mkfifo(&dir.join(DEVICE_INFO), Mode::from_bits_truncate(0o644)).unwrap();
+        std::fs::create_dir(dir.join(PREV_STATE)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let e = state.read(DEVICE_INFO).unwrap_err();
+            let info = state.device_info();
+            let prev = state.read(PREV_STATE).unwrap_err();
+            tx.send((e.to_string(), info, prev.to_string())).unwrap();
+        });
+        let (e, info, prev) = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("read blocked on a FIFO");
+        assert_eq!(e, "not a regular file: \"device_info\"");
+        assert_eq!(info, None);
+        assert!(prev.contains("\"prev_state\""), "{prev}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -270,11 +270,19 @@ impl KeyStore {
     fn with_pair<T>(&self, id: &str, f: impl FnOnce(&KeyPair) -> Result<T>) -> Result<T> {
         match self.stored(id)? {
             Stored::Missing => Err(Error::invalid("key pair not found")),
-            Stored::Empty => Err(Error::external_msg("key file is empty")),
+            Stored::Empty => Err(self.corrupt(id, "key file is empty")),
             Stored::Key(key) => match &*key {
                 CachedKey::Pair(pair) => f(pair),
-                CachedKey::Symmetric(_) => Err(Error::external_msg("key file is not a valid PEM private key")),
+                CachedKey::Symmetric(_) => Err(self.corrupt(id, "key file is not a valid PEM private key")),
             },
+        }
+    }
+
+    /// An EXTERNAL error for the corrupt file of `id`, naming the file (for the log).
+    fn corrupt(&self, id: &str, what: &'static str) -> Error {
+        match self.resolve(id) {
+            Ok(location) => Error::external_msg(format!("{what}: {:?} (key {id:?})", location.name)),
+            Err(_) => Error::external_msg(what),
         }
     }
 
@@ -282,7 +290,7 @@ impl KeyStore {
     fn with_symmetric<T>(&self, id: &str, f: impl FnOnce(&SymmetricKey) -> Result<T>) -> Result<T> {
         match self.stored(id)? {
             Stored::Missing => Err(Error::invalid("key not found")),
-            Stored::Empty => Err(Error::external_msg("key file is empty")),
+            Stored::Empty => Err(self.corrupt(id, "key file is empty")),
             Stored::Key(key) => match &*key {
                 CachedKey::Symmetric(sym) => f(sym),
                 // Upstream would use the PEM text as a symmetric key (spec §10 quirk 3); we

@@ -76,6 +76,14 @@ impl AuthKeyBlob {
     }
 }
 
+/// Fuzzing entry (fuzz/fuzz_targets/tpm_blob.rs): each element through tpm2-tss's
+/// unmarshalers, as [`crate::tpm::Tpm::import_auth_key`] does before it reaches the TPM.
+#[doc(hidden)]
+pub fn unmarshal_for_fuzzing(blob: &AuthKeyBlob) -> Result<(), String> {
+    let tss = crate::tss_lib::tss().map_err(|e| e.to_string())?;
+    blob.to_sys(tss).map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// The blob as TPM structures.
 pub(crate) struct SysBlob {
     pub credential_blob: sys::TPM2B_ID_OBJECT,

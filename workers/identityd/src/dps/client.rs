@@ -317,6 +317,21 @@ fn outcome(v: &Value, status: Option<u16>) -> Result<Option<Assignment>, HubErro
     }
 }
 
+/// Fuzzing entry (fuzz/fuzz_targets/iot_responses.rs): one DPS answer through the checks
+/// [`DpsClient::register`] applies to it (status, Content-Type, JSON, operation status, the TPM
+/// authenticationKey, `Retry-After`).
+#[doc(hidden)]
+pub fn classify_for_fuzzing(r: &transport::Response) -> Result<Option<Assignment>, HubError> {
+    let _ = retry_after(r);
+    if r.status >= 400 {
+        return Err(status_error(r));
+    }
+    let body = json_body(r)?;
+    auth_key(Some(&body))?;
+    auth_key(body.get("registrationState").and_then(|s| s.get("tpm")))?;
+    outcome(&body, Some(r.status))
+}
+
 /// The authenticationKey of a TPM answer (round-1 401 body, or registrationState.tpm).
 fn auth_key(v: Option<&Value>) -> Result<Option<Vec<u8>>, HubError> {
     let Some(k) = v

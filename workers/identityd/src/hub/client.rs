@@ -351,6 +351,19 @@ fn parse_response<T: serde::de::DeserializeOwned>(r: &transport::Response, expec
     ))
 }
 
+/// Fuzzing entry (fuzz/fuzz_targets/iot_responses.rs): one hub answer through the checks of
+/// the module calls: a list (`list_modules`) when the body starts with `[`, else one module.
+#[doc(hidden)]
+pub fn classify_for_fuzzing(r: &transport::Response) -> Result<Vec<Module>, HubError> {
+    if r.body.first() == Some(&b'[') {
+        let wire: Vec<WireModule> = parse_response(r, &[200])?;
+        wire.into_iter().map(module_from).collect()
+    } else {
+        let wire: WireModule = parse_response(r, &[200, 201])?;
+        Ok(vec![module_from(wire)?])
+    }
+}
+
 fn module_from(wire: WireModule) -> Result<Module, HubError> {
     wire.into_module().map_err(|e| {
         HubError::new(HubErrorKind::InvalidData, Some(200), format!("could not parse the hub's module: {e}"))

@@ -140,15 +140,16 @@ pub(crate) fn read_file(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<Zeroi
         Ok(fd) => owned(fd),
         Err(Errno::ENOENT) => return Ok(None),
         Err(Errno::ELOOP) => return Err(Error::invalid("the key file is a symbolic link; refusing to follow it")),
-        Err(e) => return Err(Error::external("could not open key file", e)),
+        Err(e) => return Err(Error::external(format!("could not open key file {name:?}"), e)),
     };
-    let stat = fstat(fd.as_raw_fd()).map_err(io_err("could not stat key file"))?;
+    let stat = fstat(fd.as_raw_fd()).map_err(|e| Error::external(format!("could not stat key file {name:?}"), e))?;
     if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-        return Err(Error::external_msg("key file is not a regular file"));
+        return Err(Error::external_msg(format!("key file {name:?} is not a regular file")));
     }
-    let size = usize::try_from(stat.st_size).map_err(|_| Error::external_msg("key file has an invalid size"))?;
+    let size = usize::try_from(stat.st_size)
+        .map_err(|_| Error::external_msg(format!("key file {name:?} has an invalid size")))?;
     if size > MAX_KEY_FILE_LEN {
-        return Err(Error::external_msg("key file is too large"));
+        return Err(Error::external_msg(format!("key file {name:?} is too large")));
     }
     // Read into a buffer of the final size, so that no reallocation leaves key bytes behind.
     // Files are only ever replaced by rename, never modified in place, so the size is stable.
@@ -159,7 +160,7 @@ pub(crate) fn read_file(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<Zeroi
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(Errno::EINTR) => {}
-            Err(e) => return Err(Error::external("could not read key file", e)),
+            Err(e) => return Err(Error::external(format!("could not read key file {name:?}"), e)),
         }
     }
     buf.truncate(filled);
@@ -192,22 +193,32 @@ pub(crate) fn write_atomic(dir: BorrowedFd<'_>, name: &CStr, data: &[u8]) -> Res
     let tmp = temp_name()?;
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
     let mode = Mode::S_IRUSR | Mode::S_IWUSR;
+    // Every error names the key file being written (the log is where an operator looks).
+    let named = |what: &str| {
+        let context = format!("{what} {name:?}");
+        move |e: Errno| Error::external(context, e)
+    };
     let fd = openat(Some(dir), tmp.as_c_str(), flags, mode)
         .map(owned)
-        .map_err(io_err("could not create temporary key file"))?;
+        .map_err(named("could not create a temporary file for key file"))?;
     let result = (|| {
         // The umask can only have removed bits; make the mode exactly 0600 regardless.
-        fchmod(fd.as_raw_fd(), mode).map_err(io_err("could not set key file mode"))?;
-        write_all(fd.as_fd(), data)?;
-        fsync(fd.as_raw_fd()).map_err(io_err("could not sync key file"))?;
-        renameat(Some(dir), tmp.as_c_str(), Some(dir), name).map_err(io_err("could not rename key file"))
+        fchmod(fd.as_raw_fd(), mode).map_err(named("could not set the mode of key file"))?;
+        write_all(fd.as_fd(), data).map_err(|e| match e {
+            Error::External { source, .. } => {
+                Error::External { context: format!("could not write key file {name:?}").into(), source }
+            }
+            other => other,
+        })?;
+        fsync(fd.as_raw_fd()).map_err(named("could not sync key file"))?;
+        renameat(Some(dir), tmp.as_c_str(), Some(dir), name).map_err(named("could not rename into place key file"))
     })();
     drop(fd);
     if let Err(e) = result {
         let _ = unlinkat(Some(dir), tmp.as_c_str(), UnlinkatFlags::NoRemoveDir);
         return Err(e);
     }
-    fsync(dir).map_err(io_err("could not sync keys directory"))
+    fsync(dir).map_err(named("could not sync the keys directory after writing"))
 }
 
 /// Removes `dir/name`. `Ok(false)` if it did not exist.

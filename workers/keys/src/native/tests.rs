@@ -184,7 +184,11 @@ fn empty_files() {
         fs::write(key_path(&tmp, id), b"").unwrap();
     }
     match store.load_key("e1") {
-        Err(Error::External { context, .. }) => assert_eq!(context, "key file is empty"),
+        Err(Error::External { context, .. }) => {
+            assert!(context.starts_with("key file is empty: "), "{context}");
+            let file = key_file_name("e1").unwrap().into_string().unwrap();
+            assert!(context.contains(&file), "names the file: {context}");
+        }
         other => panic!("{other:?}"),
     }
     assert!(is_external(store.load_key_pair("e1")));

@@ -1,7 +1,7 @@
 //! Fuzzes the PKCS#11 URI parser: it must never panic, a parsed URI must print without its PIN,
 //! and the printed form (without the query) must parse again to the same path attributes.
 //!
-//! Run: `cd workers/keys/fuzz && cargo +nightly fuzz run pkcs11_uri`.
+//! Run: `scripts/fuzz pkcs11_uri` (docs/fuzzing.md).
 
 #![no_main]
 
