@@ -293,6 +293,17 @@ struct Accepted {
     pid: i32,
     guard: ThrottleGuard,
     slot: Slot,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Connections a worker holds at most: its descriptor limit less a reserve for what serving a
+/// request opens (key and cert files, connections to keyd/certd/tpmd, TLS to the cloud), so an
+/// admitted request never fails for want of a descriptor. Connections beyond it wait in the
+/// listen backlog until one closes. `None` (no cap) outside a locked-in worker.
+fn connection_budget(nofile: Option<u64>) -> Option<usize> {
+    let limit = usize::try_from(nofile?).ok()?;
+    let reserve = (limit / 8).max(32);
+    Some(limit.saturating_sub(reserve).max(1))
 }
 
 /// Why a worker's [`serve_worker`] returned.
@@ -354,7 +365,7 @@ pub fn run<S: Service>(listener: std::os::unix::net::UnixListener, service: Arc<
                 while let Some(accepted) = rx.recv().await {
                     match tokio::net::UnixStream::from_std(accepted.stream) {
                         Ok(stream) => {
-                            let guards = (accepted.guard, accepted.slot);
+                            let guards = (accepted.guard, accepted.slot, accepted.permit);
                             tokio::spawn(connection(Arc::clone(&service), Arc::clone(&config), stream, accepted.uid, accepted.pid, guards));
                         }
                         Err(e) => tracing::warn!("could not register a connection: {e}"),
@@ -401,7 +412,29 @@ async fn accept_loop<S: Service>(
         Ok(l) => l,
         Err(e) => return e,
     };
+    let budget = connection_budget(aziot_policy::applied_nofile());
+    let open = budget.map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+    let mut at_budget = false;
     loop {
+        let permit = match &open {
+            Some(open) => {
+                if open.available_permits() == 0 && !at_budget {
+                    at_budget = true;
+                    tracing::warn!(
+                        "{} connections open, as many as this worker's descriptor limit allows: new connections wait until one closes",
+                        budget.unwrap_or(0)
+                    );
+                }
+                match Arc::clone(open).acquire_owned().await {
+                    Ok(p) => Some(p),
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        if open.as_ref().is_some_and(|o| o.available_permits() > 0) {
+            at_budget = false;
+        }
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -433,14 +466,14 @@ async fn accept_loop<S: Service>(
         load[index].fetch_add(1, Ordering::Relaxed);
         let slot = Slot { load: Arc::clone(&load), index };
         if index == 0 {
-            tokio::spawn(connection(Arc::clone(&service), Arc::clone(&config), stream, uid, pid, (guard, slot)));
+            tokio::spawn(connection(Arc::clone(&service), Arc::clone(&config), stream, uid, pid, (guard, slot, permit)));
             continue;
         }
         match stream.into_std() {
             Ok(stream) => {
                 // On failure the connection (with its guard and slot) is dropped: the client
                 // sees the connection closed.
-                let _ = senders[index - 1].send(Accepted { stream, uid, pid, guard, slot });
+                let _ = senders[index - 1].send(Accepted { stream, uid, pid, guard, slot, permit });
             }
             Err(e) => tracing::warn!("could not hand a connection over: {e}"),
         }
@@ -526,6 +559,15 @@ async fn pipeline<S: Service>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_budget_keeps_a_reserve() {
+        assert_eq!(connection_budget(None), None);
+        assert_eq!(connection_budget(Some(4096)), Some(4096 - 512));
+        assert_eq!(connection_budget(Some(1024)), Some(1024 - 128));
+        assert_eq!(connection_budget(Some(48)), Some(16));
+        assert_eq!(connection_budget(Some(20)), Some(1));
+    }
 
     #[test]
     fn api_version_parsing() {

@@ -221,7 +221,23 @@ pub fn apply_rlimits(policy: &Policy) -> Result<(), PolicyError> {
         let soft = limit.soft.min(hard);
         setrlimit(resource, soft, hard).map_err(err)?;
     }
+    // Recorded for the server's connection budget (ipc::server): once seccomp is in place the
+    // worker cannot ask the kernel (no prlimit64 in any filter).
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        APPLIED_NOFILE.store(soft, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(())
+}
+
+static APPLIED_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The descriptor limit (`RLIMIT_NOFILE` soft) in force after [`apply_rlimits`]; `None` in a
+/// process that did not lock itself in.
+pub fn applied_nofile() -> Option<u64> {
+    match APPLIED_NOFILE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        n => Some(n),
+    }
 }
 
 /// Restricts the calling (only) thread with the policy's Landlock rules, best effort, and reports

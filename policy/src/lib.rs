@@ -32,7 +32,7 @@ pub mod trusted;
 
 use std::path::{Path, PathBuf};
 
-pub use apply::{apply_landlock, apply_rlimits, check_required, kernel_abi, rights_report, LandlockReport, RightKind, RightReport};
+pub use apply::{applied_nofile, apply_landlock, apply_rlimits, check_required, kernel_abi, rights_report, LandlockReport, RightKind, RightReport};
 pub use audit::{audit_running, audit_service, audit_service_with, default_state_dir, AuditReport, Finding};
 pub use creds::{drop_privileges_in_child, resolve_credentials, Credentials};
 pub use model::{
