@@ -69,6 +69,8 @@ pub enum ApplyError {
     SecretsDir(#[from] SecretsDirError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error("the {0} configuration this file maps to would be refused by aziot-{0}: {1}")]
+    Refused(&'static str, String),
     #[error(
         "the configuration was written, but the services did not restart cleanly; check \
          `systemctl status aziot-*`"
@@ -108,6 +110,7 @@ pub fn run(options: Options) -> Result<(), ApplyError> {
     };
     let rendered = render::render(&config, hostname, &uids, &mut w)?;
     w.flush_to_stderr();
+    validate_rendered(&rendered, &fs_root)?;
     let plan = plan(rendered, &users, &fs_root, &mut w)?;
 
     if options.dry_run {
@@ -152,6 +155,67 @@ pub fn run(options: Options) -> Result<(), ApplyError> {
         );
     }
     println!("Done.");
+    Ok(())
+}
+
+/// What each service will read after this apply — its main file and drop-ins as they are on
+/// disk, with the new `config.d/00-super.toml` — checked by the service's own validation (what
+/// its broker runs at start), before anything is written: a value the schema accepts but the
+/// service refuses (a scope ID with a space, a DPS endpoint that is not `https://`, found by the
+/// `super_config` fuzz target) fails here instead of at the service's next start.
+fn validate_rendered(rendered: &Rendered, fs_root: &Path) -> Result<(), ApplyError> {
+    use aziot_ipc::config::{deserialize, merge_tables, read_merged, ConfigPaths, Merged};
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
+    }
+    let texts: [(&'static str, Result<String, toml::ser::Error>); 4] = [
+        ("keyd", toml::to_string(&rendered.keyd)),
+        ("certd", toml::to_string(&rendered.certd)),
+        ("identityd", toml::to_string(&rendered.identityd)),
+        ("tpmd", toml::to_string(&rendered.tpmd)),
+    ];
+    for (short, text) in texts {
+        let text = text.map_err(|e| ApplyError::Serialize(short, e))?;
+        let new = text
+            .parse::<toml::Table>()
+            .map_err(|e| ApplyError::Refused(short, format!("the written TOML does not parse: {e}")))?;
+        let base = fs_root.join("etc/aziot").join(short);
+        let paths = ConfigPaths { main: base.join("config.toml"), dir: base.join("config.d") };
+        let dropin = paths.dir.join("00-super.toml");
+        // The files as the service will find them; files that cannot be read now are the
+        // service's problem at start (and `aziotctl check`'s), not this file's: checked alone.
+        let mut files: Vec<_> = read_merged(&paths)
+            .map(|m| m.files.into_iter().filter(|(p, _)| *p != dropin).collect())
+            .unwrap_or_default();
+        files.push((dropin, new));
+        files.sort_by(|(a, _), (b, _)| (a != &paths.main, a).cmp(&(b != &paths.main, b)));
+        let mut value = toml::Table::new();
+        for (_, table) in &files {
+            merge_tables(&mut value, table.clone());
+        }
+        let merged = Merged { value, files };
+        let mut ignore = |_: &Path, _: &str| {};
+        let checked = match short {
+            "keyd" => deserialize::<aziot_keyd::config::Config>(&merged, &mut ignore)
+                .map_err(|e| chain(&e))
+                .and_then(|c| aziot_keyd::endpoint(&c).map(drop).map_err(|e| chain(&e))),
+            // certd's values (EST URLs, issuance options) are the super-config's own checks
+            // (spec §2.5), and its parser repeats the http:// warning apply already printed
+            "certd" => deserialize::<aziot_certd::config::RawConfig>(&merged, &mut ignore).map(drop).map_err(|e| chain(&e)),
+            "identityd" => aziot_identityd::parse_config(&merged, &mut ignore).map(drop).map_err(|e| chain(&e)),
+            _ => deserialize::<aziot_tpmd::config::Config>(&merged, &mut ignore)
+                .map_err(|e| chain(&e))
+                .and_then(|c| aziot_tpmd::config::validate(&c)),
+        };
+        checked.map_err(|message| ApplyError::Refused(short, message))?;
+    }
     Ok(())
 }
 

@@ -414,3 +414,25 @@ fn environment_errors() {
         "{err}"
     );
 }
+
+/// Values the super-config's schema accepts but the service would refuse at its next start are
+/// refused by `config apply` itself, through the service's own validation, before anything is
+/// written (found by the `super_config` fuzz target: an `id_scope` with a space was written).
+#[test]
+fn values_the_service_would_refuse_are_refused_before_writing() {
+    let dps = |endpoint: &str, scope: &str| {
+        format!(
+            "[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"{endpoint}\"\nid_scope = \"{scope}\"\n\
+             [provisioning.attestation]\nmethod = \"tpm\"\nregistration_id = \"r\"\n"
+        )
+    };
+    let refused = "the identityd configuration this file maps to would be refused by aziot-identityd";
+    for scope in ["0ab 123", "0ab/123", "0ab?1", "0ab#1"] {
+        expect_error(&dps("https://global.azure-devices-provisioning.net/", scope), refused, "invalid scope_id");
+    }
+    expect_error(&dps("http://global.azure-devices-provisioning.net/", "0ab123"), refused, "must be an https:// URL");
+    // the same settings with valid values are written
+    let root = Root::new();
+    root.config(&dps("https://global.azure-devices-provisioning.net/", "0ab123"));
+    common::assert_ok(&root.apply(&[]));
+}
