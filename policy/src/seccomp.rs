@@ -3,7 +3,9 @@
 //!
 //! Two filters are installed, in this order, both with SECCOMP_FILTER_FLAG_TSYNC:
 //! 1. `clone3_enosys` (default allow; clone3 -> ENOSYS): glibc then falls back to clone, whose
-//!    flags the allowlist can check (clone3 passes them in memory);
+//!    flags the allowlist can check (clone3 passes them in memory); also socket(AF_NETLINK) ->
+//!    ENOSYS, so that an allowlist letting it through (identityd's: getaddrinfo's sorting) gets
+//!    an error glibc falls back from, never a netlink socket;
 //! 2. `allowlist` (default SECCOMP_RET_TRAP, or SECCOMP_RET_LOG in log mode), which must itself
 //!    allow clone3 so that filter 1 decides (the kernel applies the most restrictive answer).
 //!    A trap runs the SIGSYS handler of `sigsys.rs`: it reports the syscall to the broker and

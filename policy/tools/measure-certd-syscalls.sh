@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . policy/tools/measure-lib.sh
-cargo build -q -p aziotd -p aziotctl --bins
+measure_build
 cargo test -q -p aziot-tests --test certd_api --test certd_issue --test certd_est --no-run
 work=$(mktemp -d /tmp/aziot-measure-certd.XXXXXX)
 trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT

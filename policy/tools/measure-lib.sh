@@ -1,15 +1,23 @@
-# Shared by policy/tools/measure-certd-syscalls.sh and measure-tpmd-syscalls.sh (sourced, not
-# run): the report of the kernel's seccomp log records, and the analysis of `strace -f` traces.
+# Shared by policy/tools/measure-{certd,tpmd,identityd}-syscalls.sh (sourced, not
+# run): the build, the report of the kernel's seccomp log records, and the analysis of `strace -f`
+# traces.
 
-# seccomp_log_since <dmesg line count before the run> <user>: the kernel's type=1326 audit
-# records of <user>'s syscalls logged by SECCOMP_RET_LOG (code=0x7ffc0000) since then; each is a
+# measure_build: the workspace's binaries and tests as the suites need them. Not `cargo build -p
+# aziotd`: that rebuilds aziotd without the test-only `escape-probe` feature (cargo unifies it in
+# only through aziot-tests), and the escape/engine/mount_namespace suites then fail.
+measure_build() { cargo build -q --workspace --bins --tests; }
+
+# seccomp_log_since <dmesg line count before the run> <user> [<exe>]: the kernel's type=1326 audit
+# records of <user>'s syscalls logged by SECCOMP_RET_LOG (code=0x7ffc0000) since then (only those
+# of binary <exe> when given: another checkout's tests may run at the same time); each is a
 # syscall the allowlist lacks. The kernel may rate-limit these lines ("callbacks suppressed"), so
 # an empty answer is confirmed by the strace mode.
 seccomp_log_since() {
   local before=$1 uid
   uid=$(id -u "$2")
-  echo "# new type=1326 (SECCOMP_RET_LOG) records of uid $uid (none = the allowlist covered every call):"
-  dmesg | tail -n +"$((before + 1))" | grep 'type=1326' | grep " uid=$uid " | grep 'code=0x7ffc0000' || true
+  echo "# new type=1326 (SECCOMP_RET_LOG) records of uid $uid${3:+ and exe $3} (none = the allowlist covered every call):"
+  dmesg | tail -n +"$((before + 1))" | grep 'type=1326' | grep " uid=$uid " | grep 'code=0x7ffc0000' \
+    | grep -F "exe=\"${3:-}" || true
 }
 
 # worker_syscalls <directory of traces t.*> <service>: for every worker in the traces (each
@@ -20,7 +28,7 @@ worker_syscalls() {
 import collections, glob, re, sys
 counts, args, workers = collections.Counter(), collections.defaultdict(collections.Counter), 0
 argpos = {'ioctl': 1, 'fcntl': 1, 'prctl': 0, 'mmap': 2, 'mprotect': 2, 'getsockopt': 2, 'madvise': 2,
-          'socket': 0, 'setsockopt': 1, 'rt_sigaction': 0, 'tgkill': 2, 'clone': 0}
+          'socket': (0, 1), 'setsockopt': (1, 2), 'rt_sigaction': 0, 'tgkill': 2}
 for path in sorted(glob.glob(sys.argv[1] + '/t.*')):
     lines = open(path).read().splitlines()
     starts = {}
@@ -44,10 +52,14 @@ for path in sorted(glob.glob(sys.argv[1] + '/t.*')):
                 continue
             name = m.group(2)
             counts[name] += 1
-            if name in argpos:
+            if name == 'clone':  # strace shows child_stack= first; the filter checks the flags
+                f = re.search(r'flags=([A-Z0-9_|]+)', m.group(3))
+                args[name][f.group(1) if f else '?'] += 1
+            elif name in argpos:
                 a = re.split(r'[,)<]', m.group(3))
-                if len(a) > argpos[name]:
-                    args[name][a[argpos[name]].strip()] += 1
+                pos = argpos[name] if isinstance(argpos[name], tuple) else (argpos[name],)
+                if len(a) > max(pos):
+                    args[name][' '.join(a[i].strip() for i in pos)] += 1
 print(f'# {workers} {sys.argv[2]} workers; syscalls after seccomp(), with counts:')
 for name, n in counts.most_common():
     print(f'{n:8d} {name}')

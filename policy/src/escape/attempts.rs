@@ -284,6 +284,7 @@ const ATTEMPTS: &[(&str, Attempt)] = &[
     ("socket-udp", |_| Ok(raw_socket(libc::AF_INET, libc::SOCK_DGRAM, 0))),
     ("socket-netlink", |_| Ok(raw_socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE))),
     ("socket-packet", |_| Ok(raw_socket(libc::AF_PACKET, libc::SOCK_RAW, 0))),
+    ("getaddrinfo-several", |c| getaddrinfo_several(c.arg()?)),
     ("connect-tcp", |c| Ok(io_outcome(std::net::TcpStream::connect(("127.0.0.1", c.arg_num::<u16>()?))))),
     ("connect-unix", |c| Ok(io_outcome(std::os::unix::net::UnixStream::connect(c.arg()?)))),
     ("connect-abstract", |c| {
@@ -409,6 +410,34 @@ pub fn names() -> impl Iterator<Item = &'static str> {
 pub fn run(name: &str, ctx: &Ctx) -> Result<Outcome, String> {
     let (_, f) = ATTEMPTS.iter().find(|(n, _)| *n == name).ok_or_else(|| format!("unknown attempt {name:?}"))?;
     f(ctx)
+}
+
+/// getaddrinfo with no socket type: one result per type (stream, datagram, raw), so glibc sorts
+/// them and asks the kernel for the host's addresses over netlink first (`__check_pf`).
+fn getaddrinfo_several(host: &str) -> Result<Outcome, String> {
+    let name = std::ffi::CString::new(host).map_err(|e| e.to_string())?;
+    // SAFETY: a zeroed addrinfo is a valid "no hints" value.
+    let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
+    hints.ai_family = libc::AF_UNSPEC;
+    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: valid C string, hints and out pointer; the list is freed below.
+    let rc = unsafe { libc::getaddrinfo(name.as_ptr(), std::ptr::null(), &hints, &mut res) };
+    if rc != 0 {
+        return Err(format!("getaddrinfo({host}) failed: {rc}"));
+    }
+    let mut n = 0;
+    let mut p = res;
+    while !p.is_null() {
+        n += 1;
+        // SAFETY: p is a node of the list getaddrinfo returned.
+        p = unsafe { (*p).ai_next };
+    }
+    // SAFETY: the list getaddrinfo returned, freed once.
+    unsafe { libc::freeaddrinfo(res) };
+    if n < 2 {
+        return Err(format!("getaddrinfo({host}) gave {n} result(s); the attempt needs several"));
+    }
+    Ok(Outcome::Ok)
 }
 
 fn raw_socket(domain: i32, ty: i32, proto: i32) -> Outcome {
