@@ -148,6 +148,21 @@ pub fn require_deps(deps: &[Dep]) -> bool {
     })
 }
 
+/// Polls `cond` every 50 ms until it holds (true) or `timeout` passes (false): the suites' way
+/// to wait for a state, never a fixed sleep.
+pub fn wait_for(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// `require!(Dep::Root, Dep::Swtpm)`: at the top of a test; returns from it (skip) when a
 /// dependency is missing and `AZIOT_ALLOW_SKIP=1`, fails naming it otherwise.
 #[macro_export]

@@ -8,6 +8,7 @@
 //! intact; failed renewals retried per `retry`; 202 + Retry-After honoured (and bounded);
 //! `trusted_certs` the only trust store.
 
+use aziot_tests::wait_for;
 use std::time::{Duration, Instant};
 
 use aziot_tests::api::handle_of;
@@ -105,16 +106,6 @@ fn enroll(certd: &Certd, id: &str, cn: &str) -> (aziot_tests::http::Response, PK
     (r, key)
 }
 
-fn poll(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
-}
 
 #[test]
 fn bootstrap_then_identity_then_device_cert() {
@@ -200,12 +191,12 @@ fn renewal(rotate_key: bool) {
     }
     // committed: the stored identity is the renewed cert (30 days), and keyd's est-id is its key
     assert!(
-        poll(Duration::from_secs(10), || stored(&certd, IDENTITY)
+        wait_for(Duration::from_secs(10), || stored(&certd, IDENTITY)
             .is_some_and(|c| public_der(&c[0]) == new_public && der(&c[0]) != der(&first_identity))),
         "the renewed identity was not stored\n{}",
         certd.log()
     );
-    assert!(poll(Duration::from_secs(10), || keyd_public(&certd, IDENTITY) == new_public), "{}", certd.log());
+    assert!(wait_for(Duration::from_secs(10), || keyd_public(&certd, IDENTITY) == new_public), "{}", certd.log());
     if rotate_key {
         let r = certd.keyd_api().get("/keypair/est-id-temp");
         assert_eq!(r.status, 400, "the temporary key pair was moved onto est-id: {r}");
@@ -255,7 +246,7 @@ fn failed_renewals_are_retried_per_retry_and_keep_the_identity() {
     assert!(certd.log().contains("not a PKCS#7"), "{}", certd.log());
     // the failures left the identity as it was; then a retry succeeds and replaces it
     assert!(
-        poll(Duration::from_secs(15), || std::fs::read(certd.cert_path(IDENTITY)).unwrap() != identity),
+        wait_for(Duration::from_secs(15), || std::fs::read(certd.cert_path(IDENTITY)).unwrap() != identity),
         "no successful retry\n{}",
         certd.log()
     );
@@ -264,7 +255,7 @@ fn failed_renewals_are_retried_per_retry_and_keep_the_identity() {
     // the commit writes the cert, then moves the rotated key onto the identity's id (spec
     // certd.md §6.4 step 6): the key follows the cert within the same renewal
     assert!(
-        poll(Duration::from_secs(10), || public_der(&renewed[0]) == keyd_public(&certd, IDENTITY)),
+        wait_for(Duration::from_secs(10), || public_der(&renewed[0]) == keyd_public(&certd, IDENTITY)),
         "the identity key did not follow the renewed cert\n{}",
         certd.log()
     );

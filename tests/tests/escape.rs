@@ -644,8 +644,7 @@ fn forbidden(e: &Env, svc: &str) -> Vec<Case> {
         c("ambient-raise", None, "raise an ambient capability", Sigsys, Refused),
         c("clear-pdeathsig", None, "outlive the broker (clear PDEATHSIG)", Sigsys, Succeeds),
         c("raise-rlimit-core", None, "raise RLIMIT_CORE (dump key material)", Sigsys, Succeeds),
-        // identityd's allowlist lets AF_NETLINK reach the ENOSYS filter (getaddrinfo's sorting).
-        c("socket-netlink", None, "open a netlink socket", if svc == "identityd" { Errno(&[libc::ENOSYS]) } else { Sigsys }, Succeeds),
+        c("socket-netlink", None, "open a netlink socket (identityd: ENOSYS, getaddrinfo sorts without it)", if svc == "identityd" { Errno(&[libc::ENOSYS]) } else { Sigsys }, Succeeds),
         c("socket-packet", None, "open a packet socket", Sigsys, Refused),
         c("mount-tmpfs", None, "mount", Sigsys, Refused),
         c("unshare-user", None, "unshare(CLONE_NEWUSER)", Sigsys, Any),
@@ -710,8 +709,7 @@ fn allowed(e: &Env, svc: &str) -> Vec<(&'static str, Option<String>, &'static st
     }
     if svc == "identityd" {
         v.push(("read-path", Some("/etc/hosts".into()), "read /etc/hosts (resolver)"));
-        // a name with several results: glibc sorts them after asking netlink (answered ENOSYS)
-        v.push(("getaddrinfo-several", Some("localhost".into()), "resolve a name with several results (getaddrinfo sorts them)"));
+        v.push(("getaddrinfo-several", Some("localhost".into()), "resolve a name with several results (glibc sorts them after netlink answers ENOSYS)"));
     }
     v
 }

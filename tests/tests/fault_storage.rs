@@ -14,9 +14,10 @@
 //!
 //! tpmd writes no state (it has no state directory: its keys live in the TPM).
 
+use aziot_tests::wait_for;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aziot_tests::api::{handle_of, V2021};
 use aziot_tests::crypto::{b64, hmac_sha256, key_file_name, random};
@@ -29,18 +30,6 @@ use serde_json::json;
 const TMPFS_SIZE: u64 = 1 << 20;
 
 /// Polls `f` until it is true (max `timeout`).
-fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The uid of a user that is neither root nor the worker's (owner of a planted file).
 fn other_user() -> nix::unistd::Uid {
@@ -81,7 +70,7 @@ fn keyd_full_disk_answers_500_loses_nothing_and_recovers() {
     assert_eq!(r.status, 500, "a new key pair on a full disk\n{r}");
     for file in [key_file_name("new"), key_file_name("old")] {
         assert!(
-            eventually(Duration::from_secs(5), || keyd.log().contains(&file)),
+            wait_for(Duration::from_secs(5), || keyd.log().contains(&file)),
             "the log names the key file {file}\n{}",
             keyd.log()
         );
@@ -121,7 +110,7 @@ fn keyd_first_start_on_a_full_disk_names_the_file_and_recovers() {
     let r = import();
     assert_eq!(r.status, 500, "{r}\n{}", keyd.log());
     let file = key_file_name("first");
-    assert!(eventually(Duration::from_secs(5), || keyd.log().contains(&file)), "the log names {file}\n{}", keyd.log());
+    assert!(wait_for(Duration::from_secs(5), || keyd.log().contains(&file)), "the log names {file}\n{}", keyd.log());
     assert!(keyd.log().contains("No space left on device"), "{}", keyd.log());
     assert!(temporaries(disk.path()).is_empty(), "{:?}", temporaries(disk.path()));
     filler.free();
@@ -174,7 +163,7 @@ fn keyd_corrupt_or_unreadable_key_files_fail_alone_and_are_named() {
     for id in ["truncated", "garbage", "mode000", "foreign"] {
         let file = key_file_name(id);
         assert!(
-            eventually(Duration::from_secs(5), || keyd.log().contains(&file)),
+            wait_for(Duration::from_secs(5), || keyd.log().contains(&file)),
             "the log names {file} ({id})\n{}",
             keyd.log()
         );
@@ -211,7 +200,8 @@ mod certd {
     use openssl::x509::{X509NameBuilder, X509};
     use serde_json::json;
 
-    use super::{eventually, other_user, TMPFS_SIZE};
+    use super::{other_user, TMPFS_SIZE};
+    use aziot_tests::wait_for;
 
     /// Self-signed local CA for issuance (the key in keyd) and one self-signed leaf.
     const CONFIG: &str = "[cert_issuance.device-ca]\nmethod = \"self_signed\"\nexpiry_days = 3650\n\
@@ -298,7 +288,7 @@ mod certd {
         for id in ["new", "old", "leaf"] {
             let file = file_name(&certd, id);
             assert!(
-                eventually(Duration::from_secs(5), || certd.log().contains(&file)),
+                wait_for(Duration::from_secs(5), || certd.log().contains(&file)),
                 "the log names {file}\n{}",
                 certd.log()
             );
@@ -341,7 +331,7 @@ mod certd {
             assert_eq!(r.status, 500, "{id}\n{r}");
             let file = file_name(&certd, id);
             assert!(
-                eventually(Duration::from_secs(5), || certd.log().contains(&file)),
+                wait_for(Duration::from_secs(5), || certd.log().contains(&file)),
                 "names {file}\n{}",
                 certd.log()
             );
@@ -359,7 +349,7 @@ mod certd {
             let r = issue(&certd, "leaf");
             assert_eq!(r.status, 500, "a {what} local CA cert\n{r}");
             assert!(
-                eventually(Duration::from_secs(5), || certd.log().matches(&ca_file).count() > marks),
+                wait_for(Duration::from_secs(5), || certd.log().matches(&ca_file).count() > marks),
                 "the log names the {what} CA file {ca_file}\n{}",
                 certd.log()
             );
@@ -437,7 +427,7 @@ mod certd {
         };
         for round in 0..3 {
             assert!(
-                eventually(Duration::from_secs(10), || known.values().all(|k| k.lock().unwrap().acked.is_some())),
+                wait_for(Duration::from_secs(10), || known.values().all(|k| k.lock().unwrap().acked.is_some())),
                 "no import acknowledged\n{}",
                 certd.log()
             );
@@ -491,7 +481,8 @@ mod identityd {
     use aziot_tests::storage_fault::{snapshot, temporaries, Tmpfs};
     use serde_json::json;
 
-    use super::{eventually, TMPFS_SIZE};
+    use super::TMPFS_SIZE;
+    use aziot_tests::wait_for;
 
     const MOD_A: &str = "[[principal]]\nuid = 5101\nname = \"mod-a\"\nidtype = [\"module\"]\n";
 
@@ -531,7 +522,7 @@ mod identityd {
     /// Waits until the log holds `n` completed reconciliations.
     fn wait_reconciled(stack: &Identityd, n: usize) {
         assert!(
-            eventually(Duration::from_secs(30), || stack.log().matches("Identity reconciliation complete").count()
+            wait_for(Duration::from_secs(30), || stack.log().matches("Identity reconciliation complete").count()
                 >= n),
             "reconciliation {n} did not complete\n{}",
             stack.log()
@@ -570,7 +561,7 @@ mod identityd {
         let r = reprovision(&stack);
         assert_eq!(r.status, 500, "a reprovisioning whose state does not fit\n{r}\n{}", stack.log());
         assert!(
-            eventually(Duration::from_secs(5), || stack.log().contains("\"device_info\"")),
+            wait_for(Duration::from_secs(5), || stack.log().contains("\"device_info\"")),
             "the log names device_info\n{}",
             stack.log()
         );
@@ -647,7 +638,7 @@ mod identityd {
         for round in 0..3 {
             let seen = *done.lock().unwrap();
             assert!(
-                eventually(Duration::from_secs(30), || *done.lock().unwrap() >= seen + 2),
+                wait_for(Duration::from_secs(30), || *done.lock().unwrap() >= seen + 2),
                 "round {round}: no progress\n{}",
                 stack.log()
             );
@@ -659,7 +650,7 @@ mod identityd {
             eprintln!("kill {round}: worker {worker} killed after {} acknowledged writes", *done.lock().unwrap());
             check(&stack.home(), &format!("kill {round}"));
             assert!(
-                eventually(Duration::from_secs(10), || stack.worker_pid() != worker),
+                wait_for(Duration::from_secs(10), || stack.worker_pid() != worker),
                 "no new worker\n{}",
                 stack.log()
             );
@@ -672,12 +663,12 @@ mod identityd {
         check(&stack.home(), "stopped");
         stack.start_identityd().unwrap_or_else(|e| panic!("identityd after the kills: {e}"));
         assert!(
-            eventually(Duration::from_secs(30), || stack.client(None, V2021).get("/identities/identity").status == 200),
+            wait_for(Duration::from_secs(30), || stack.client(None, V2021).get("/identities/identity").status == 200),
             "{}",
             stack.log()
         );
         assert!(
-            eventually(Duration::from_secs(30), || stack.client(Some(5101), V2021).get("/identities/identity").status
+            wait_for(Duration::from_secs(30), || stack.client(Some(5101), V2021).get("/identities/identity").status
                 == 200),
             "{}",
             stack.log()
@@ -725,7 +716,7 @@ mod identityd {
         assert_ne!(r.status, 200, "a corrupt cache record served\n{r}");
         let file = aziot_tests::identityd::module_file("mod-a");
         assert!(
-            eventually(Duration::from_secs(5), || stack.log()[marks..].contains(&file)),
+            wait_for(Duration::from_secs(5), || stack.log()[marks..].contains(&file)),
             "the log names the module cache file {file}\n{}",
             stack.log()
         );
@@ -746,7 +737,7 @@ mod identityd {
         let marks = stack.log().len();
         let started = stack.start_identityd();
         assert!(
-            eventually(Duration::from_secs(20), || stack.log()[marks..].contains("No space left on device")),
+            wait_for(Duration::from_secs(20), || stack.log()[marks..].contains("No space left on device")),
             "started: {started:?}\n{}",
             stack.log()
         );
@@ -758,7 +749,7 @@ mod identityd {
             stack.start_identityd().unwrap_or_else(|e| panic!("identityd with space back: {e}"));
         }
         assert!(
-            eventually(Duration::from_secs(30), || stack.client(Some(5101), V2021).get("/identities/identity").status
+            wait_for(Duration::from_secs(30), || stack.client(Some(5101), V2021).get("/identities/identity").status
                 == 200),
             "{}",
             stack.log()

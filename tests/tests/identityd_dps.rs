@@ -61,18 +61,6 @@ fn enroll_sym(dps: &MockDps, id: &str, key: &[u8], hub: String, device_id: Optio
     );
 }
 
-fn wait(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= until {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The DPS client, directly.
@@ -398,7 +386,8 @@ mod broker {
     use aziot_tests::{require_identityd, Dep};
     use serde_json::json;
 
-    use super::{enroll_sym, shared_ca, start_dps, wait, SCOPE};
+    use super::{enroll_sym, shared_ca, start_dps, SCOPE};
+    use aziot_tests::wait_for;
 
     const MOD_A: &str = "[[principal]]\nuid = 5101\nname = \"mod-a\"\nidtype = [\"module\"]\n";
 
@@ -444,7 +433,7 @@ mod broker {
     ) {
         let hub = dps.hub(hub_name);
         assert!(
-            wait(Duration::from_secs(40), || module_ready(&hub, device)),
+            wait_for(Duration::from_secs(40), || module_ready(&hub, device)),
             "mod-a not created in {hub_name}\n{}",
             stack.log()
         );
@@ -508,7 +497,7 @@ mod broker {
     fn wait_device_info(stack: &Identityd) -> String {
         let path = stack.home().join("device_info");
         assert!(
-            wait(Duration::from_secs(30), || path.exists()),
+            wait_for(Duration::from_secs(30), || path.exists()),
             "device_info written\n{}",
             stack.log()
         );
@@ -603,7 +592,7 @@ mod broker {
             .unwrap_or_else(|e| panic!("identityd: {e}"));
         let hub_a = dps.hub(&dps.hub_a());
         assert!(
-            wait(Duration::from_secs(40), || module_ready(
+            wait_for(Duration::from_secs(40), || module_ready(
                 &hub_a,
                 "dev-sym-2"
             )),

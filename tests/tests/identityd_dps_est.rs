@@ -5,9 +5,10 @@
 //! all over real TLS. Last, both auto-renewals (certd's own EST identity, identityd's identity
 //! cert) on nothing but the configs `aziotctl config apply` writes (aziotctl.md §2.6.6, §2.6.8).
 
+use aziot_tests::wait_for;
 use std::os::unix::fs::PermissionsExt as _;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aziot_tests::api::Api;
 use aziot_tests::certd::pki::certs;
@@ -42,18 +43,6 @@ fn shared_ca() -> TestCa {
     .clone()
 }
 
-fn wait(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= until {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn config(endpoint: &str, attestation: &str) -> String {
     format!(
@@ -86,6 +75,24 @@ fn public(c: &X509) -> Vec<u8> {
 }
 
 /// The DPS client certs (SHA-256 thumbprints) of the register requests, in order.
+/// The device-id renewal as DPS and certd see it: a second registration with another cert, which
+/// becomes certd's `device-id`; returns that cert.
+fn renewed_registration(stack: &Identityd, dps: &MockDps, first: &str) -> X509 {
+    assert!(
+        wait_for(Duration::from_secs(60), || registered_with(dps).len() >= 2),
+        "no re-registration after the renewal deadline\n{}",
+        stack.log()
+    );
+    let renewed = registered_with(dps)[1].clone();
+    assert_ne!(renewed, first, "re-registered with another cert");
+    assert!(
+        wait_for(Duration::from_secs(20), || certd_leaf(stack, "device-id").is_some_and(|c| sha256(&c) == renewed)),
+        "certd's device-id is the cert DPS accepted\n{}",
+        stack.log()
+    );
+    certd_leaf(stack, "device-id").expect("device-id")
+}
+
 fn registered_with(dps: &MockDps) -> Vec<String> {
     dps.requests()
         .into_iter()
@@ -177,27 +184,14 @@ fn est_issued_identity_registers_and_is_renewed_with_a_new_registration() {
     assert!(issuer.contains("Mock EST CA"), "{issuer}");
 
     // renewal: a second registration with a new cert, then the commit
-    assert!(
-        wait(Duration::from_secs(60), || registered_with(&dps).len() >= 2),
-        "no re-registration after the renewal deadline\n{}",
-        stack.log()
-    );
-    let renewed_thumb = registered_with(&dps)[1].clone();
-    assert_ne!(renewed_thumb, first[0], "re-registered with another cert");
-    assert!(
-        wait(Duration::from_secs(20), || certd_leaf(&stack, "device-id")
-            .is_some_and(|c| sha256(&c) == renewed_thumb)),
-        "certd's device-id is the cert DPS accepted\n{}",
-        stack.log()
-    );
-    let new = certd_leaf(&stack, "device-id").expect("device-id");
+    let new = renewed_registration(&stack, &dps, &first[0]);
     assert_eq!(
         format!("{:?}", new.subject_name()),
         format!("{:?}", old.subject_name()),
         "the old leaf's subject"
     );
     assert!(
-        wait(Duration::from_secs(10), || keyd_public(&stack, "dev-x509")
+        wait_for(Duration::from_secs(10), || keyd_public(&stack, "dev-x509")
             == public(&new)),
         "the rotated key was moved onto dev-x509\n{}",
         stack.log()
@@ -222,7 +216,7 @@ fn est_issued_identity_registers_and_is_renewed_with_a_new_registration() {
     // reconciliation)
     let hub = dps.hub(&dps.hub_a());
     assert!(
-        wait(Duration::from_secs(20), || hub
+        wait_for(Duration::from_secs(20), || hub
             .module("est-dev", "mod-a")
             .is_some_and(|m| m.primary_key.is_some())),
         "mod-a in the hub\n{}",
@@ -236,7 +230,7 @@ fn est_issued_identity_registers_and_is_renewed_with_a_new_registration() {
         .filter_map(|r| r.client_cert_sha256)
         .collect();
     assert!(
-        thumbs.contains(&renewed_thumb),
+        thumbs.contains(&sha256(&new)),
         "the hub saw the renewed cert: {thumbs:?}"
     );
     for r in hub.requests() {
@@ -296,7 +290,7 @@ fn identity_key_on_a_pkcs11_token_provisions() {
     );
     let hub = dps.hub(&dps.hub_b());
     assert!(
-        wait(Duration::from_secs(30), || hub
+        wait_for(Duration::from_secs(30), || hub
             .module("hsm-dev", "mod-a")
             .is_some_and(|m| m.primary_key.is_some())),
         "mod-a in the assigned hub\n{}",
@@ -549,7 +543,7 @@ default = {url}
         Some(sha256(&old_est_id))
     );
     assert!(
-        wait(Duration::from_secs(20), || certd_leaf(&stack, "est-id")
+        wait_for(Duration::from_secs(20), || certd_leaf(&stack, "est-id")
             .is_some_and(|c| sha256(&c) != sha256(&old_est_id)
                 && public(&c) == keyd_public(&stack, "est-id"))),
         "est-id renewed and its rotated key moved onto est-id\n{}",
@@ -562,22 +556,9 @@ default = {url}
     );
 
     // identityd renews device-id: a second registration with a new cert, then the commit
+    let new = renewed_registration(&stack, &dps, &first[0]);
     assert!(
-        wait(Duration::from_secs(60), || registered_with(&dps).len() >= 2),
-        "no re-registration after the renewal deadline\n{}",
-        stack.log()
-    );
-    let renewed = registered_with(&dps)[1].clone();
-    assert_ne!(renewed, first[0], "re-registered with another cert");
-    assert!(
-        wait(Duration::from_secs(20), || certd_leaf(&stack, "device-id")
-            .is_some_and(|c| sha256(&c) == renewed)),
-        "certd's device-id is the cert DPS accepted\n{}",
-        stack.log()
-    );
-    let new = certd_leaf(&stack, "device-id").expect("device-id");
-    assert!(
-        wait(Duration::from_secs(10), || keyd_public(&stack, "device-id")
+        wait_for(Duration::from_secs(10), || keyd_public(&stack, "device-id")
             == public(&new)),
         "the rotated key was moved onto device-id\n{}",
         stack.log()
